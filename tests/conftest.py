@@ -1,0 +1,36 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+# Never reach a model hub from a test, even by accident.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Folders of tiny random models (gpt2, gpt2_b, gpt_neox, llama, bert) and the tokenizer."""
+    return tiny_models.build_all(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(tiny_models.corpus_lines(60)) + "\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _reset_console():
+    """Commands set quiet/debug globally; each test starts from the defaults."""
+    from xcli import console
+
+    console.settings.quiet = False
+    console.settings.debug = False
+    yield

@@ -1,0 +1,101 @@
+"""Tiny random Hugging Face models and one shared word-level tokenizer, built offline.
+
+Used by the test-suite (once per session, see conftest.py) and by anything else
+that needs a real model folder without a hub: every model here is saved with
+`save_pretrained` and loads with `AutoModel*.from_pretrained(path)`.
+"""
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the a an cat dog bird fish tree house car road river city king queen man woman child "
+    "red green blue big small old new fast slow happy sad runs walks sees eats sleeps flies "
+    "swims reads writes sings and or but if then because when where who what is was are were "
+    "on in under over near far one two three four five six seven eight nine ten . , ! ?"
+).split()
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<mask>"]
+# A tokenizer that adds <s> in front of every text, as Llama-style tokenizers do,
+# so that tests see a BOS token that harvest must leave out.
+BOS, EOS, PAD, UNK, MASK = "<s>", "</s>", "<pad>", "<unk>", "<mask>"
+
+HIDDEN, LAYERS, HEADS, CONTEXT = 32, 3, 4, 64
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {EOS} $B", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        mask_token=MASK, cls_token=BOS, sep_token=EOS, model_max_length=CONTEXT,
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+def _config(family: str, vocab_size: int, special_ids: dict):
+    from transformers import BertConfig, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    common = dict(vocab_size=vocab_size, **special_ids)
+    if family == "gpt2":
+        return GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, **common)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                             intermediate_size=4 * HIDDEN, max_position_embeddings=CONTEXT, **common)
+    if family == "llama":
+        return LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           num_key_value_heads=2, intermediate_size=2 * HIDDEN,
+                           max_position_embeddings=CONTEXT, **common)
+    if family == "bert":
+        return BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                          intermediate_size=4 * HIDDEN, max_position_embeddings=CONTEXT, **common)
+    raise ValueError(f"unknown family {family!r}")
+
+
+FAMILIES = ("gpt2", "gpt_neox", "llama", "bert")
+
+
+def build_model(family: str, path: Path, tokenizer, seed: int = 0) -> Path:
+    """A random-weight model of `family` saved at `path` together with the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    config = _config(family, len(tokenizer), special_ids)
+    torch.manual_seed(seed)
+    auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
+    model = auto.from_config(config)
+    model.eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    """Every family, plus a second GPT-2 (other seed) to diff against the first."""
+    root = Path(root)
+    tokenizer = build_tokenizer(root / "tokenizer")
+    paths = {family: build_model(family, root / family, tokenizer) for family in FAMILIES}
+    paths["gpt2_b"] = build_model("gpt2", root / "gpt2_b", tokenizer, seed=1)
+    paths["tokenizer"] = root / "tokenizer"
+    return paths
+
+
+def corpus_lines(n: int, seed: int = 0, min_words: int = 3, max_words: int = 40) -> list[str]:
+    """`n` random documents over the tokenizer's words (deterministic)."""
+    g = torch.Generator().manual_seed(seed)
+    words = [w for w in WORDS]
+    lines = []
+    for _ in range(n):
+        length = int(torch.randint(min_words, max_words + 1, (1,), generator=g))
+        idx = torch.randint(0, len(words), (length,), generator=g).tolist()
+        lines.append(" ".join(words[i] for i in idx))
+    return lines

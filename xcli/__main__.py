@@ -1,0 +1,3 @@
+from xcli.cli import main
+
+main()
