@@ -1,0 +1,318 @@
+"""The activation store: a Zarr v3 group of per-source token-row arrays.
+
+Layout (the public contract, documented in man/xc-store.5):
+
+    STORE/                       a Zarr v3 group; attrs["xc"] holds the metadata below
+      acts/<source>              (n_tokens, d_source) float16 | float32 | uint16 (bfloat16 bits)
+      tokens                     (n_tokens,) int32   token id of each row
+      sequence                   (n_tokens,) int64   index of the context window the row came from
+      position                   (n_tokens,) int32   position of the row inside that window
+      stats/<source>/mean        (d_source,) float64 mean activation vector
+
+attrs["xc"] = {"format": "activations", "version": 1, "sources": [{name, model, revision,
+site, layer, d}, ...], "n_tokens", "complete", "dtype", "tokenizer", "context_length",
+"dataset", "created_by", "stats": {source: {"count", "mean_sq_norm", "mean"}}, ...}.
+
+Rows are written in whole chunks; `n_tokens` in the attributes is the commit point:
+rows past it (from a killed writer) are ignored by readers and overwritten on resume.
+Readers accept float16/float32/bfloat16-as-uint16 arrays and stores without
+statistics or token arrays (e.g. written by other tools), computing what they need.
+"""
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from xcli.errors import BadInput
+from xcli.version import __version__
+
+FORMAT, VERSION = "activations", 1
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# bfloat16 is not a Zarr dtype: its bits are stored losslessly as uint16 and widened on read.
+STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+CODECS = ("none", "zstd", "blosc-lz4")
+DEFAULT_CHUNK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class Source:
+    """One stream of activations: a (model, site, layer) with width d."""
+
+    name: str
+    model: str
+    site: str
+    layer: int | None
+    d: int
+    revision: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Source":
+        fields = {k: data.get(k) for k in ("name", "model", "site", "layer", "d", "revision")}
+        fields["d"] = int(fields["d"])
+        return cls(**fields)
+
+
+def validate_source_names(sources: list[Source]) -> None:
+    names = [s.name for s in sources]
+    for name in names:
+        if not SOURCE_NAME.match(name):
+            raise BadInput(f"source name {name!r} is not valid; use letters, digits, '_', '.' and '-'")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BadInput(f"source names must be unique; repeated: {', '.join(duplicates)}")
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest even) and return the bit patterns as uint16."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def decode_rows(raw: np.ndarray) -> np.ndarray:
+    """Stored rows (float16, float32 or bfloat16 bits) as float32."""
+    if raw.dtype == np.uint16:
+        return bf16_bits_to_float32(raw)
+    return raw.astype(np.float32, copy=False)
+
+
+def _compressors(codec: str):
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if codec == "blosc-lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    raise BadInput(f"codec {codec!r} is not known; use one of {', '.join(CODECS)}")
+
+
+class ActivationStore:
+    """Read access to a store. Rows come back as float32 numpy arrays."""
+
+    def __init__(self, path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.meta = dict(group.attrs.get("xc", {}))
+        if "acts" not in group:
+            raise BadInput(f"{str(path)!r} is not an activation store: it has no 'acts' arrays")
+        arrays = group["acts"]
+        if self.meta.get("sources"):
+            self.sources = [Source.from_json(s) for s in self.meta["sources"]]
+        else:  # written by another tool: describe the arrays we find
+            self.sources = [Source(name=n, model="unknown", site="unknown", layer=None, d=a.shape[1])
+                            for n, a in sorted(arrays.arrays())]
+        self.arrays = {s.name: arrays[s.name] for s in self.sources}
+        lengths = {a.shape[0] for a in self.arrays.values()}
+        self.n_tokens = int(self.meta.get("n_tokens", min(lengths) if lengths else 0))
+        self.complete = bool(self.meta.get("complete", True))
+        self.dtype = self.meta.get("dtype") or str(next(iter(self.arrays.values())).dtype)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def source(self, name: str) -> Source:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise BadInput(f"source {name!r} is not in {str(self.path)!r}; it has: {', '.join(self.names)}")
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(next(iter(self.arrays.values())).chunks[0])
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_tokens // self.chunk_rows)
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one source as float32, shape (rows, d)."""
+        stop = min(stop, self.n_tokens)
+        return decode_rows(self.arrays[name][start:stop])
+
+    def read_rows(self, start: int, stop: int, names=None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of several sources, read together."""
+        return {n: self.read(n, start, stop) for n in (names or self.names)}
+
+    def read_chunk(self, index: int, names=None) -> dict[str, np.ndarray]:
+        start = index * self.chunk_rows
+        return self.read_rows(start, start + self.chunk_rows, names)
+
+    def token_arrays(self) -> dict[str, np.ndarray] | None:
+        """tokens, sequence and position for the committed rows, or None if absent."""
+        if not all(k in self.group for k in ("tokens", "sequence", "position")):
+            return None
+        return {k: self.group[k][: self.n_tokens] for k in ("tokens", "sequence", "position")}
+
+    def stats(self, name: str) -> dict:
+        """count, mean (d,) and mean squared norm of one source; computed if not stored."""
+        stored = self.meta.get("stats", {}).get(name)
+        if stored and int(stored.get("count", -1)) == self.n_tokens and stored.get("mean") in self.group:
+            mean = np.asarray(self.group[stored["mean"]][:], dtype=np.float64)
+            return {"count": self.n_tokens, "mean": mean, "mean_sq_norm": float(stored["mean_sq_norm"])}
+        return compute_stats(self, name)
+
+    def nbytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def compute_stats(store: ActivationStore, name: str, stop: int | None = None) -> dict:
+    """Exact statistics by one pass over whole chunks, in row order (so reruns agree bit for bit)."""
+    acc = StatsAccumulator(store.source(name).d)
+    stop = store.n_tokens if stop is None else stop
+    for start in range(0, stop, store.chunk_rows):
+        acc.add(store.read(name, start, min(start + store.chunk_rows, stop)))
+    return acc.result()
+
+
+class StatsAccumulator:
+    """Running count, sum and sum of squared norms, in float64."""
+
+    def __init__(self, d: int):
+        self.count, self.sum, self.sum_sq_norm = 0, np.zeros(d, dtype=np.float64), 0.0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows64 = rows.astype(np.float64)
+        self.count += rows.shape[0]
+        self.sum += rows64.sum(axis=0)
+        self.sum_sq_norm += float(np.einsum("ij,ij->", rows64, rows64))
+
+    def result(self) -> dict:
+        n = max(self.count, 1)
+        return {"count": self.count, "mean": self.sum / n, "mean_sq_norm": self.sum_sq_norm / n}
+
+
+def open_store(path) -> ActivationStore:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"store {str(path)!r} does not exist")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise BadInput(f"{str(path)!r} is not a Zarr v3 activation store ({type(e).__name__})") from e
+    return ActivationStore(path, group)
+
+
+class StoreWriter:
+    """Append token rows to a new or partly written store, chunk by chunk.
+
+    Rows are buffered until a whole chunk is ready; each flush writes the
+    activations, the token arrays and the statistics, then commits `n_tokens`
+    in the attributes. A killed writer leaves every committed row valid.
+    """
+
+    def __init__(self, path, sources: list[Source], meta: dict | None = None, *, dtype: str = "float16",
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, codec: str = "none", resume: bool = False):
+        if dtype not in STORAGE_DTYPES:
+            raise BadInput(f"dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
+        validate_source_names(sources)
+        self.path, self.sources, self.dtype, self.chunk_rows = Path(path), sources, dtype, chunk_rows
+        if resume:
+            self.group = zarr.open_group(str(self.path), mode="r+")
+            self.meta = dict(self.group.attrs["xc"])
+            self.chunk_rows = int(self.group["acts"][sources[0].name].chunks[0])
+            self.n_tokens = int(self.meta["n_tokens"])
+            store = ActivationStore(self.path, self.group)
+            self.stats = {}
+            for s in sources:  # recompute from committed rows: exact and immune to torn writes
+                acc = StatsAccumulator(s.d)
+                for start in range(0, self.n_tokens, self.chunk_rows):
+                    acc.add(store.read(s.name, start, min(start + self.chunk_rows, self.n_tokens)))
+                self.stats[s.name] = acc
+        else:
+            self.group = zarr.open_group(str(self.path), mode="w")
+            compressors = _compressors(codec)
+            for s in sources:
+                self.group.create_array(f"acts/{s.name}", shape=(0, s.d), chunks=(chunk_rows, s.d),
+                                        dtype=STORAGE_DTYPES[dtype], compressors=compressors, fill_value=0)
+                self.group.create_array(f"stats/{s.name}/mean", shape=(s.d,), chunks=(s.d,),
+                                        dtype="float64", compressors=None, fill_value=0.0)
+            for name, np_dtype in (("tokens", "int32"), ("sequence", "int64"), ("position", "int32")):
+                self.group.create_array(name, shape=(0,), chunks=(chunk_rows,), dtype=np_dtype,
+                                        compressors=None, fill_value=0)
+            self.n_tokens = 0
+            self.stats = {s.name: StatsAccumulator(s.d) for s in sources}
+            self.meta = {
+                "format": FORMAT, "version": VERSION, "sources": [s.to_json() for s in sources],
+                "n_tokens": 0, "complete": False, "dtype": dtype, "codec": codec,
+                "created_by": f"xc {__version__}", **(meta or {}),
+            }
+            self._commit()
+        self._buffer: list[tuple[dict, dict]] = []
+        self._buffered = 0
+
+    def append(self, acts: dict[str, np.ndarray], tokens=None, sequence=None, position=None) -> None:
+        """Add rows: acts maps every source name to (rows, d) float32/float16 arrays."""
+        rows = next(iter(acts.values())).shape[0]
+        ids = {"tokens": tokens, "sequence": sequence, "position": position}
+        ids = {k: (np.zeros(rows) if v is None else np.asarray(v)) for k, v in ids.items()}
+        self._buffer.append((acts, ids))
+        self._buffered += rows
+        while self._buffered >= self.chunk_rows:
+            self._flush(self.chunk_rows)
+
+    def _take(self, rows: int):
+        """Pop exactly `rows` buffered rows as concatenated arrays."""
+        acts = {s.name: np.concatenate([b[0][s.name] for b in self._buffer]) for s in self.sources}
+        ids = {k: np.concatenate([b[1][k] for b in self._buffer]) for k in ("tokens", "sequence", "position")}
+        rest = ({n: a[rows:] for n, a in acts.items()}, {k: a[rows:] for k, a in ids.items()})
+        self._buffer = [rest] if self._buffered > rows else []
+        self._buffered -= rows
+        return {n: a[:rows] for n, a in acts.items()}, {k: a[:rows] for k, a in ids.items()}
+
+    def _encode(self, values: np.ndarray) -> np.ndarray:
+        if self.dtype == "bfloat16":
+            return float32_to_bf16_bits(values)
+        return values.astype(self.dtype, copy=False)
+
+    def _flush(self, rows: int) -> None:
+        if rows == 0:
+            return
+        acts, ids = self._take(rows)
+        start, stop = self.n_tokens, self.n_tokens + rows
+        for s in self.sources:
+            array = self.group[f"acts/{s.name}"]
+            if array.shape[0] < stop:
+                array.resize((stop, s.d))
+            encoded = self._encode(acts[s.name])
+            array[start:stop] = encoded
+            # Statistics of what was stored (after rounding), so readers and writers agree.
+            self.stats[s.name].add(decode_rows(encoded))
+        for name, values in ids.items():
+            array = self.group[name]
+            if array.shape[0] < stop:
+                array.resize((stop,))
+            array[start:stop] = values.astype(array.dtype)
+        self.n_tokens = stop
+        self._commit()
+
+    def _commit(self, complete: bool = False) -> None:
+        stats = {}
+        for s in self.sources:
+            result = self.stats[s.name].result()
+            self.group[f"stats/{s.name}/mean"][:] = result["mean"]
+            stats[s.name] = {"count": result["count"], "mean_sq_norm": result["mean_sq_norm"],
+                             "mean": f"stats/{s.name}/mean"}
+        self.meta.update(n_tokens=self.n_tokens, complete=complete, stats=stats)
+        self.group.attrs["xc"] = self.meta
+
+    def close(self, complete: bool = True, **extra_meta) -> None:
+        """Write the last partial chunk, trim arrays to the committed rows, mark completeness."""
+        self._flush(self._buffered)
+        for s in self.sources:
+            self.group[f"acts/{s.name}"].resize((self.n_tokens, s.d))
+        for name in ("tokens", "sequence", "position"):
+            self.group[name].resize((self.n_tokens,))
+        self.meta.update(extra_meta)
+        self._commit(complete=complete)
