@@ -463,3 +463,15 @@ def test_cli_cross_layer_heatmap(tmp_path):
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["layer_profiles.png"]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert rows[1]["functional_coherence"] == pytest.approx(3.0, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pass_matches_cpu(tmp_path):
+    m, data, *_ = planted_scaling_setup()
+    store = write_store(tmp_path / "s.zarr", PAIR, data)
+    on_cpu = list(cl.classify(m, store).rows())
+    on_gpu = list(cl.classify(m, store, cl.ClassifyConfig(device="cuda")).rows())
+    assert [r["class"] for r in on_gpu] == [r["class"] for r in on_cpu]
+    for a, b in zip(on_gpu, on_cpu):
+        assert a["nu_epsilon"] == pytest.approx(b["nu_epsilon"], rel=1e-4, abs=1e-5)
+        assert a["frequency"] == b["frequency"]

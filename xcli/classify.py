@@ -25,37 +25,22 @@ Classes, checked in this order (Thresholds below; defaults in brackets):
                  every model holds at least 2 * shared_band[0] / n_models of the norm
   mixed          anything else
 
-With a store, one pass over its rows (in token batches of at most batch_elements / F
-rows, so nothing of size tokens x F exists beyond one batch) adds activation frequency,
-mean activation over the tokens where the latent fires, max activation, Latent Scaling
-and, for cross-layer crosscoders, functional coherence.
+With a store, one pass over it (xcli.latent_stats, which defines the formulas) adds
+activation frequency, mean and max activation, Latent Scaling and, for cross-layer
+crosscoders, functional coherence.
 
-Latent Scaling (Minder et al. 2025). For the pair A, B (sources corresponding), the
-fitted direction of latent j is the decoder vector d of its larger side (the "owner",
-written ls_direction). For each model m, beta is the least-squares scale of f_j d
-against a target y over the store:  beta = sum_x f_j <d, y> / (||d||^2 sum_x f_j^2),
-accumulated exactly in one pass. Targets, in normalised units:
-  error           y = a_m - (a_hat_m - f_j d_j^m): the model's reconstruction error with
-                  latent j's own term added back
-  reconstruction  y = a_hat_m for the owner; a_hat_m - f_j d_j^m for the other model, so
-                  that its beta counts only what OTHER latents rebuild along d
-  nu_epsilon = beta_error[other] / beta_error[owner],
-  nu_r       = beta_reconstruction[other] / beta_reconstruction[owner].
-Verdict for exclusive latents (thresholds of the paper's figures): "specific" when
-nu_epsilon < 0.2 and nu_r < 0.5; otherwise the exclusivity is a sparsity artifact:
-"shrinkage" (nu_epsilon high: the other model carries the direction in its error, so
-the L1 penalty shrank its decoder to zero: Complete Shrinkage), "decoupling" (nu_r
-high: other latents rebuild the direction in the other model: Latent Decoupling), or
-"shrinkage+decoupling"; "undetermined" when the latent never fires or its owner beta
-is not positive.
+Latent Scaling verdict, for exclusive latents of the pair A, B (Minder et al. 2025;
+thresholds of the paper's figures): "specific" when nu_epsilon < 0.2 and nu_r < 0.5.
+Otherwise the exclusivity is a sparsity artifact: "shrinkage" (nu_epsilon high: the
+other model carries the direction in its reconstruction error, its decoder was shrunk
+to zero: Complete Shrinkage), "decoupling" (nu_r high: other latents rebuild the
+direction in the other model: Latent Decoupling), or "shrinkage+decoupling".
+"undetermined" when the latent never fires or an owner beta is below 1e-3 (the latent
+does not explain its own model's activations, and the ratios are noise).
 
 Cross-layer profile: written sources are pooled by layer (L2 over the sources of a
 layer), layer_share[l] = norm_l / sum_l norm_l, peak_layer = argmax, span_layers =
-layers with share >= span_share [0.1]. Functional coherence (fmxcoders, Demou et al.
-2026, as adapted in methods.md section 3): zero the encoder input of one layer at a
-time; delta_l = sum_x |f_j(x) - f_j^(-l)(x)| / (sum_x f_j(x) + 1e-8), the
-activation-weighted relative change; coherence = sum_l delta_l / max_l delta_l, the
-effective number of layers driving the latent, from 1 (one layer) to L (all equally).
+layers with share >= span_share [0.1].
 """
 
 import csv
@@ -68,14 +53,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from xcli import console
 from xcli.crosscoder import Crosscoder
 from xcli.errors import BadInput
+from xcli.latent_stats import scan_store
 from xcli.store import ActivationStore, Source
 
 FORMATS = ("jsonl", "csv", "table")
-COHERENCE_EPS = 1e-8
 DEAD_NORM = 1e-8  # a latent whose decoder rows sum to less than this writes nothing
+# Latent Scaling ratios divide by the owner's betas (about 1 for a latent that reconstructs
+# its own model); below this they are noise and the verdict is "undetermined".
+MIN_OWNER_BETA = 1e-3
 
 
 @dataclass(frozen=True)
@@ -169,33 +156,43 @@ def cosine(u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
 
 
+def decoder_cosine(model: Crosscoder, pairs: list[tuple[Source, Source]]) -> np.ndarray:
+    """cosine(d_A, d_B) per latent over corresponding sources, accumulated in float64 without copies."""
+    dot = torch.zeros(model.n_latents, dtype=torch.float64)
+    sq_a, sq_b = torch.zeros_like(dot), torch.zeros_like(dot)
+    with torch.no_grad():
+        for s, t in pairs:
+            a, b = model.decoder_weight(s.name).detach().cpu(), model.decoder_weight(t.name).detach().cpu()
+            dot += (a * b).sum(1, dtype=torch.float64)
+            sq_a += (a * a).sum(1, dtype=torch.float64)
+            sq_b += (b * b).sum(1, dtype=torch.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (dot / (sq_a * sq_b).sqrt()).numpy()
+
+
 def assign_classes(shares: np.ndarray, models: list[str], dead: np.ndarray, config: ClassifyConfig,
-                   rel_norm: np.ndarray | None = None, pair: tuple[str, str] | None = None) -> list[str]:
+                   rel_norm: np.ndarray | None = None) -> list[str]:
     """Class of each latent from its norm shares (F, n_models); see the module docstring.
 
-    With two models, pass r (B over A) and the pair (A, B): the band applies to r.
+    With two models, pass r (B over A): the shared band applies to it.
     """
     low, high = config.shared_band
     n = len(models)
-    classes = []
-    for i in range(shares.shape[0]):
-        row = shares[i]
-        if dead[i] or not np.all(np.isfinite(row)):
-            classes.append("dead")
-        elif row.max() >= config.exclusive_share:
-            classes.append(f"exclusive:{models[int(row.argmax())]}")
-        elif n == 2 and rel_norm is not None and low <= rel_norm[i] <= high:
-            classes.append("shared")
-        elif n > 2 and row.min() >= 2 * low / n:
-            classes.append("shared")
-        else:
-            classes.append("mixed")
-    return classes
+    finite = np.all(np.isfinite(shares), axis=1)
+    safe = np.where(finite[:, None], shares, 0.0)
+    if n == 2 and rel_norm is not None:
+        shared = (low <= rel_norm) & (rel_norm <= high)
+    else:
+        shared = safe.min(1) >= 2 * low / n if n > 2 else np.zeros(len(shares), dtype=bool)
+    labels = np.array([f"exclusive:{m}" for m in models] + ["shared", "mixed", "dead"], dtype=object)
+    index = np.select([dead | ~finite, safe.max(1) >= config.exclusive_share, shared],
+                      [n + 2, safe.argmax(1), n], default=n + 1)
+    return labels[index].tolist()
 
 
 def scaling_verdict(nu_eps: float, nu_r: float, beta_owner_err: float, beta_owner_rec: float,
                     fires: bool, config: ClassifyConfig) -> str:
-    if not fires or not (beta_owner_err > 0 and beta_owner_rec > 0):
+    if not fires or not (beta_owner_err > MIN_OWNER_BETA and beta_owner_rec > MIN_OWNER_BETA):
         return "undetermined"
     shrinkage, decoupling = nu_eps >= config.nu_epsilon, nu_r >= config.nu_r
     if shrinkage and decoupling:
@@ -312,8 +309,8 @@ def classify(model: Crosscoder, store: ActivationStore | None = None,
     groups = model_groups(model)
     by_name = {s.name: s for s in model.sources}
     with torch.no_grad():
-        decoders = {n: model.decoder_weight(n).detach().double().cpu().numpy() for n in model.write}
-    source_norm = np.stack([np.linalg.norm(decoders[n], axis=1) for n in model.write], axis=1)
+        source_norm = torch.stack([torch.linalg.vector_norm(model.decoder_weight(n).detach().cpu(), dim=1,
+                                                            dtype=torch.float64) for n in model.write], 1).numpy()
     norm = np.stack([np.sqrt((source_norm[:, list(g.columns)] ** 2).sum(1)) for g in groups], axis=1)
     total = norm.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -329,9 +326,7 @@ def classify(model: Crosscoder, store: ActivationStore | None = None,
         result.delta_norm = delta_norm(norm[:, groups.index(a)], norm[:, groups.index(b)])
         matched = corresponding_sources(a, b)
         if matched:
-            dec_a = np.concatenate([decoders[s.name] for s, _ in matched], axis=1)
-            dec_b = np.concatenate([decoders[t.name] for _, t in matched], axis=1)
-            result.cosine = cosine(dec_a, dec_b)
+            result.cosine = decoder_cosine(model, matched)
         else:
             result.notes.append(f"models {a.model} and {b.model} have no one-to-one corresponding sources "
                                 "(same site, layer, width): no cosine and no Latent Scaling")
@@ -346,12 +341,14 @@ def classify(model: Crosscoder, store: ActivationStore | None = None,
 
     dead = total < DEAD_NORM
     if store is not None:
-        scan_store(model, store, config, matched, result)
+        scan = scan_store(model, store, matched, max_tokens=config.max_tokens,
+                          batch_elements=config.batch_elements, device=config.device)
+        result.n_tokens, result.activity = scan["n_tokens"], scan["activity"]
+        result.scaling, result.coherence = scan.get("scaling"), scan.get("coherence")
         dead = dead | (result.activity["frequency"] <= config.dead_frequency)
 
-    rel = result.rel_norm if len(groups) == 2 else None
-    pair_names = result.pair if len(groups) == 2 else None
-    result.classes = assign_classes(share, result.models, dead, config, rel, pair_names)
+    rel = result.rel_norm if len(groups) == 2 else None  # the band applies to r as printed (B over A)
+    result.classes = assign_classes(share, result.models, dead, config, rel)
     if result.scaling is not None:
         s = result.scaling
         fires = result.activity["frequency"] > 0
@@ -362,121 +359,6 @@ def classify(model: Crosscoder, store: ActivationStore | None = None,
             for i in range(result.n_latents)
         ]
     return result
-
-
-def _check_store(model: Crosscoder, store: ActivationStore, needed: list[str]) -> None:
-    by_name = {s.name: s for s in model.sources}
-    for name in needed:
-        if name not in store.names:
-            raise BadInput(f"store {str(store.path)!r} has no source {name!r}, which the checkpoint needs; "
-                           f"it has: {', '.join(store.names)}")
-        if store.source(name).d != by_name[name].d:
-            raise BadInput(f"source {name!r} is {store.source(name).d} wide in {str(store.path)!r} "
-                           f"but {by_name[name].d} in the checkpoint")
-    if store.n_tokens == 0:
-        raise BadInput(f"store {str(store.path)!r} holds no tokens")
-
-
-def token_batches(store: ActivationStore, names: list[str], n_tokens: int, rows: int):
-    """Row batches of at most `rows`, reading whole store chunks."""
-    for start in range(0, n_tokens, store.chunk_rows):
-        chunk = store.read_rows(start, min(start + store.chunk_rows, n_tokens), names)
-        length = next(iter(chunk.values())).shape[0]
-        for b in range(0, length, rows):
-            yield {n: a[b:b + rows] for n, a in chunk.items()}
-
-
-@torch.no_grad()
-def scan_store(model: Crosscoder, store: ActivationStore, config: ClassifyConfig,
-               matched: list[tuple[Source, Source]] | None, result: Classification) -> None:
-    """One pass over the store: fills result.activity, .scaling and .coherence."""
-    device = torch.device(config.device)
-    model = model.to(device).eval()
-    F = model.n_latents
-    pair_names = [t.name for pair in (matched or []) for t in pair]
-    needed = list(dict.fromkeys(model.read + pair_names))
-    _check_store(model, store, needed)
-    n_tokens = min(store.n_tokens, config.max_tokens or store.n_tokens)
-    rows = max(1, min(store.chunk_rows, config.batch_elements // F))
-    by_name = {s.name: s for s in model.sources}
-
-    f64 = dict(dtype=torch.float64, device=device)
-    count, f_sum, f_sq = (torch.zeros(F, **f64) for _ in range(3))
-    f_max = torch.zeros(F, device=device)
-
-    # Latent Scaling: the fitted direction of each latent is the decoder of its larger side.
-    if matched:
-        dec_a = torch.cat([model.decoder_weight(s.name) for s, _ in matched], dim=1)  # (F, D)
-        dec_b = torch.cat([model.decoder_weight(t.name) for _, t in matched], dim=1)
-        owner = (dec_b.norm(dim=1) > dec_a.norm(dim=1)).long()  # 0 = A, 1 = B
-        direction = torch.where(owner[:, None].bool(), dec_b, dec_a)  # (F, D)
-        s_err, s_rec = torch.zeros(2, F, **f64), torch.zeros(2, F, **f64)
-
-    # Functional coherence: read sources by layer, for cross-layer crosscoders.
-    read_layers = sorted({by_name[n].layer for n in model.read if by_name[n].layer is not None})
-    do_coherence = len(read_layers) > 1 and all(by_name[n].layer is not None for n in model.read)
-    if do_coherence:
-        change = torch.zeros(len(read_layers), F, **f64)
-
-    bar = console.progress(total=n_tokens, desc="classify", unit="tok")
-    for batch in token_batches(store, needed, n_tokens, rows):
-        x = {n: torch.from_numpy(v).to(device) for n, v in batch.items()}
-        pre = model.pre_activations(x)  # (B, F)
-        f = model.activate(pre, batch_select=False)
-        count += (f > 0).sum(0)
-        f_sum += f.sum(0, dtype=torch.float64)
-        f_sq += (f * f).sum(0, dtype=torch.float64)
-        f_max = torch.maximum(f_max, f.max(0).values)
-
-        if matched:
-            xn = model.normalise({n: x[n] for n in pair_names})
-            recon = model.decode_normalised(f)
-            for side in (0, 1):
-                names = [pair[side].name for pair in matched]
-                y_rec = torch.cat([recon[n] for n in names], dim=1)  # (B, D)
-                y_err = torch.cat([xn[n] for n in names], dim=1) - y_rec
-                s_err[side] += (f * (y_err @ direction.T)).sum(0, dtype=torch.float64)
-                s_rec[side] += (f * (y_rec @ direction.T)).sum(0, dtype=torch.float64)
-
-        if do_coherence:
-            for k, layer in enumerate(read_layers):
-                masked = pre
-                for n in model.read:
-                    if by_name[n].layer == layer:
-                        masked = masked - (x[n].to(pre.dtype) * model.scale(n)) @ model.encoder_weight(n)
-                f_masked = model.activate(masked, batch_select=False)
-                change[k] += (f - f_masked).abs().sum(0, dtype=torch.float64)
-        bar.update(next(iter(batch.values())).shape[0])
-    bar.close()
-
-    fired = count.clamp(min=1)
-    result.n_tokens = n_tokens
-    result.activity = {
-        "frequency": (count / n_tokens).cpu().numpy(),
-        "mean_activation": torch.where(count > 0, f_sum / fired, torch.nan).cpu().numpy(),
-        "max_activation": f_max.double().cpu().numpy(),
-    }
-    if matched:
-        d = direction.double()
-        dd = (d * d).sum(1)  # ||d||^2
-        own = torch.stack([(d * dec_a.double()).sum(1), (d * dec_b.double()).sum(1)])  # <d, d_j^m>, (2, F)
-        denom = f_sq * dd
-        beta_err = (s_err + f_sq * own) / denom  # error with latent j's own term added back
-        is_owner = torch.stack([owner == 0, owner == 1])
-        beta_rec = torch.where(is_owner, s_rec, s_rec - f_sq * own) / denom  # other side: without j
-        idx = torch.arange(F, device=device)
-        nu_eps = beta_err[1 - owner, idx] / beta_err[owner, idx]
-        nu_r = beta_rec[1 - owner, idx] / beta_rec[owner, idx]
-        result.scaling = {
-            "owner": owner.cpu().numpy(), "beta_error": beta_err.T.cpu().numpy(),
-            "beta_reconstruction": beta_rec.T.cpu().numpy(),
-            "nu_epsilon": nu_eps.cpu().numpy(), "nu_r": nu_r.cpu().numpy(),
-        }
-    if do_coherence:
-        delta = (change / (f_sum + COHERENCE_EPS)).cpu().numpy()  # (L, F)
-        peak = delta.max(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            result.coherence = np.where(peak > 0, delta.sum(0) / peak, np.nan)
 
 
 # -- output --------------------------------------------------------------------------------
