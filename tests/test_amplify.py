@@ -1,5 +1,6 @@
 """xc amplify: logit diff amplification and latent steering, on tiny offline models."""
 
+import functools
 import json
 import math
 import os
@@ -56,14 +57,19 @@ def varied(tiny, tmp_path_factory):
     return paths
 
 
-def run_amplify(varied, alphas, **sampling):
-    cfg = amp.AmplifyConfig(str(varied["before"]), str(varied["after"]), tuple(alphas), PROMPTS,
+def run_amplify(varied, alphas, prompts=PROMPTS, **sampling):
+    cfg = amp.AmplifyConfig(str(varied["before"]), str(varied["after"]), tuple(alphas), prompts,
                             amp.Sampling(**sampling), token_ids=True)
     return list(amp.amplify(cfg))
 
 
+@functools.lru_cache(maxsize=4)
+def load_for_generate(path):
+    return load(path), tokenizer(path)
+
+
 def greedy_generate(path, prompt, n):
-    model, tok = load(path), tokenizer(path)
+    model, tok = load_for_generate(path)
     enc = tok(prompt, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=n, do_sample=False)
     return out[0, enc.input_ids.shape[1]:].tolist()
@@ -108,11 +114,11 @@ def test_amplified_sequence_matches_a_brute_force_loop_without_cache(varied):
 
 def test_sampling_is_seeded_and_independent_of_batch_size(varied):
     common = dict(max_new_tokens=6, temperature=1.0, top_p=0.9, n_samples=2, seed=7)
-    one = run_amplify(varied, [0, 1.5], batch_size=1, **common)
-    many = run_amplify(varied, [0, 1.5], batch_size=7, **common)
+    one = run_amplify(varied, [0, 1.5], PROMPTS[:2], batch_size=1, **common)
+    many = run_amplify(varied, [0, 1.5], PROMPTS[:2], batch_size=7, **common)
     assert one == many
     assert len({tuple(r["token_ids"]) for r in one}) > len(one) // 2  # samples do differ
-    other_seed = run_amplify(varied, [0, 1.5], batch_size=7, **{**common, "seed": 8})
+    other_seed = run_amplify(varied, [0, 1.5], PROMPTS[:2], batch_size=7, **{**common, "seed": 8})
     assert [r["token_ids"] for r in other_seed] != [r["token_ids"] for r in one]
 
 
@@ -299,7 +305,8 @@ def test_steering_scale_0_reproduces_generate_and_a_large_scale_changes_it(varie
 
 def test_clamp_refuses_checkpoints_it_cannot_encode(tiny, tmp_path):
     model = load(tiny["gpt2"])
-    two_models = [Source("m.resid_post.1", "m", "resid_post", 1, 32), Source("o.resid_post.1", "o", "resid_post", 1, 32)]
+    two_models = [Source("m.resid_post.1", "m", "resid_post", 1, 32),
+                  Source("o.resid_post.1", "o", "resid_post", 1, 32)]
     cc = checkpoint(tmp_path / "a.safetensors", two_models)
     with pytest.raises(BadInput, match="another model; use --scale"):
         amp.Steering(model, cc, two_models[:1], [0], "clamp")
@@ -373,6 +380,7 @@ def test_refuses_checkpoint_of_another_model_and_bad_latent(tiny, tmp_path):
     (["--before", "x", "--after", "y", "--alpha", 1], "no prompts"),
     (["--before", "x", "--after", "y", "--alpha", 1, "--prompt", "a", "--top-p", 0], "--top-p 0.0"),
     (["--before", "x", "--after", "y", "--alpha", 1, "--prompt", "a", "--count", "("], "not a valid regular"),
+    (["--before", "x", "--after", "y", "--alpha", 1, "--prompts", "/no/such/file"], "--prompts '/no/such/file'"),
     (["--model", "x", "--checkpoint", "c", "--latent", 1, "--scale", 1, "--clamp", 2, "--prompt", "a"],
      "either --scale or --clamp"),
 ])
@@ -388,11 +396,12 @@ def test_cli_runs_from_the_local_hugging_face_cache(tiny, tmp_path):
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "xcli", "amplify", "--before", str(tiny["gpt2_b"]),
-                           "--after", "xc-test/tiny-gpt2", "--alpha", "-1", "--alpha", "2", "--prompt", "the cat",
+                           "--after", "xc-test/tiny-gpt2", "--alpha", "-1", "--alpha", "2", "--prompts", "-",
                            "--n-samples", "2", "--max-new-tokens", "3", "--count", "cat"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          input="the cat\n\n", capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(r["kind"], r["alpha"]) for r in lines] == [("completion", -1.0)] * 2 + [("completion", 2.0)] * 2 + \
         [("count", -1.0), ("count", 2.0)]
+    assert {r["prompt"] for r in lines if r["kind"] == "completion"} == {"the cat"}  # blank line skipped
     assert proc.stderr.count("xc: count /cat/ alpha=") == 2
