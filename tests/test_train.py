@@ -192,6 +192,7 @@ def test_loader_covers_every_training_row_once_per_epoch_and_never_the_held_out_
     expected = set(range(1037)) - held_rows
     assert stream.rows_per_epoch == len(expected)
     batches = stream.batches()
+    previous = None
     for epoch in range(3):
         seen, sizes = [], []
         while True:
@@ -206,8 +207,7 @@ def test_loader_covers_every_training_row_once_per_epoch_and_never_the_held_out_
         assert sorted(seen) == sorted(expected)  # each training row exactly once, no held-out row
         assert sizes[:-1] == [64] * (len(sizes) - 1) and sizes[-1] == len(expected) % 64
         assert seen != sorted(seen)
-        if epoch:
-            assert seen != previous  # a new order each epoch
+        assert seen != previous  # a new order each epoch
         previous = seen
 
 
@@ -545,3 +545,9 @@ def test_recovers_planted_shared_and_exclusive_features(tmp_path):
     training = m.metadata["training"]
     assert training["fvu_total"] < 0.05
     assert abs(training["l0"] - 3) < 0.5  # the BatchTopK threshold gives about k latents per token at inference
+
+
+def test_bfloat16_compute_keeps_float32_weights(small_store, tmp_path):
+    path = tr.train(config(small_store, tmp_path / "bf.safetensors", dtype="bfloat16", steps=10))
+    assert all(t.dtype == torch.float32 for t in weights(path).values())
+    assert math.isfinite(xcli.load(path).metadata["training"]["fvu_total"])

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -574,42 +573,20 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Pat
             while state.step < cfg.steps:
                 batch = next(batches)
                 x = {n: t.to(device, non_blocking=True) for n, t in batch.data.items()}
-                lr = lr_at(state.step, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                dead = state.since_fired >= cfg.dead_tokens
-                with autocast(device, cfg.dtype):
-                    parts = loss_parts(model, x, l1_at(state.step, cfg), dead, cfg.k_aux)
-                opt.zero_grad(set_to_none=True)
-                parts.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
-                if not bool(torch.isfinite(parts.loss) & torch.isfinite(grad_norm)):
-                    stop_on_nonfinite(parts.loss, grad_norm, state, cfg, last_saved)
-                opt.step()
-                with torch.no_grad():
-                    fired = (parts.latents != 0).any(0)
-                    rows = parts.latents.shape[0]
-                    state.since_fired = torch.where(fired, 0, state.since_fired + rows)
-                    if cfg.arch == "batchtopk" and state.step >= cfg.warmup:
-                        state.threshold_updates += 1
-                        model.update_threshold(model.batch_threshold(parts.latents),
-                                               threshold_decay(state.threshold_updates))
-                state.step += 1
-                state.tokens += rows
+                parts = train_step(model, opt, x, state, cfg, last_saved)
                 state.position = batch.after
                 metrics.add(parts)
                 bar.update(1)
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                     state.last_train = metrics.record(list(model.write))
+                    state.last_train["dead_fraction"] = float((state.since_fired >= cfg.dead_tokens).float().mean())
                     record = {"kind": "train", "step": state.step, "tokens": state.tokens,
                               "epoch": state.tokens / stream.rows_per_epoch, **state.last_train,
-                              "dead_fraction": float((state.since_fired >= cfg.dead_tokens).float().mean()),
-                              "lr": lr}
+                              "lr": lr_at(state.step - 1, cfg)}
                     if cfg.arch == "relu":
                         record["l1"] = l1_at(state.step - 1, cfg)
                     if cfg.arch == "batchtopk":
                         record["threshold"] = float(model.threshold)
-                    state.last_train["dead_fraction"] = record["dead_fraction"]
                     emit(record)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}")
                 if state.step < cfg.steps and state.step % cfg.checkpoint_every == 0:
@@ -626,6 +603,31 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Pat
         if log:
             log.close()
     return Path(cfg.output)
+
+
+def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, cfg: TrainConfig,
+               last_saved: int | None) -> LossParts:
+    """One optimiser step on one batch; updates the step count, dead-latent counters and threshold."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(state.step, cfg)
+    dead = state.since_fired >= cfg.dead_tokens
+    with autocast(x[model.write[0]].device, cfg.dtype):
+        parts = loss_parts(model, x, l1_at(state.step, cfg), dead, cfg.k_aux)
+    opt.zero_grad(set_to_none=True)
+    parts.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
+    if not bool(torch.isfinite(parts.loss) & torch.isfinite(grad_norm)):  # before Adam: weights stay good
+        stop_on_nonfinite(parts.loss, grad_norm, state, cfg, last_saved)
+    opt.step()
+    with torch.no_grad():
+        rows = parts.latents.shape[0]
+        state.since_fired = torch.where((parts.latents != 0).any(0), 0, state.since_fired + rows)
+        if cfg.arch == "batchtopk" and state.step >= cfg.warmup:
+            state.threshold_updates += 1
+            model.update_threshold(model.batch_threshold(parts.latents), threshold_decay(state.threshold_updates))
+    state.step += 1
+    state.tokens += rows
+    return parts
 
 
 def stop_on_nonfinite(loss: Tensor, grad_norm: Tensor, state: TrainState, cfg: TrainConfig,
