@@ -5,7 +5,6 @@ turns its options into a library call and prints what was produced: a path or
 JSON lines on stdout. Errors are translated once, in `XcGroup.main`.
 """
 
-import functools
 import json
 import os
 import sys
@@ -110,7 +109,6 @@ def not_built(name: str, issue: str):
 
 
 not_built("harvest", "run models over text and store activations in a Zarr store")
-not_built("train", "train a crosscoder from activation stores")
 not_built("classify", "label latents as shared, exclusive or mixed")
 not_built("export", "Neuronpedia export of feature dashboards")
 
@@ -209,6 +207,129 @@ def amplify_command(before, after, alphas, model, checkpoint, latents, scales, c
         click.echo(json.dumps(record, ensure_ascii=False))
         if record["kind"] == "count" and not console.settings.quiet:
             print(amp.describe_count(record), file=sys.stderr, flush=True)
+
+
+# Literal copies of xcli.crosscoder.ARCHS and xcli.train.DTYPES, so that `xc --help`
+# does not import torch; tests/test_train.py checks that they agree.
+ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("float32", "bfloat16")
+
+
+class Count(click.ParamType):
+    """A whole number that may carry a K, M or B suffix (10M = 10,000,000)."""
+
+    name = "N"
+    SUFFIXES = {"k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().replace("_", "").lower()
+        factor = self.SUFFIXES.get(text[-1:], 1)
+        try:
+            number = float(text[:-1] if factor > 1 else text) * factor
+        except ValueError:
+            self.fail(f"{value!r} is not a count (e.g. 4096, 50K, 10M)", param, ctx)
+        if number != int(number):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(number)
+
+
+def source_list(ctx, param, value):
+    """'a,b' -> ("a", "b"); an empty value stays an empty tuple, which the config rejects."""
+    if value is None:
+        return None
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+@cli.command("train", epilog="""\b
+  xc train acts.zarr -o xc.safetensors --expansion 16 --k 32 --tokens 50M
+  xc train base.zarr chat.zarr -o diff.safetensors --latents 16384 --log metrics.jsonl
+  xc train acts.zarr -o sae.safetensors --sources base.resid_post.6 --arch relu --l1 2
+  xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
+  xc harvest ... | xc train - -o xc.safetensors
+  xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9""")
+@click.argument("stores", nargs=-1, required=True, metavar="STORE...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint to write (.safetensors; format in xc-checkpoint(5)).")
+@click.option("--sources", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources to train on. Default: every source of the stores, or those "
+                   "--read and --write name.")
+@click.option("--read", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources the encoder reads. Default: all training sources.")
+@click.option("--write", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources the decoder reconstructs. Default: all training sources. "
+                   "Reading layer n and writing layer n+1 makes a transcoder.")
+@click.option("--arch", type=click.Choice(ARCHS), default="batchtopk", show_default=True,
+              help="relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; "
+                   "batchtopk: the k*B best per batch, with a learned threshold at inference.")
+@click.option("--latents", type=int, help="Dictionary size F.")
+@click.option("--expansion", type=float,
+              help="Dictionary size as a multiple of the widest source's width (default 16).")
+@click.option("--k", type=int, help="Active latents per token, for topk and batchtopk (default 32).")
+@click.option("--l1", type=float, help="Sparsity penalty lambda for relu (default 2.0); it warms up over the "
+                                       "first 5% of steps.")
+@click.option("--batch-size", type=Count(), default=4096, show_default=True, help="Tokens per step.")
+@click.option("--tokens", type=Count(),
+              help="Training tokens, e.g. 50M (rounded up to whole batches; several epochs when it exceeds "
+                   "the store). Default: one pass over the training rows.")
+@click.option("--steps", type=int, help="Training steps, instead of --tokens.")
+@click.option("--lr", type=float, help="Peak Adam learning rate. Default: 2e-4 / sqrt(F / 16384).")
+@click.option("--warmup", type=int, help="Steps of linear learning-rate warmup. Default: min(1000, 5% of steps).")
+@click.option("--decay", type=float, default=0.2, show_default=True,
+              help="Fraction of the steps, at the end, over which the learning rate falls linearly to zero.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Maximum gradient norm (0: no clipping).")
+@click.option("--k-aux", type=int,
+              help="Dead latents used per token by the AuxK loss (topk, batchtopk). Default: half the summed "
+                   "width of the written sources; 0 turns AuxK off.")
+@click.option("--dead-tokens", type=Count(), default="10M", show_default=True,
+              help="A latent that has not fired for this many training tokens counts as dead.")
+@click.option("--eval-fraction", type=float, default=0.01, show_default=True,
+              help="Fraction of the store's chunks held out to report FVU, L0 and dead latents on "
+                   "(at least one chunk when above 0; 0: no evaluation).")
+@click.option("--shuffle-buffer", type=Count(), default=65536, show_default=True,
+              help="Rows shuffled together in memory (whole chunks); memory use grows with it, not with the store.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the data order.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Compute dtype of the forward pass; weights and Adam state stay float32.")
+@click.option("--log", type=click.Path(dir_okay=False),
+              help="Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, lr, tokens/s; "
+                   "and held-out evaluations.")
+@click.option("--log-every", type=int, default=100, show_default=True, help="Steps between metrics lines.")
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True,
+              help="Steps between checkpoints (with evaluation, and the training state that --resume uses).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last checkpoint (same options); ends with the same "
+                   "weights as an uninterrupted run. Does nothing if the checkpoint is complete.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint, log and training state.")
+@click.option("--allow-incomplete", is_flag=True, help="Train on a store whose harvest has not finished.")
+@common_options
+def train_command(stores, **options):
+    """Train a sparse crosscoder on activation stores.
+
+    Streams rows from one or more stores (several stores must hold the same
+    tokens, e.g. one per model) and writes a safetensors checkpoint; prints its
+    path. STORE may be '-' to read the path from stdin.
+
+    Each source is scaled so that its mean squared norm is its width; the scales
+    are saved and applied inside encode and decode, so a loaded model takes and
+    returns raw activations. The loss is the squared error summed over written
+    sources (plus, for relu, l1 * sum_i f_i * sum_s ||W_dec,i^s||) and an AuxK
+    term for dead latents.
+
+    Every --checkpoint-every steps, the checkpoint and a training state
+    (OUTPUT.state.pt) are written atomically and held-out chunks are evaluated.
+    After Ctrl-C (which saves first) or kill -9, rerun with --resume. A NaN or
+    inf loss stops the run (exit 1) and keeps the last good checkpoint.
+    """
+    from xcli.files import read_path_argument
+    from xcli.train import TrainConfig, train
+
+    if list(stores).count("-") > 1:
+        raise BadInput("only one STORE can be '-' (read from stdin)")
+    paths = tuple(read_path_argument(s) for s in stores)
+    path = train(TrainConfig(stores=paths, **options))
+    click.echo(str(path))
 
 
 def main():
