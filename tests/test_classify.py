@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import xcli
 from xcli import classify as cl
 from xcli.cli import cli
 from xcli.crosscoder import Crosscoder, save
@@ -475,3 +476,70 @@ def test_cuda_pass_matches_cpu(tmp_path):
     for a, b in zip(on_gpu, on_cpu):
         assert a["nu_epsilon"] == pytest.approx(b["nu_epsilon"], rel=1e-4, abs=1e-5)
         assert a["frequency"] == b["frequency"]
+
+
+# -- end to end: train on planted data, then classify -------------------------------------
+
+WEAK = 0.4  # feature 0 is shared, but 0.4 times weaker in b, along the same direction
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A two-model synthetic store (8 shared, 4 + 4 exclusive features in 16 dims, plus feature 0
+    shared but weak in b) and a ReLU crosscoder trained on it, whose L1 penalty shrinks the weak
+    side of feature 0 to zero: the Complete Shrinkage of Minder et al."""
+    import dataclasses
+
+    from xcli import synth
+    from xcli import train as tr
+
+    folder = tmp_path_factory.mktemp("planted")
+    truth = synth.plant(["a", "b"], {"a": 16, "b": 16}, n_shared=8, n_exclusive=4, active=3.0, decay=1.0,
+                        rng=np.random.default_rng([3, 0]))
+    decoders = {n: v.copy() for n, v in truth.decoders.items()}
+    decoders["b"][0] = WEAK * decoders["a"][0]
+    truth = dataclasses.replace(truth, decoders=decoders)
+    writer = StoreWriter(folder / "s.zarr", [Source(n, n, "synthetic", None, 16) for n in truth.names],
+                         dtype="float32", chunk_rows=1024)
+    for block, start in enumerate(range(0, 8192, 4096)):
+        writer.append(synth.sample(truth, 4096, (0.5, 1.5), 0.0, np.random.default_rng([3, 1, block]))[1])
+    writer.close()
+    path = tr.train(tr.TrainConfig(stores=(str(folder / "s.zarr"),), output=str(folder / "x.safetensors"),
+                                   arch="relu", l1=2.0, latents=32, batch_size=256, tokens=3 * 8192,
+                                   eval_fraction=0.05, dead_tokens=5000, shuffle_buffer=4096,
+                                   checkpoint_every=10_000, device="cpu"))
+    model = xcli.load(path)
+    found = synth.match(truth, model)
+    result = cl.classify(model, open_store(folder / "s.zarr"))
+    return truth, found, result, path, folder / "s.zarr"
+
+
+def test_classes_match_planted_labels_of_recovered_features(planted):
+    truth, found, result, *_ = planted
+    recovered = [g for g in range(1, truth.n_features) if found.cosine[g] > 0.9]  # feature 0 is the weak one
+    assert len(recovered) >= 10  # most of the 15 clean features
+    agree = [result.classes[found.latent[g]] == truth.kinds[g] for g in recovered]
+    assert np.mean(agree) >= 0.95
+    assert {truth.kinds[g] for g in recovered} == {"shared", "exclusive:a", "exclusive:b"}
+    exclusive = [g for g in recovered if truth.kinds[g].startswith("exclusive")]
+    assert all(result.scaling["verdict"][found.latent[g]] == "specific" for g in exclusive)
+
+
+def test_latent_scaling_flags_a_shared_feature_that_looks_exclusive(planted):
+    truth, found, result, *_ = planted
+    j = found.latent[0]
+    assert found.cosine[0] > 0.9 and result.classes[j] == "exclusive:a"  # looks exclusive after training
+    assert result.rel_norm[j] < 0.02  # the L1 penalty shrank its b side to (almost) nothing
+    assert result.scaling["nu_epsilon"][j] > 0.2  # b's error still holds the direction
+    assert result.scaling["verdict"][j].startswith("shrinkage")
+
+
+def test_cli_on_a_trained_checkpoint_with_plots(planted, tmp_path):
+    pytest.importorskip("matplotlib")
+    *_, path, store = planted
+    result = run(["classify", path, "--store", store, "--plot", tmp_path / "figs", "--format", "csv",
+                  "-o", tmp_path / "latents.csv", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
+        "cosine_shared.png", "latent_scaling.png", "relative_norm.png"]
+    assert len((tmp_path / "latents.csv").read_text().splitlines()) == 33

@@ -129,3 +129,44 @@ def test_load_refuses_non_checkpoints(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(BadInput, match="without xc metadata"):
         xcli.load(tmp_path / "plain.safetensors")
+
+
+def test_aux_latents_are_the_top_k_aux_relu_pre_activations_among_dead_latents():
+    m, x = model("topk", k=3), batch(7)
+    pre = m.pre_activations(x).detach()
+    dead = torch.zeros(24, dtype=torch.bool)
+    dead[[1, 4, 5, 9, 13, 20]] = True
+    aux = m.aux_latents(pre, dead, 2).numpy()
+    relu = np.maximum(pre.numpy(), 0)
+    for t in range(7):
+        candidates = sorted([i for i in range(24) if dead[i]], key=lambda i: -relu[t, i])[:2]
+        expected = np.zeros(24)
+        expected[candidates] = relu[t, candidates]
+        np.testing.assert_allclose(aux[t], expected, rtol=1e-6)
+    assert not m.aux_latents(pre, torch.zeros(24, dtype=torch.bool), 2).any()
+    # More dead latents asked for than there are: all dead ones are candidates.
+    assert (m.aux_latents(pre, dead, 100).numpy()[:, ~dead.numpy()] == 0).all()
+
+
+def test_batch_threshold_is_the_smallest_selected_score_and_updates_as_an_ema():
+    m, x = model("batchtopk", k=2), batch(6)
+    f = m.encode(x, batch_select=True).detach()
+    pre, W_dec, *_ = dense_reference(m, x)
+    norms = np.linalg.norm(W_dec[:, :6], axis=1) + np.linalg.norm(W_dec[:, 6:], axis=1)
+    score = np.maximum(pre, 0) * norms
+    expected = np.sort(score.ravel())[-12]  # the 12th largest = the smallest of k*B kept
+    assert m.batch_threshold(f).item() == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        m.threshold.fill_(1.0)
+    m.update_threshold(torch.tensor(3.0), decay=0.75)
+    assert m.threshold.item() == pytest.approx(0.75 * 1.0 + 0.25 * 3.0)
+
+
+def test_decoder_bias_starts_at_the_source_mean_in_normalised_units():
+    m = model()
+    means = {s.name: torch.arange(s.d, dtype=torch.float32) for s in SOURCES}
+    m.init_decoder_bias(means)
+    # Decoding nothing gives back the mean in raw units.
+    out = m.decode(torch.zeros(1, 24))
+    for s in SOURCES:
+        torch.testing.assert_close(out[s.name][0], means[s.name])

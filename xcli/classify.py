@@ -430,10 +430,11 @@ def print_summary(result: Classification, file=None) -> None:
         thresholds += (f"; shared: {cfg.shared_band[0]} <= r <= {cfg.shared_band[1]}, "
                        f"r = ||d_{b}|| / (||d_{a}|| + ||d_{b}||)")
     title = f"xc classify: {n} latents" + (f", {summary['n_tokens']} tokens" if summary["n_tokens"] else "")
-    table = Table("class", "latents", "%", title=title, min_width=len(title) + 4)
+    table = Table("class", "latents", "%")
     for name, count in sorted(summary["classes"].items()):
         table.add_row(name, str(count), f"{100 * count / n:.1f}")
     console_ = Console(file=file or sys.stderr, highlight=False)
+    console_.print(title)
     console_.print(table)
     console_.print(thresholds, soft_wrap=True)
     if "ls_verdicts" in summary:

@@ -5,7 +5,7 @@ turns its options into a library call and prints what was produced: a path or
 JSON lines on stdout. Errors are translated once, in `XcGroup.main`.
 """
 
-import functools
+import json
 import os
 import sys
 import traceback
@@ -109,8 +109,6 @@ def not_built(name: str, issue: str):
 
 
 not_built("harvest", "run models over text and store activations in a Zarr store")
-not_built("train", "train a crosscoder from activation stores")
-not_built("amplify", "model-diff amplification and latent steering")
 not_built("export", "Neuronpedia export of feature dashboards")
 
 
@@ -242,6 +240,226 @@ def _device(value: str) -> str:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device {value!r}: CUDA is not available on this machine; use cpu")
     return value
+
+
+
+@cli.command("amplify")
+@click.option("--before", metavar="MODEL", help="Model before the change (e.g. the base model): a local folder, "
+              "or a hub id already in the local Hugging Face cache, optionally ID@REVISION. Never downloaded.")
+@click.option("--after", metavar="MODEL", help="Model after the change (e.g. the fine-tune); same forms as "
+              "--before. Must share the tokenizer (vocabularies are compared). A completion ends at an EOS "
+              "id of either model's generation config or of the tokenizer.")
+@click.option("--alpha", "alphas", type=float, multiple=True, metavar="A",
+              help="Amplification factor: sample from after + A*(after - before). Repeat for a sweep. "
+              "0 reproduces --after and -1 reproduces --before (keep them as controls).")
+@click.option("--model", metavar="[ALIAS=]MODEL", help="Steering: the model to steer. The checkpoint's sources "
+              "whose \"model\" field equals ALIAS (or, without an alias, the path or id as written, or the same "
+              "folder) are steered at their sites.")
+@click.option("--checkpoint", metavar="X.safetensors", help="Steering: an xc crosscoder checkpoint.")
+@click.option("--latent", "latents", type=int, multiple=True, metavar="I",
+              help="Steering: latent index to steer; repeat to steer several latents at once.")
+@click.option("--scale", "scales", type=float, multiple=True, metavar="S",
+              help="Steering: add S times each latent's decoder row (raw units, i.e. divided by the "
+              "source's input_scale) at every position of each site. Repeat for a sweep; 0 = unsteered.")
+@click.option("--clamp", "clamps", type=float, multiple=True, metavar="V",
+              help="Steering: hold each latent's activation at V: encode the site activations, then add "
+              "(V - f_I) times its decoder row (raw units). Needs every read source in this model, read "
+              "no later than the first written one. Repeat for a sweep.")
+@click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT", help="A prompt; repeatable.")
+@click.option("--prompts", "prompts_file", metavar="FILE|-",
+              help="A text file with one prompt per line (blank lines skipped); - reads stdin.")
+@click.option("--n-samples", type=int, default=1, show_default=True, help="Completions per prompt and value.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Tokens generated per completion at most (a completion also ends at EOS).")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Sampling temperature; 0 is greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Nucleus sampling: keep the most likely tokens whose mass first reaches P.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Sample S of prompt I uses a random stream fixed by (seed, I, S): the same for every "
+              "alpha/scale/clamp value and for any --batch-size.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Completions decoded together (left-padded).")
+@click.option("--count", metavar="REGEX", help="Search each completion for REGEX (Python syntax). Adds "
+              "\"match\" to each line, then one summary line per value with matches, n, rate and a 95%% "
+              "Wilson interval; the same summary goes to stderr.")
+@click.option("--token-ids", is_flag=True, help="Also print the generated token ids (EOS included).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Model weights; auto is bfloat16 on a GPU that supports it, else float32. "
+              "Logits are combined in float32.")
+@common_options
+def amplify_command(before, after, alphas, model, checkpoint, latents, scales, clamps, prompt_texts,
+                    prompts_file, n_samples, max_new_tokens, temperature, top_p, seed, batch_size, count,
+                    token_ids, device, dtype):
+    """Sample from an amplified model difference, or with crosscoder latents steered.
+
+    \b
+    Logit diff amplification (two models, one shared tokenizer):
+      xc amplify --before base/ --after chat/ --alpha 0 --alpha 1 --alpha 4 \\
+                 --prompts prompts.txt --n-samples 50 --count 'REGEX'
+    Latent steering (one model and a checkpoint trained on it):
+      xc amplify --model chat=chat/ --checkpoint xc.safetensors --latent 17 \\
+                 --scale 0 --scale 8 --prompt 'Tell me about'
+
+    Amplification runs both models on the same prefix and draws each token from
+    after + A*(after - before), with a KV cache per model. Each line on stdout is one
+    JSON object: {"kind": "completion", "prompt", "completion", "alpha" (or "scale"/"clamp"
+    and "latents"), "sample", "seed", "prompt_index", "n_tokens", "finish": "eos"|"length"}.
+    With --count, each line also has "match", and one line per value follows:
+    {"kind": "count", "count", "alpha", "matches", "n", "rate", "ci95": [low, high]}.
+    Nothing is downloaded: models come from local folders or the local Hugging Face cache.
+    """
+    from xcli import amplify as amp
+
+    prompts = list(prompt_texts) + (amp.read_prompts(prompts_file) if prompts_file else [])
+    diff_opts = [n for n, v in (("--before", before), ("--after", after), ("--alpha", alphas)) if v]
+    steer_opts = [n for n, v in (("--model", model), ("--checkpoint", checkpoint), ("--latent", latents),
+                                 ("--scale", scales), ("--clamp", clamps)) if v]
+    if diff_opts and steer_opts:
+        raise BadInput(f"{diff_opts[0]} (amplification) and {steer_opts[0]} (steering) are separate modes; "
+                       f"give --before/--after/--alpha or --model/--checkpoint/--latent")
+    sampling = amp.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            n_samples=n_samples, batch_size=batch_size)
+    common = dict(prompts=tuple(prompts), sampling=sampling, count=count, device=device, dtype=dtype,
+                  token_ids=token_ids)
+    if steer_opts:
+        if not (model and checkpoint):
+            raise BadInput("steering needs --model and --checkpoint (and --latent with --scale or --clamp)")
+        records = amp.steer(amp.SteerConfig(model=model, checkpoint=checkpoint, latents=tuple(latents),
+                                            scales=tuple(scales), clamps=tuple(clamps), **common))
+    else:
+        if not (before and after):
+            raise BadInput("give --before MODEL and --after MODEL with --alpha (amplification), "
+                           "or --model/--checkpoint/--latent (steering)")
+        records = amp.amplify(amp.AmplifyConfig(before=before, after=after, alphas=tuple(alphas), **common))
+    for record in records:
+        click.echo(json.dumps(record, ensure_ascii=False))
+        if record["kind"] == "count" and not console.settings.quiet:
+            print(amp.describe_count(record), file=sys.stderr, flush=True)
+
+
+# Literal copies of xcli.crosscoder.ARCHS and xcli.train.DTYPES, so that `xc --help`
+# does not import torch; tests/test_train.py checks that they agree.
+ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("float32", "bfloat16")
+
+
+class Count(click.ParamType):
+    """A whole number that may carry a K, M or B suffix (10M = 10,000,000)."""
+
+    name = "N"
+    SUFFIXES = {"k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().replace("_", "").lower()
+        factor = self.SUFFIXES.get(text[-1:], 1)
+        try:
+            number = float(text[:-1] if factor > 1 else text) * factor
+        except ValueError:
+            self.fail(f"{value!r} is not a count (e.g. 4096, 50K, 10M)", param, ctx)
+        if number != int(number):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(number)
+
+
+def source_list(ctx, param, value):
+    """'a,b' -> ("a", "b"); an empty value stays an empty tuple, which the config rejects."""
+    if value is None:
+        return None
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+@cli.command("train", epilog="""\b
+  xc train acts.zarr -o xc.safetensors --expansion 16 --k 32 --tokens 50M
+  xc train base.zarr chat.zarr -o diff.safetensors --latents 16384 --log metrics.jsonl
+  xc train acts.zarr -o sae.safetensors --sources base.resid_post.6 --arch relu --l1 2
+  xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
+  xc harvest ... | xc train - -o xc.safetensors
+  xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9""")
+@click.argument("stores", nargs=-1, required=True, metavar="STORE...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint to write (.safetensors; format in xc-checkpoint(5)).")
+@click.option("--sources", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources to train on. Default: every source of the stores, or those "
+                   "--read and --write name.")
+@click.option("--read", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources the encoder reads. Default: all training sources.")
+@click.option("--write", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources the decoder reconstructs. Default: all training sources. "
+                   "Reading layer n and writing layer n+1 makes a transcoder.")
+@click.option("--arch", type=click.Choice(ARCHS), default="batchtopk", show_default=True,
+              help="relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; "
+                   "batchtopk: the k*B best per batch, with a learned threshold at inference.")
+@click.option("--latents", type=int, help="Dictionary size F.")
+@click.option("--expansion", type=float,
+              help="Dictionary size as a multiple of the widest source's width (default 16).")
+@click.option("--k", type=int, help="Active latents per token, for topk and batchtopk (default 32).")
+@click.option("--l1", type=float, help="Sparsity penalty lambda for relu (default 2.0); it warms up over the "
+                                       "first 5% of steps.")
+@click.option("--batch-size", type=Count(), default=4096, show_default=True, help="Tokens per step.")
+@click.option("--tokens", type=Count(),
+              help="Training tokens, e.g. 50M (rounded up to whole batches; several epochs when it exceeds "
+                   "the store). Default: one pass over the training rows.")
+@click.option("--steps", type=int, help="Training steps, instead of --tokens.")
+@click.option("--lr", type=float, help="Peak Adam learning rate. Default: 2e-4 / sqrt(F / 16384).")
+@click.option("--warmup", type=int, help="Steps of linear learning-rate warmup. Default: min(1000, 5% of steps).")
+@click.option("--decay", type=float, default=0.2, show_default=True,
+              help="Fraction of the steps, at the end, over which the learning rate falls linearly to zero.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Maximum gradient norm (0: no clipping).")
+@click.option("--k-aux", type=int,
+              help="Dead latents used per token by the AuxK loss (topk, batchtopk). Default: half the summed "
+                   "width of the written sources; 0 turns AuxK off.")
+@click.option("--dead-tokens", type=Count(), default="10M", show_default=True,
+              help="A latent that has not fired for this many training tokens counts as dead.")
+@click.option("--eval-fraction", type=float, default=0.01, show_default=True,
+              help="Fraction of the store's chunks held out to report FVU, L0 and dead latents on "
+                   "(at least one chunk when above 0; 0: no evaluation).")
+@click.option("--shuffle-buffer", type=Count(), default=65536, show_default=True,
+              help="Rows shuffled together in memory (whole chunks); memory use grows with it, not with the store.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the data order.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Compute dtype of the forward pass; weights and Adam state stay float32.")
+@click.option("--log", type=click.Path(dir_okay=False),
+              help="Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, lr, tokens/s; "
+                   "and held-out evaluations.")
+@click.option("--log-every", type=int, default=100, show_default=True, help="Steps between metrics lines.")
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True,
+              help="Steps between checkpoints (with evaluation, and the training state that --resume uses).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last checkpoint (same options); ends with the same "
+                   "weights as an uninterrupted run. Does nothing if the checkpoint is complete.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint, log and training state.")
+@click.option("--allow-incomplete", is_flag=True, help="Train on a store whose harvest has not finished.")
+@common_options
+def train_command(stores, **options):
+    """Train a sparse crosscoder on activation stores.
+
+    Streams rows from one or more stores (several stores must hold the same
+    tokens, e.g. one per model) and writes a safetensors checkpoint; prints its
+    path. STORE may be '-' to read the path from stdin.
+
+    Each source is scaled so that its mean squared norm is its width; the scales
+    are saved and applied inside encode and decode, so a loaded model takes and
+    returns raw activations. The loss is the squared error summed over written
+    sources (plus, for relu, l1 * sum_i f_i * sum_s ||W_dec,i^s||) and an AuxK
+    term for dead latents.
+
+    Every --checkpoint-every steps, the checkpoint and a training state
+    (OUTPUT.state.pt) are written atomically and held-out chunks are evaluated.
+    After Ctrl-C (which saves first) or kill -9, rerun with --resume. A NaN or
+    inf loss stops the run (exit 1) and keeps the last good checkpoint.
+    """
+    from xcli.files import read_path_argument
+    from xcli.train import TrainConfig, train
+
+    if list(stores).count("-") > 1:
+        raise BadInput("only one STORE can be '-' (read from stdin)")
+    paths = tuple(read_path_argument(s) for s in stores)
+    path = train(TrainConfig(stores=paths, **options))
+    click.echo(str(path))
 
 
 def main():

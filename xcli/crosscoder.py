@@ -101,10 +101,20 @@ class Crosscoder(nn.Module):
         for b in self.b_dec:
             b.zero_()
 
+    @torch.no_grad()
+    def init_decoder_bias(self, means: dict[str, Tensor]) -> None:
+        """Start each decoder bias at its source's mean (raw units in, normalised units stored)."""
+        for name in self.write:
+            self.decoder_bias(name).copy_(torch.as_tensor(means[name]) * self.scale(name))
+
     # -- the model ------------------------------------------------------------------
     def decoder_norms(self) -> Tensor:
         """Per-latent decoder norm in each written source, shape (F, n_write), normalised units."""
         return torch.stack([w.norm(dim=1) for w in self.W_dec], dim=1)
+
+    def scores(self, f: Tensor) -> Tensor:
+        """The selection score f_i * sum_s ||W_dec,i^s|| that TopK, BatchTopK and the threshold use."""
+        return f * self.decoder_norms().sum(dim=1)
 
     def pre_activations(self, x: dict[str, Tensor]) -> Tensor:
         out = self.b_enc
@@ -117,7 +127,7 @@ class Crosscoder(nn.Module):
         f = torch.relu(pre)
         if self.arch == "relu":
             return f
-        score = f * self.decoder_norms().sum(dim=1)
+        score = self.scores(f)
         if self.arch == "topk":
             idx = score.topk(self.k, dim=-1).indices
             return torch.zeros_like(f).scatter(-1, idx, f.gather(-1, idx))
@@ -132,8 +142,9 @@ class Crosscoder(nn.Module):
         """Raw activations of the read sources -> latents f (B, F)."""
         return self.activate(self.pre_activations(x), batch_select)
 
-    def decode_normalised(self, f: Tensor) -> dict[str, Tensor]:
-        return {name: f.to(w.dtype) @ w + b for name, w, b in zip(self.write, self.W_dec, self.b_dec)}
+    def decode_normalised(self, f: Tensor, bias: bool = True) -> dict[str, Tensor]:
+        return {name: f.to(w.dtype) @ w + b if bias else f.to(w.dtype) @ w
+                for name, w, b in zip(self.write, self.W_dec, self.b_dec)}
 
     def decode(self, f: Tensor) -> dict[str, Tensor]:
         """Latents f -> reconstructions of the written sources in raw units."""
@@ -146,6 +157,32 @@ class Crosscoder(nn.Module):
 
     def normalise(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: v * self.scale(name) for name, v in x.items()}
+
+    # -- training helpers ------------------------------------------------------------
+    def aux_latents(self, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """AuxK: per token, the k_aux largest ReLU pre-activations among dead latents, (B, F).
+
+        Decoding these (without bias) should explain the residual the live latents leave,
+        which gives dead latents a gradient (Gao et al. 2024).
+        """
+        k_aux = min(k_aux, int(dead.sum()))
+        if k_aux == 0:
+            return torch.zeros_like(pre)
+        masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+        top = masked.topk(k_aux, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+
+    @torch.no_grad()
+    def batch_threshold(self, f: Tensor) -> Tensor:
+        """The smallest positive selection score kept in a training batch (BatchTopK), a scalar."""
+        score = self.scores(f.float())
+        positive = score[score > 0]
+        return positive.min() if positive.numel() else torch.zeros((), device=f.device)
+
+    @torch.no_grad()
+    def update_threshold(self, batch_min: Tensor, decay: float) -> None:
+        """Move the inference threshold toward one batch's minimum: an exponential moving average."""
+        self.threshold.mul_(decay).add_((1 - decay) * batch_min.to(self.threshold.dtype))
 
     # -- description -----------------------------------------------------------------
     def describe(self) -> dict:

@@ -12,6 +12,7 @@ from xcli.classify import Classification
 from xcli.errors import BadInput
 from xcli.files import atomic_path, check_output
 
+NU_FRAME = (-0.5, 1.5)  # the range of nu shown; 0 = model-specific, 1 = shared
 PLOT_FILES = ("relative_norm.png", "cosine_shared.png", "layer_profiles.png", "latent_scaling.png")
 VERDICT_COLOURS = {"specific": "tab:blue", "shrinkage": "tab:orange", "decoupling": "tab:green",
                    "shrinkage+decoupling": "tab:red", "undetermined": "tab:gray"}
@@ -62,6 +63,17 @@ def _figure(width=7.0, height=4.2):
     return figure, figure.subplots()
 
 
+def _log_counts(ax, highest: float) -> None:
+    """A log count axis with plain numbers, where a bin holding one latent stays visible."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.set_ylim(0.7, highest * 1.6)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def relative_norm_histogram(result: Classification):
     """The trimodal figure of Lindsey et al.: r of every live latent, thresholds shaded."""
     if result.rel_norm is None:
@@ -76,15 +88,14 @@ def relative_norm_histogram(result: Classification):
     ax.axvspan(0, 1 - cfg.exclusive_share, color="tab:blue", alpha=0.12, label=f"exclusive:{a}")
     ax.axvspan(cfg.exclusive_share, 1, color="tab:red", alpha=0.12, label=f"exclusive:{b}")
     ax.axvspan(low, high, color="tab:green", alpha=0.10, label="shared")
-    ax.hist(result.rel_norm[live], bins=np.linspace(0, 1, 101), color="0.25")
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=0.7)  # a bin holding one latent stays visible
+    counts, *_ = ax.hist(result.rel_norm[live], bins=np.linspace(0, 1, 101), color="0.25")
+    _log_counts(ax, counts.max())
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"relative decoder norm r = ||d_{b}|| / (||d_{a}|| + ||d_{b}||)")
     ax.set_ylabel("latents (log scale)")
     counts = {c: result.classes.count(c) for c in (f"exclusive:{a}", "shared", f"exclusive:{b}")}
     ax.set_title(f"{int(live.sum())} live latents: " + ", ".join(f"{n} {c}" for c, n in counts.items()))
-    ax.legend(loc="upper left", fontsize="small", framealpha=0.9)
+    figure.legend(loc="outside lower center", ncol=3, fontsize="small", frameon=False)
     return figure
 
 
@@ -96,9 +107,8 @@ def cosine_histogram(result: Classification):
     if not shared.any():
         return None
     figure, ax = _figure()
-    ax.hist(result.cosine[shared], bins=np.linspace(-1, 1, 101), color="tab:green")
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=0.7)
+    counts, *_ = ax.hist(result.cosine[shared], bins=np.linspace(-1, 1, 101), color="tab:green")
+    _log_counts(ax, counts.max())
     ax.set_xlim(-1, 1)
     a, b = result.pair
     ax.set_xlabel(f"cosine similarity of decoder vectors, {a} vs {b}")
@@ -141,12 +151,15 @@ def scaling_scatter(result: Classification):
     verdicts = [s["verdict"][i] for i in exclusive]
     for verdict, colour in VERDICT_COLOURS.items():
         idx = [i for i, v in zip(exclusive, verdicts) if v == verdict]
-        if idx:
-            ax.scatter(s["nu_r"][idx], s["nu_epsilon"][idx], s=12, color=colour, label=f"{verdict} ({len(idx)})")
+        if idx:  # ratios far outside [0, 1] are drawn on the frame's edge
+            ax.scatter(np.clip(s["nu_r"][idx], *NU_FRAME), np.clip(s["nu_epsilon"][idx], *NU_FRAME), s=12,
+                       color=colour, label=f"{verdict} ({len(idx)})")
+    ax.set_xlim(NU_FRAME[0] - 0.05, NU_FRAME[1] + 0.05)
+    ax.set_ylim(NU_FRAME[0] - 0.05, NU_FRAME[1] + 0.05)
     ax.axhline(result.config.nu_epsilon, color="0.4", linestyle="--", linewidth=1)
     ax.axvline(result.config.nu_r, color="0.4", linestyle="--", linewidth=1)
     ax.set_xlabel("nu_r (other model's reconstruction / owner's)")
     ax.set_ylabel("nu_epsilon (other model's error / owner's)")
     ax.set_title("Latent Scaling of exclusive latents")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left")
     return figure
