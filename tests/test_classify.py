@@ -416,6 +416,7 @@ def test_cli_with_store_and_thresholds(tmp_path):
     (["--shared-band", "a,b"], "--shared-band"),
     (["--exclusive-share", "1.5"], "--exclusive-share"),
     (["--store", "/no/such.zarr"], "/no/such.zarr"),
+    (["--max-tokens", "10"], "--store"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(checkpoint, args, needle):

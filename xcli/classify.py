@@ -150,12 +150,6 @@ def delta_norm(norm_a, norm_b) -> np.ndarray:
         return 0.5 * ((b - a) / np.maximum(a, b) + 1)
 
 
-def cosine(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity; NaN where a row is zero."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (u * v).sum(1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
-
-
 def decoder_cosine(model: Crosscoder, pairs: list[tuple[Source, Source]]) -> np.ndarray:
     """cosine(d_A, d_B) per latent over corresponding sources, accumulated in float64 without copies."""
     dot = torch.zeros(model.n_latents, dtype=torch.float64)

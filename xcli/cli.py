@@ -201,6 +201,8 @@ def classify_command(checkpoint, store, models, exclusive_share, shared_band, de
         models=_pair(models, "--models"), exclusive_share=exclusive_share, shared_band=_band(shared_band),
         dead_frequency=dead_frequency, nu_epsilon=nu_epsilon, nu_r=nu_r, span_share=span_share,
         max_tokens=max_tokens, device=_device(device))
+    if max_tokens is not None and not store:
+        raise BadInput("--max-tokens applies to the store pass; give --store STORE as well")
     if output:
         check_output(output, overwrite=overwrite)
     if plot_dir:
