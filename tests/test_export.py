@@ -487,3 +487,20 @@ def test_saelens_slices_reproduce_the_crosscoder_on_their_source(setup, tmp_path
     cfg = json.loads((tmp_path / "saes" / "a.resid_post.1" / "cfg.json").read_text())
     assert cfg["metadata"]["neuronpedia_id"] == "gpt2-small/1-xc-24"
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+
+
+@pytest.mark.parametrize("arch,k", [("relu", None), ("batchtopk", 3), ("topk", 3)])
+def test_saelens_itself_loads_the_slices(setup, tmp_path, arch, k):
+    """Runs where sae-lens is installed (checked with sae-lens 6.54.12); skipped otherwise."""
+    sae_lens = pytest.importorskip("sae_lens")
+    store = open_store(setup["store"])
+    model = sparse_crosscoder(sources_for(setup["tiny"]), store, arch, k)
+    ckpt = cc.save(model, tmp_path / "xc.safetensors")
+    ex.export(ex.ExportConfig(ckpt, tmp_path / "saes", format="saelens"))
+    for source in model.sources:
+        sae = sae_lens.SAE.load_from_disk(str(tmp_path / "saes" / source.name), device="cpu")
+        x = torch.from_numpy(store.read(source.name, 0, 100))
+        with torch.no_grad():
+            _, _, f_ours, recon_ours = saelens_forward(tmp_path / "saes" / source.name, x)
+            torch.testing.assert_close(sae.encode(x), f_ours, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(sae.decode(sae.encode(x)), recon_ours, rtol=1e-4, atol=1e-5)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -145,8 +146,6 @@ class DashboardStats:
 
     @classmethod
     def load(cls, path) -> "DashboardStats":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             n_tokens = int(f.metadata()["n_tokens"])
         t = load_file(str(path))
@@ -155,24 +154,25 @@ class DashboardStats:
 
     def bin_edges(self, i: int) -> tuple[float, float]:
         """The histogram range of latent row i: [min, max] of its non-zero values (widened if a point)."""
-        lo, hi = float(self.min_nonzero[i]), float(self.max_nonzero[i])
-        return lo, (hi if hi > lo else lo + hist_width_floor(lo))
+        lo, hi = self.min_nonzero[i].double(), self.max_nonzero[i].double()
+        return float(lo), float(lo + bin_width(lo, hi))
+
+
+def bin_width(lo: Tensor, hi: Tensor) -> Tensor:
+    """hi - lo, or a tiny width where all values are equal (so that they land in the first bin)."""
+    return torch.where(hi > lo, hi - lo, 1e-6 * lo.abs().clamp(min=1.0))
 
 
 def row_histograms(values: Tensor, bins: int = N_BINS) -> tuple[Tensor, Tensor]:
     """Counts (n, bins) of each row over its own [min, max], and the bin centres (n, bins)."""
     v = values.double()
     lo, hi = v.min(dim=1).values, v.max(dim=1).values
-    width = torch.where(hi > lo, hi - lo, 1e-6 * lo.abs().clamp(min=1.0))
+    width = bin_width(lo, hi)
     index = ((v - lo[:, None]) / width[:, None] * bins).floor().long().clamp_(0, bins - 1)
     counts = torch.zeros((v.shape[0], bins), dtype=torch.long, device=v.device).scatter_add_(
         1, index, torch.ones_like(index))
     centres = lo[:, None] + (torch.arange(bins, device=v.device, dtype=torch.float64) + 0.5) * width[:, None] / bins
     return counts, centres
-
-
-def hist_width_floor(lo: float) -> float:
-    return 1e-6 * max(1.0, abs(lo))
 
 
 def first_pass(store: ActivationStore, model, latents: np.ndarray, k: int, device) -> DashboardStats:
@@ -189,11 +189,15 @@ def first_pass(store: ActivationStore, model, latents: np.ndarray, k: int, devic
         active = f > 0
         nonzero += active.sum(dim=1)
         lowest = torch.minimum(lowest, f.masked_fill(~active, float("inf")).amin(dim=1))
-        batch = f.topk(min(k, f.shape[1]), dim=1)
-        values = torch.cat([top_values, batch.values], dim=1)
-        rows = torch.cat([top_rows, batch.indices + start], dim=1)
-        best = values.topk(k, dim=1)
-        top_values, top_rows = best.values, rows.gather(1, best.indices)
+        # Only latents with a value above their current k-th best can change their top-k;
+        # once the store is warm that is a small share, so most rows skip the topk.
+        hot = (f > top_values[:, -1:]).any(dim=1).nonzero().squeeze(1)
+        if len(hot):
+            batch = f[hot].topk(min(k, f.shape[1]), dim=1)
+            values = torch.cat([top_values[hot], batch.values], dim=1)
+            rows = torch.cat([top_rows[hot], batch.indices + start], dim=1)
+            best = values.topk(k, dim=1)
+            top_values[hot], top_rows[hot] = best.values, rows.gather(1, best.indices)
         bar.update(f.shape[1])
     bar.close()
     top_rows = torch.where(top_values > 0, top_rows, NO_ROW)
@@ -219,7 +223,7 @@ def second_pass(store: ActivationStore, model, stats: DashboardStats, device) ->
     latent_ids = torch.as_tensor(stats.latents, dtype=torch.long, device=device)
     lo = stats.min_nonzero.double().to(device)
     hi = stats.max_nonzero.double().to(device)
-    width = torch.where(hi > lo, hi - lo, 1e-6 * lo.abs().clamp(min=1.0))  # as in bin_edges
+    width = bin_width(lo, hi)
     hist = torch.zeros(n * N_BINS, dtype=torch.long, device=device)
     counts = torch.zeros(n * N_INTERVALS, dtype=torch.long, device=device)
     keys = torch.full((n * N_INTERVALS, PER_INTERVAL), KEY_MAX, dtype=torch.long, device=device)
