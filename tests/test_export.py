@@ -173,7 +173,8 @@ def test_exported_dashboards_equal_brute_force(setup):
             interval = np.minimum(np.floor(col.astype(np.float64) / float(col.max()) * 5), 4)
             for j in range(5):
                 members = np.flatnonzero(live & (interval == j))
-                got = [r for r in records if r["binMin"] != -1 and r["binMin"] == pytest.approx(j * col.max() / 5, rel=1e-5)]
+                low = pytest.approx(j * col.max() / 5, rel=1e-5)
+                got = [r for r in records if r["binMin"] != -1 and r["binMin"] == low]
                 assert sorted(int(r["dataIndex"]) for r in got) == (expected_samples(members, i) if len(members)
                                                                     else [])
                 for r in got:
@@ -185,7 +186,8 @@ def test_exported_dashboards_equal_brute_force(setup):
             np.testing.assert_allclose(feature["pos_values"], best.values.numpy(), rtol=1e-5)
             assert feature["pos_str"] == [vocab[t] for t in best.indices.tolist()]
             np.testing.assert_allclose(feature["neg_values"], logits.topk(10, largest=False).values.numpy(), rtol=1e-5)
-            heights, _ = np.histogram(logits.double().numpy(), bins=50, range=(float(logits.min()), float(logits.max())))
+            heights, _ = np.histogram(logits.double().numpy(), bins=50,
+                                      range=(float(logits.min()), float(logits.max())))
             assert feature["logits_hist_data_bar_heights"] == heights.tolist()
             row = (model.decoder_weight(source)[i] / model.scale(source)).detach().numpy()
             np.testing.assert_allclose(feature["vector"], row, rtol=1e-5, atol=1e-9)
@@ -224,6 +226,17 @@ def test_latent_encoder_on_a_subset_equals_the_full_encode(setup):
         torch.testing.assert_close(part, full[:, chosen], rtol=1e-5, atol=1e-6)
 
 
+def test_token_strings_show_byte_level_and_sentencepiece_spaces():
+    class Pieces:
+        def __len__(self):
+            return 4
+
+        def convert_ids_to_tokens(self, ids):
+            return ["\u0120the", "\u010a", "\u2581dog", None]
+
+    assert ex.token_strings(Pieces()) == [" the", "\n", " dog", ""]
+
+
 def test_round_sig_keeps_six_significant_digits():
     values = np.array([0.0, 1.0, -2.5, 123456789.0, 1.23456789e-7, -9.99999951, 0.30000001])
     assert npd.round_sig(values) == [float(f"{v:.6g}") for v in values]
@@ -235,6 +248,39 @@ def test_unembedding_is_read_from_the_files_as_the_model_has_it(tiny, family):
 
     expected = AutoModelForCausalLM.from_pretrained(tiny[family]).get_output_embeddings().weight.detach()
     torch.testing.assert_close(ex.read_unembedding(Path(tiny[family])), expected)
+
+
+def test_models_are_found_through_the_harvest_record(setup, tmp_path):
+    """Sources named by alias (as xc harvest writes them): paths come from attrs["xc"]["harvest"]["models"]."""
+    import zarr
+
+    store_path = shutil.copytree(setup["store"], tmp_path / "acts.zarr")
+    group = zarr.open_group(str(store_path), mode="r+")
+    meta = dict(group.attrs["xc"])
+    meta["harvest"] = {"models": [{"alias": "base", "id": str(setup["tiny"]["gpt2"]), "revision": None},
+                                  {"alias": "chat", "id": str(setup["tiny"]["gpt2_b"]), "revision": None}]}
+    group.attrs["xc"] = meta
+    aliased = [Source(s.name, alias, s.site, s.layer, s.d) for s, alias in zip(sources_for(setup["tiny"]),
+                                                                                ("base", "chat"))]
+    model = sparse_crosscoder(aliased, open_store(store_path))
+    ckpt = cc.save(model, tmp_path / "xc.safetensors")
+    out = ex.export(ex.ExportConfig(ckpt, tmp_path / "np", store=store_path, features="3,7-9", batch_size=3,
+                                    top_k=2, model_ids=("base=gpt2-small",)))
+    assert sorted(p.name for p in (out / "v1").iterdir()) == ["chat", "gpt2-small"]
+    rows = [r for p in sorted((out / "v1" / "gpt2-small" / "1-xc-24" / "features").iterdir()) for r in read_gz(p)]
+    assert [r["index"] for r in rows] == ["3", "7", "8", "9"] and all(len(r["pos_str"]) == 10 for r in rows)
+    assert npd.check_export(out)["features"] == 8
+
+
+def test_source_ids_follow_layers_and_sites():
+    model = cc.Crosscoder([Source("m.resid_post.4", "m", "resid_post", 4, 8), Source("m.resid_post.6", "m",
+                           "resid_post", 6, 8), Source("m.mlp_out.6", "m", "mlp_out", 6, 8),
+                           Source("n.resid_post.6", "other/n", "resid_post", 6, 8)], 16, "relu")
+    slices = ex.plan_slices(model, "xc-16", {})
+    assert [(x.model_id, x.source_id, x.hook_name) for x in slices] == [
+        ("m", "4-xc-16", "blocks.4.hook_resid_post"), ("m", "6-xc-16__resid_post", "blocks.6.hook_resid_post"),
+        ("m", "6-xc-16__mlp_out", "blocks.6.hook_mlp_out"), ("n", "6-xc-16", "blocks.6.hook_resid_post")]
+    assert all(npd.SOURCE_ID.match(x.source_id) for x in slices)
 
 
 # -- the format -----------------------------------------------------------------
@@ -440,6 +486,10 @@ def test_an_existing_folder_is_not_clobbered(setup, tmp_path):
                                       "-o", str(out)])
     assert result.exit_code == 2 and "--overwrite" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    result = CliRunner().invoke(cli, ["export", str(setup["checkpoint"]), "--store", str(setup["store"]),
+                                      "-o", str(out), "--features", "0-2", "--overwrite"])
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "keep.txt").exists() and npd.check_export(out)["features"] == 6
 
 
 # -- SAELens ------------------------------------------------------------------------

@@ -253,7 +253,7 @@ def read_classes(path: Path, n_latents: int) -> dict[int, dict]:
     if not path.is_file():
         raise BadInput(f"--classes {str(path)!r} does not exist")
     out = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -151,7 +151,8 @@ def write_jsonl_gz(path: Path, rows: list[dict]) -> None:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with atomic_path(path, overwrite=True) as tmp:
-        tmp.write_text("".join(json.dumps(r, allow_nan=False, ensure_ascii=False) + "\n" for r in rows))
+        text = "".join(json.dumps(r, allow_nan=False, ensure_ascii=False) + "\n" for r in rows)
+        tmp.write_text(text, encoding="utf-8")
 
 
 # -- checking ----------------------------------------------------------------------
