@@ -544,3 +544,12 @@ def test_cli_on_a_trained_checkpoint_with_plots(planted, tmp_path):
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
         "cosine_shared.png", "latent_scaling.png", "relative_norm.png"]
     assert len((tmp_path / "latents.csv").read_text().splitlines()) == 33
+
+
+def test_xc_export_reads_the_rows(checkpoint, tmp_path):
+    from xcli.export import read_classes
+
+    out = tmp_path / "latents.jsonl"
+    assert run(["classify", checkpoint, "-o", out, "-q"]).exit_code == 0
+    rows = read_classes(out, 5)
+    assert [rows[i]["class"] for i in range(5)] == ["shared", "mixed", "exclusive:chat", "exclusive:base", "dead"]
