@@ -80,7 +80,10 @@ def store_windows(stores: StoreSet, chunks, limit: int) -> list[Window]:
     offsets = np.cumsum([0] + [b - a for a, b in ranges])
     count = min(limit, int(offsets[-1]))
     picks = ((np.arange(count) + 0.5) * offsets[-1] / count).astype(np.int64)
-    rows = [ranges[i][0] + int(p - offsets[i]) for p in picks for i in [int(np.searchsorted(offsets, p, "right")) - 1]]
+    rows = []
+    for pick in picks:  # the pick-th evaluated row, in store order
+        i = int(np.searchsorted(offsets, pick, "right")) - 1
+        rows.append(ranges[i][0] + int(pick - offsets[i]))
     evaluated = {int(c) for c in chunks}
     packing = store.meta.get("packing") or {}
     windows, seen = [], set()
