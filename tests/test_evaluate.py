@@ -154,6 +154,43 @@ def test_a_crosscoder_holding_the_planted_directions_recovers_everything(tmp_pat
         {int(n): int((lengths == n).sum()) for n in set(lengths.tolist())}
 
 
+def test_classification_accuracy_against_the_planted_labels(tmp_path):
+    """Latents holding the planted directions are classified as planted; giving the exclusive ones an
+    equal-norm decoder in the other model makes exactly those wrong (they look shared)."""
+    spec = synth.SynthSpec(models=("a", "b"), width=12, shared=5, exclusive=2, scaled=2, scale=0.25, active=2,
+                           tokens=256)
+    truth = synth.generate(spec, tmp_path / "d.zarr", chunk_rows=64)
+    sources = [Source(n, m, "synthetic", 0, 12) for n, m in zip(truth.names, truth.source_models)]
+    model = cc.Crosscoder(sources, 16, "relu")
+    G = truth.n_features
+    with torch.no_grad():
+        model.input_scale.copy_(torch.tensor([0.5, 2.0]))  # classes are judged in normalised units
+        for n in truth.names:
+            model.decoder_weight(n)[:G] = torch.from_numpy(truth.decoders[n]) * model.scale(n)
+    from xcli.evaluate import planted_classes
+
+    # r = ||d_b|| / (||d_a|| + ||d_b||) in normalised units: shared 0.8 (a scale of 0.5 vs 2), scaled:a
+    # 0.94, scaled:b 0.5, exclusive 0 or 1
+    expected = {"shared": "mixed", "exclusive:a": "exclusive:a", "exclusive:b": "exclusive:b",
+                "scaled:a": "exclusive:b", "scaled:b": "shared"}
+    assert planted_classes(model, truth) == [expected[k] for k in truth.kinds]
+    got = truth_metrics(model, truth)["classification"]
+    assert got["accuracy"] == 1.0 and set(got["by_kind"].values()) == {1.0}
+    with torch.no_grad():
+        model.input_scale.fill_(1.0)
+        for n in truth.names:
+            model.decoder_weight(n)[:G] = torch.from_numpy(truth.decoders[n])
+        exclusive = [g for g, k in enumerate(truth.kinds) if k.startswith("exclusive")]
+        for g in exclusive:  # a unit-norm junk row in the other model: looks shared
+            owner = truth.kinds[g].split(":")[1]
+            other = "b.synthetic.0" if owner == "a" else "a.synthetic.0"
+            model.decoder_weight(other)[g] = 0
+            model.decoder_weight(other)[g, g] = 1.0
+    got = truth_metrics(model, truth, threshold=0.5)["classification"]
+    assert got["accuracy"] == pytest.approx(1 - len(exclusive) / G)
+    assert got["by_kind"]["exclusive:a"] == got["by_kind"]["exclusive:b"] == 0 and got["by_kind"]["shared"] == 1
+
+
 # -- spliced-in loss -------------------------------------------------------------------------------------------
 
 def harvest_like(path, models: dict, lines, context=12, chunk_rows=16):

@@ -567,7 +567,8 @@ def train_command(stores, **options):
 @click.option("--truth", type=click.Path(dir_okay=False), metavar="TRUTH",
               help="Planted truth of a synthetic store (STORE.truth.safetensors, from `xc synth`): adds the mean "
                    "max cosine similarity, the fraction of planted features recovered, both by kind and by layer "
-                   "span, and the reverse MMCS over latents that fire.")
+                   "span, the reverse MMCS over latents that fire, and (two or more models) how often `xc classify` "
+                   "gives a feature's best latent the class of the planted feature.")
 @click.option("--threshold", type=float, default=0.9, show_default=True,
               help="With --truth: a planted feature is recovered when a latent's decoder has a cosine above this "
                    "(all sources concatenated, raw units).")

@@ -179,7 +179,42 @@ def truth_metrics(model: Crosscoder, truth, threshold: float = 0.9, fired: np.nd
            "reverse_mmcs": float(found.reverse[live].mean()) if live.any() else None,
            "by_kind": {k: summary(kinds == k) for k in dict.fromkeys(truth.kinds)},
            "by_span": {str(n): summary(lengths == n) for n in sorted(set(lengths.tolist()))}}
+    out["classification"] = classification_accuracy(model, truth, found.latent)
     return out
+
+
+def planted_classes(model: Crosscoder, truth, config=None) -> list[str]:
+    """The class `xc classify` would give each planted feature if a latent held exactly its planted
+    directions: its rule applied to the planted decoder norms in the crosscoder's normalised units."""
+    from xcli.classify import ClassifyConfig, assign_classes, model_groups, relative_norm
+
+    config = config or ClassifyConfig()
+    models = [g.model for g in model_groups(model)]
+    scales = {name: float(model.scale(name)) for name in model.write}
+    planted = truth.model_norms(scales)[:, [truth.model_names.index(m) for m in models]]
+    shares = planted / planted.sum(1, keepdims=True)
+    rel = relative_norm(planted[:, 0], planted[:, 1]) if len(models) == 2 else None
+    return assign_classes(shares, models, np.zeros(truth.n_features, dtype=bool), config, rel)
+
+
+def classification_accuracy(model: Crosscoder, truth, latents: np.ndarray) -> dict | None:
+    """How often `xc classify` (decoder norms, default thresholds) gives the latent that best matches
+    each planted feature the class of the planted feature; None for a one-model crosscoder."""
+    from xcli.classify import classify
+
+    result = classify(model)
+    if len(result.models) < 2:
+        return None
+    if sorted(result.models) != sorted(truth.model_names):
+        raise BadInput(f"the crosscoder's models {result.models} are not the truth's {truth.model_names}")
+    expected = np.array(planted_classes(model, truth, result.config))
+    learned = np.array([result.classes[i] for i in latents])
+    kinds = np.array(truth.kinds)
+    return {"accuracy": float((learned == expected).mean()),
+            "by_kind": {k: float((learned == expected)[kinds == k].mean()) for k in dict.fromkeys(truth.kinds)},
+            "expected": {c: int((expected == c).sum()) for c in dict.fromkeys(expected.tolist())},
+            "thresholds": {"exclusive_share": result.config.exclusive_share,
+                           "shared_band": list(result.config.shared_band)}}
 
 
 # -- the command ----------------------------------------------------------------------------------------
