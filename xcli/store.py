@@ -34,7 +34,9 @@ SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # bfloat16 is not a Zarr dtype: its bits are stored losslessly as uint16 and widened on read.
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 CODECS = ("none", "zstd", "blosc-lz4")
+# Chosen by benchmarks/store_codecs.py (README, "xc harvest"): see the figures there.
 DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_CODEC = "none"
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,20 @@ class ActivationStore:
     def nbytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
+    def summary(self) -> dict:
+        """What `xc info` shows: sources, size, dtype, layout and completeness."""
+        first = next(iter(self.arrays.values()))
+        codec = self.meta.get("codec") or ", ".join(type(c).__name__ for c in first.compressors) or "none"
+        return {
+            "path": str(self.path), "complete": self.complete, "n_tokens": self.n_tokens, "dtype": self.dtype,
+            "chunk_rows": self.chunk_rows, "codec": codec, "bytes_on_disk": self.nbytes_on_disk(),
+            "context_length": self.meta.get("context_length"), "dataset": self.meta.get("dataset"),
+            "tokenizer": self.meta.get("tokenizer"), "created_by": self.meta.get("created_by"),
+            "has_stats": all(self.meta.get("stats", {}).get(n) for n in self.names),
+            "has_token_arrays": all(k in self.group for k in ("tokens", "sequence", "position")),
+            "sources": [s.to_json() for s in self.sources],
+        }
+
 
 def compute_stats(store: ActivationStore, name: str, stop: int | None = None) -> dict:
     """Exact statistics by one pass over whole chunks, in row order (so reruns agree bit for bit)."""
@@ -213,7 +229,7 @@ class StoreWriter:
     """
 
     def __init__(self, path, sources: list[Source], meta: dict | None = None, *, dtype: str = "float16",
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, codec: str = "none", resume: bool = False):
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, codec: str = DEFAULT_CODEC, resume: bool = False):
         if dtype not in STORAGE_DTYPES:
             raise BadInput(f"dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
         validate_source_names(sources)
@@ -273,7 +289,8 @@ class StoreWriter:
 
     def _encode(self, values: np.ndarray) -> np.ndarray:
         if self.dtype == "bfloat16":
-            return float32_to_bf16_bits(values)
+            # uint16 rows are bfloat16 bits already (e.g. from a bfloat16 model): keep them as they are.
+            return values if values.dtype == np.uint16 else float32_to_bf16_bits(values)
         return values.astype(self.dtype, copy=False)
 
     def _flush(self, rows: int) -> None:
