@@ -263,6 +263,16 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(models, corpus_file, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_bad_record_deep_in_the_corpus_leaves_nothing(models, tmp_path):
+    lines = [json.dumps({"text": d}) for d in tiny_models.corpus_lines(300, seed=8)]
+    lines[250] = json.dumps({"title": "no text here"})
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    result = invoke(["harvest", "-m", str(models["gpt2"]), "--layers", "0", "-c", "16", "--chunk-rows", "64",
+                     "-d", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "out.zarr")])
+    assert_bad_input(result, "line 251")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
 def test_existing_output_is_not_clobbered(models, corpus_file, tmp_path):
     out = tmp_path / "out.zarr"
     out.mkdir()
@@ -299,7 +309,8 @@ def test_token_budget(models, corpus_file, tmp_path):
     assert store.n_tokens == run_harvest(models, tmp_path, "c.zarr", data=str(corpus_file), layers="1").n_tokens
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(models, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+def test_stopped_run_resumes_to_equal_an_uninterrupted_run(models, tmp_path, sig, code):
     corpus = tmp_path / "big.txt"
     corpus.write_text("\n".join(tiny_models.corpus_lines(2000, seed=5)) + "\n")
     args = ["harvest", "-m", str(models["gpt2"]), "-m", f"b={models['gpt2_b']}", "--layers", "0,2",
@@ -317,8 +328,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(models, tmp_path):
         if committed >= 1024:
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    assert proc.wait() == code
+    if sig == signal.SIGINT:
+        assert b"interrupted" in proc.stderr.read() and proc.stdout.read() == b""
     partial = st.open_store(killed)
     assert not partial.complete and partial.n_tokens >= 1024 and partial.n_tokens % 512 == 0
     assert_bad_input(invoke(args + ["-o", str(killed)]), "--resume")

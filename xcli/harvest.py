@@ -19,13 +19,14 @@ import queue
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from xcli import console, files
 from xcli import store as st
-from xcli.corpus import Packing, batches, check_data, describe_data, read_documents, windows
+from xcli.corpus import Batch, Packing, batches, check_data, describe_data, read_documents, windows
 from xcli.errors import BadInput, XcError
 from xcli.models import DTYPES, SITES, Catcher, LoadedModel, ModelSpec, load_model, n_layers, parse_layers, \
     resolve_sites
@@ -289,72 +290,26 @@ def probe_sources(models, catchers, batch, device) -> list[st.Source]:
     return sources
 
 
-def harvest(config: HarvestConfig) -> Path:
-    """Write the store at config.output and return its path."""
-    state = existing_store_state(config)
-    if state == "done":
-        console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
-        return config.output
-    check_data(config.data)
-    device = resolve_device(config.device)
-    models = [load_model(spec, device, config.dtype) for spec in config.models]
-    check_same_vocabulary(models)
-    tokenizer = models[0].tokenizer
-    packing = Packing.for_tokenizer(tokenizer, resolve_context_length(config, models))
-    catchers = []
-    try:
-        for loaded in models:
-            layers = parse_layers(config.layers, n_layers(loaded.model)) if config.layers else []
-            catchers.append(Catcher(loaded.model, resolve_sites(loaded.model, loaded.spec.alias, config.sites, layers)))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        documents = read_documents(config.data, config.text_field, config.split)
-        batch_iter = batches(windows(documents, tokenizer, packing), config.batch_size, pad_id)
-        first = next(batch_iter, None)
-        if first is None:
-            raise BadInput(f"--data {config.data!r} holds no text")
-        sources = probe_sources(models, catchers, first, device)
-        st.validate_source_names(sources)
-        store_dtype = resolve_store_dtype(config, models)
-        if state == "resume":
-            if st.open_store(config.output).sources != sources:
-                raise BadInput(f"store {str(config.output)!r} holds other sources than these models give; "
-                               f"pass --overwrite to start again")
-            writer = st.StoreWriter(config.output, sources, resume=True)
-        else:
-            if config.output.exists():
-                files.remove(config.output)  # --overwrite, now that the inputs are known to be good
-            meta = {"tokenizer": models[0].spec.id, "context_length": packing.context_length,
-                    "dataset": describe_data(config.data), "packing": packing.to_json(),
-                    "special_tokens_stored": config.keep_special_tokens, "harvest": config.identity()}
-            writer = st.StoreWriter(config.output, sources, meta, dtype=store_dtype,
-                                    chunk_rows=config.chunk_rows, codec=config.codec)
-        try:
-            special = [] if config.keep_special_tokens else sorted(set(tokenizer.all_special_ids))
-            run = Run(config, models, catchers, device, store_dtype, special)
-            exhausted = run.stream(itertools.chain([first], batch_iter), writer)
-        except BadInput:
-            if state == "new":  # e.g. a bad record deep in the corpus: leave nothing behind
-                files.remove(config.output)
-            raise
-    finally:
-        for catcher in catchers:
-            catcher.close()
-    if exhausted and config.tokens is not None:
-        console.warn(f"the corpus holds only {writer.n_tokens} tokens to store, fewer than --tokens "
-                     f"{config.tokens}; stored them all")
-    return config.output
-
-
 @dataclass
 class Run:
-    """The streaming loop of one harvest."""
+    """A harvest ready to stream: models loaded, sites hooked, the first batch read, widths known.
+
+    Built by prepare(), which writes nothing; `stream` writes.
+    """
 
     config: HarvestConfig
     models: list[LoadedModel]
     catchers: list[Catcher]
     device: torch.device
+    packing: Packing
+    batches: Iterator[Batch]
+    sources: list[st.Source]
     store_dtype: str
     special_ids: list[int]
+
+    def close(self):
+        for catcher in self.catchers:
+            catcher.close()
 
     def keep_mask(self, batch) -> np.ndarray:
         """Rows to store: real tokens (not padding), and not special tokens unless asked."""
@@ -370,7 +325,7 @@ class Run:
                 rows[name] = to_storage(acts[keep_t], self.store_dtype, name, loaded.dtype)
         return rows
 
-    def stream(self, batch_iter, writer: st.StoreWriter) -> bool:
+    def stream(self, writer: st.StoreWriter) -> bool:
         """Harvest into `writer` and close it; True when the corpus ran out before the budget."""
         budget = self.config.tokens
         done = skip = writer.n_tokens  # rows from an earlier run: recounted, not recomputed
@@ -378,7 +333,7 @@ class Run:
         bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
         exhausted = True
         try:
-            for batch in batch_iter:
+            for batch in self.batches:
                 if budget is not None and done >= budget:
                     exhausted = False
                     break
@@ -409,3 +364,73 @@ class Run:
             exhausted = False
         writer.close(complete=True, corpus_exhausted=exhausted)
         return exhausted
+
+
+def prepare(config: HarvestConfig) -> Run:
+    """Load the models and check everything that can be checked before the store is touched."""
+    check_data(config.data)
+    device = resolve_device(config.device)
+    models = [load_model(spec, device, config.dtype) for spec in config.models]
+    check_same_vocabulary(models)
+    tokenizer = models[0].tokenizer
+    packing = Packing.for_tokenizer(tokenizer, resolve_context_length(config, models))
+    catchers = []
+    try:
+        for loaded in models:
+            layers = parse_layers(config.layers, n_layers(loaded.model)) if config.layers else []
+            sites = resolve_sites(loaded.model, loaded.spec.alias, config.sites, layers)
+            catchers.append(Catcher(loaded.model, sites))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        documents = read_documents(config.data, config.text_field, config.split)
+        batch_iter = batches(windows(documents, tokenizer, packing), config.batch_size, pad_id)
+        first = next(batch_iter, None)
+        if first is None:
+            raise BadInput(f"--data {config.data!r} holds no text")
+        sources = probe_sources(models, catchers, first, device)
+        st.validate_source_names(sources)
+    except BaseException:
+        for catcher in catchers:
+            catcher.close()
+        raise
+    special = [] if config.keep_special_tokens else sorted(set(tokenizer.all_special_ids))
+    return Run(config, models, catchers, device, packing, itertools.chain([first], batch_iter), sources,
+               resolve_store_dtype(config, models), special)
+
+
+def open_writer(run: Run, state: str) -> st.StoreWriter:
+    config = run.config
+    if state == "resume":
+        if st.open_store(config.output).sources != run.sources:
+            raise BadInput(f"store {str(config.output)!r} holds other sources than these models give; "
+                           f"pass --overwrite to start again")
+        return st.StoreWriter(config.output, run.sources, resume=True)
+    if config.output.exists():
+        files.remove(config.output)  # --overwrite, now that the inputs are known to be good
+    meta = {"tokenizer": config.identity()["models"][0]["id"], "context_length": run.packing.context_length,
+            "dataset": describe_data(config.data), "packing": run.packing.to_json(),
+            "special_tokens_stored": config.keep_special_tokens, "harvest": config.identity()}
+    return st.StoreWriter(config.output, run.sources, meta, dtype=run.store_dtype,
+                          chunk_rows=config.chunk_rows, codec=config.codec)
+
+
+def harvest(config: HarvestConfig) -> Path:
+    """Write the store at config.output and return its path."""
+    state = existing_store_state(config)
+    if state == "done":
+        console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+        return config.output
+    run = prepare(config)
+    try:
+        writer = open_writer(run, state)
+        try:
+            exhausted = run.stream(writer)
+        except BadInput:
+            if state == "new":  # e.g. a bad record deep in the corpus: leave nothing behind
+                files.remove(config.output)
+            raise
+    finally:
+        run.close()
+    if exhausted and config.tokens is not None:
+        console.warn(f"the corpus holds only {writer.n_tokens} tokens to store, fewer than --tokens "
+                     f"{config.tokens}; stored them all")
+    return config.output

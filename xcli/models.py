@@ -268,7 +268,7 @@ class Catcher:
     """
 
     def __init__(self, model: nn.Module, sites: list[Site]):
-        self.model, self.sites, self.caught = model, sites, {}
+        self.model, self.sites, self.caught, self.active = model, sites, {}, False
         self.handles = []
         for site in sites:
             if site.catch_input:
@@ -278,6 +278,8 @@ class Catcher:
                 self.handles.append(site.module.register_forward_hook(self.output_hook(site.name)))
 
     def _keep(self, name, value):
+        if not self.active:  # the model is run by someone else
+            return
         self.caught[name] = _first_tensor(value)
         if len(self.caught) == len(self.sites):
             raise StopForward
@@ -293,11 +295,13 @@ class Catcher:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Activations (batch, tokens, d) of every site, by source name."""
-        self.caught = {}
+        self.caught, self.active = {}, True
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask)
         except StopForward:
             pass
+        finally:
+            self.active = False
         missing = [s.name for s in self.sites if s.name not in self.caught]
         if missing:
             raise BadInput(f"site(s) {', '.join(missing)} never ran during the forward pass; choose modules "
