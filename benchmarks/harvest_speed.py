@@ -1,6 +1,7 @@
 """Harvest throughput against a bare forward pass of the same model on the same batches.
 
     python benchmarks/harvest_speed.py [--tokens 8192] [--repeats 3] [--layers all] [--dtype float32]
+                                       [--threads N]
 
 A GPT-2-small-shaped model (12 layers, d=768) with random weights is saved to a
 temporary folder (throughput does not depend on the weight values; nothing is
@@ -51,7 +52,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--layers", default="all")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     root = Path(tempfile.mkdtemp(prefix="xc-bench-"))
     try:

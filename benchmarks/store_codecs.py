@@ -79,8 +79,8 @@ def main():
         files.remove(root)
     print(f"{args.rows} rows x {args.sources} sources x d={args.d}; medians of {args.repeats}; "
           f"raw = {args.d * 2 * args.sources} bytes/token")
-    print(f"| chunk rows | codec | dtype | bytes/token | ratio | write MB/s | read MB/s |")
-    print(f"|---:|---|---|---:|---:|---:|---:|")
+    print("| chunk rows | codec | dtype | bytes/token | ratio | write MB/s | read MB/s |")
+    print("|---:|---|---|---:|---:|---:|---:|")
     for combo in combos:
         med = {k: statistics.median(r[k] for r in results[combo]) for k in ("bytes_per_token", "write", "read")}
         ratio = args.d * 2 * args.sources / med["bytes_per_token"]

@@ -134,7 +134,7 @@ class TokenCount(click.ParamType):
 @cli.command("harvest", epilog="""\b
 Examples:
   xc harvest --model gpt2 --layers 6 --data corpus.txt --tokens 10M -o acts.zarr
-  xc harvest --model base=./pythia-base --model chat=./pythia-chat@main \\
+  xc harvest --model early=EleutherAI/pythia-160m@step100000 --model final=EleutherAI/pythia-160m \\
              --layers 2,4 --site resid_post --site mlp_out --data docs.jsonl -o diff.zarr
   xc harvest ... -o acts.zarr --resume     # continue after Ctrl-C or kill -9; a no-op when done
 """)

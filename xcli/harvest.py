@@ -17,7 +17,7 @@ batches, so that the result equals an uninterrupted run.
 import itertools
 import queue
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -331,11 +331,9 @@ class Run:
         done = skip = writer.n_tokens  # rows from an earlier run: recounted, not recomputed
         background = BackgroundWriter(writer)
         bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
-        exhausted = True
         try:
             for batch in self.batches:
                 if budget is not None and done >= budget:
-                    exhausted = False
                     break
                 keep = self.keep_mask(batch)
                 n = int(keep.sum())
@@ -360,8 +358,7 @@ class Run:
             raise
         finally:
             bar.close()
-        if budget is not None and done >= budget:
-            exhausted = False
+        exhausted = budget is None or done < budget
         writer.close(complete=True, corpus_exhausted=exhausted)
         return exhausted
 
