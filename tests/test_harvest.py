@@ -234,7 +234,8 @@ def assert_bad_input(result, fragment):
 
 @pytest.mark.parametrize("change,fragment", [
     ({"-m": "no-such-org/no-such-model"}, "not found locally"),
-    ({"-m": "./no/such/folder"}, "not a folder"),
+    ({"-m": "./no/such/folder"}, "does not exist"),
+    ({"-m": "CORPUS"}, "not a folder"),
     ({"--layers": "7"}, "use 0-2"),
     ({"--layers": "2-x"}, "not a layer list"),
     ({"--site": "resid_mid"}, "not a named site"),
@@ -254,6 +255,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(models, corpus_file, tm
     opts = {"-m": str(models["gpt2"]), "--layers": "1", "-c": "16", "-d": str(corpus_file),
             "-o": str(tmp_path / "out.zarr"), **change}
     opts["-d"] = {"EMPTY": str(tmp_path / "empty.txt"), "JSONL": str(tmp_path / "docs.jsonl")}.get(opts["-d"], opts["-d"])
+    opts["-m"] = str(corpus_file) if opts["-m"] == "CORPUS" else opts["-m"]
     args = ["harvest"] + [x for k, v in opts.items() for x in ([k] if v is None else [k, v])]
     before = sorted(p.name for p in tmp_path.iterdir())
     result = invoke(args)

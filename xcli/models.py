@@ -68,8 +68,10 @@ def resolve_folder(spec: ModelSpec) -> tuple[Path, str | None]:
         if spec.revision:
             raise BadInput(f"model {spec.id!r} is a local folder; '@{spec.revision}' applies only to hub ids")
         return path.resolve(), None
-    if looks_like_path(spec.id) or path.exists():
-        raise BadInput(f"model path {spec.id!r} is not a folder")
+    if path.exists():
+        raise BadInput(f"model path {spec.id!r} is not a folder; give the folder a model was saved in")
+    if looks_like_path(spec.id):
+        raise BadInput(f"model path {spec.id!r} does not exist")
     from huggingface_hub import snapshot_download
 
     try:
