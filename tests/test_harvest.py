@@ -311,13 +311,22 @@ def test_token_budget(models, corpus_file, tmp_path):
     assert store.n_tokens == run_harvest(models, tmp_path, "c.zarr", data=str(corpus_file), layers="1").n_tokens
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
-def test_stopped_run_resumes_to_equal_an_uninterrupted_run(models, tmp_path, sig, code):
-    corpus = tmp_path / "big.txt"
-    corpus.write_text("\n".join(tiny_models.corpus_lines(2000, seed=5)) + "\n")
+@pytest.fixture(scope="module")
+def uninterrupted(models, tmp_path_factory):
+    """Arguments of a longer harvest of two models, and the store an uninterrupted run writes."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    corpus = root / "big.txt"
+    corpus.write_text("\n".join(tiny_models.corpus_lines(1200, seed=5)) + "\n")
     args = ["harvest", "-m", str(models["gpt2"]), "-m", f"b={models['gpt2_b']}", "--layers", "0,2",
-            "--site", "resid_post", "--site", "mlp_out", "-c", "64", "-b", "8", "--chunk-rows", "512",
+            "--site", "resid_post", "--site", "mlp_out", "-c", "64", "-b", "4", "--chunk-rows", "256",
             "-d", str(corpus)]
+    assert invoke(args + ["-o", str(root / "whole.zarr")]).exit_code == 0
+    return args, root / "whole.zarr"
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+def test_stopped_run_resumes_to_equal_an_uninterrupted_run(uninterrupted, tmp_path, sig, code):
+    args, whole = uninterrupted
     killed = tmp_path / "killed.zarr"
     proc = subprocess.Popen([sys.executable, "-m", "xcli", *args, "-o", str(killed)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -327,21 +336,19 @@ def test_stopped_run_resumes_to_equal_an_uninterrupted_run(models, tmp_path, sig
             committed = zarr.open_group(str(killed), mode="r").attrs["xc"]["n_tokens"]
         except Exception:  # not created yet
             committed = 0
-        if committed >= 1024:
+        if committed >= 512:
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.send_signal(sig)
     assert proc.wait() == code
     if sig == signal.SIGINT:
         assert b"interrupted" in proc.stderr.read() and proc.stdout.read() == b""
     partial = st.open_store(killed)
-    assert not partial.complete and partial.n_tokens >= 1024 and partial.n_tokens % 512 == 0
+    assert not partial.complete and partial.n_tokens >= 512 and partial.n_tokens % 256 == 0
     assert_bad_input(invoke(args + ["-o", str(killed)]), "--resume")
 
     result = invoke(args + ["-o", str(killed), "--resume"])
     assert result.exit_code == 0, result.stderr
-    whole = tmp_path / "whole.zarr"
-    assert invoke(args + ["-o", str(whole)]).exit_code == 0
     a, b = st.open_store(killed), st.open_store(whole)
     assert a.complete and a.n_tokens == b.n_tokens > partial.n_tokens
     assert a.names == b.names
