@@ -371,6 +371,7 @@ def test_info_summarises_a_store(models, corpus_file, tmp_path):
     assert info["bytes_on_disk"] > 4 * 100 * 32 * 2 and info["chunk_rows"] == 64 and info["codec"] == "none"
     text = invoke(["info", str(tmp_path / "s.zarr")]).stdout
     assert "100 tokens, complete" in text and "llama.resid_post.2" in text
+    assert invoke(["info", "-"], input=f"{tmp_path / 's.zarr'}\n").stdout == text  # chains after xc harvest
     assert_bad_input(invoke(["info", str(tmp_path / "nothing.zarr")]), "does not exist")
 
 
