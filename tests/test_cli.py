@@ -102,9 +102,10 @@ def test_results_on_stdout_and_logs_only_on_a_terminal():
 
 
 def test_installed_entry_point_runs_as_a_process():
-    proc = subprocess.run([sys.executable, "-m", "xcli", "train", "x.zarr"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "xcli", "train", "no-such.zarr", "-o", "x.safetensors"],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert "not built yet" in proc.stderr and "Traceback" not in proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_check_output_refuses_to_clobber(tmp_path):

@@ -411,6 +411,27 @@ def test_dataset_names_read_the_local_cache(models, tmp_path, monkeypatch):
     assert np.array_equal(store.token_arrays()["tokens"], same.token_arrays()["tokens"])
 
 
+def test_hub_ids_resolve_through_the_local_cache_only(models, corpus_file, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    commit = "0123456789" * 4
+    snapshot = tmp_path / "hub" / "models--xc-test--tiny-gpt2" / "snapshots" / commit
+    shutil.copytree(models["gpt2"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config = HarvestConfig(models=("xc-test/tiny-gpt2@main",), data=str(corpus_file), output=tmp_path / "hub.zarr",
+                           layers="1", context_length=16, tokens=50)
+    store = st.open_store(harvest(config))
+    assert store.names == ["tiny-gpt2.resid_post.1"] and store.sources[0].revision == commit
+    local = run_harvest(models, tmp_path, "local.zarr", layers="1", data=str(corpus_file), tokens=50)
+    assert np.array_equal(store.read("tiny-gpt2.resid_post.1", 0, 50), local.read("gpt2.resid_post.1", 0, 50))
+    with pytest.raises(BadInput, match="not found locally.*no network"):
+        harvest(HarvestConfig(models=("xc-test/tiny-gpt2@v2",), data=str(corpus_file),
+                              output=tmp_path / "v2.zarr", layers="1", context_length=16))
+    assert not (tmp_path / "v2.zarr").exists()
+
+
 def test_parse_layers_and_model_specs():
     assert parse_layers("6", 12) == [6] and parse_layers("4-8", 12) == [4, 5, 6, 7, 8]
     assert parse_layers("0,3,6", 12) == [0, 3, 6] and parse_layers("all", 3) == [0, 1, 2]
@@ -423,6 +444,13 @@ def test_parse_layers_and_model_specs():
                                                                                "step1000")
     assert ModelSpec.parse("gpt2") == ModelSpec("gpt2", "gpt2", None)
     assert ModelSpec.parse("/models/llama-3.1-8b/") == ModelSpec("llama-3-1-8b", "/models/llama-3.1-8b/", None)
+
+
+def test_cli_copies_of_store_defaults_agree():
+    from xcli import cli as cli_module
+
+    assert cli_module.STORE_CODECS == st.CODECS
+    assert (cli_module.STORE_CHUNK_ROWS, cli_module.STORE_CODEC) == (st.DEFAULT_CHUNK_ROWS, st.DEFAULT_CODEC)
 
 
 def test_packing_follows_the_tokenizer(models):

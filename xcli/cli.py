@@ -5,7 +5,7 @@ turns its options into a library call and prints what was produced: a path or
 JSON lines on stdout. Errors are translated once, in `XcGroup.main`.
 """
 
-import functools
+import json
 import os
 import sys
 import traceback
@@ -15,7 +15,6 @@ import click
 from xcli import console
 from xcli.errors import BadInput, XcError
 from xcli.files import read_path_argument
-from xcli.store import CODECS, DEFAULT_CHUNK_ROWS, DEFAULT_CODEC
 from xcli.version import __version__
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -110,25 +109,451 @@ def not_built(name: str, issue: str):
     return placeholder
 
 
-class TokenCount(click.ParamType):
-    """A positive count with an optional k, M or G suffix (powers of ten): 500k, 10M."""
+@cli.command("export")
+@click.argument("checkpoint", required=False, metavar="[CHECKPOINT|-]")
+@click.option("--store", metavar="STORE", help="Activation store to read the dashboards from (xc harvest output). "
+              "Needed for --format neuronpedia.")
+@click.option("-o", "--output", metavar="DIR", help="Folder to write. Refused if it exists, unless --resume or "
+              "--overwrite.")
+@click.option("--format", "fmt", type=click.Choice(["neuronpedia", "saelens"]), default="neuronpedia",
+              show_default=True, help="neuronpedia: the v1 export layout (one Neuronpedia source per written "
+              "(model, layer), same feature indices in all). saelens: one SAELens SAE folder per source slice.")
+@click.option("--model-id", "model_ids", multiple=True, metavar="[MODEL=]ID",
+              help="Neuronpedia model id of a model of the crosscoder (e.g. base=gemma-2-2b); repeat per model. "
+                   "Default: the model's name, lowercased.")
+@click.option("--model-path", "model_paths", multiple=True, metavar="[MODEL=]PATH",
+              help="Where to read a model's config and unembedding (offline) for the logit lens. Default: the "
+                   "path or hub id recorded in the store (hub ids must be in the local Hugging Face cache).")
+@click.option("--tokenizer", metavar="PATH", help="Tokenizer for token strings. Default: the one recorded in the "
+              "store, else the first model's.")
+@click.option("--set-name", metavar="NAME", help="Neuronpedia source set; source ids are LAYER-NAME. "
+              "Default: xc-{latents}, e.g. xc-16k.")
+@click.option("--features", default="all", show_default=True, metavar="SPEC",
+              help="Latents to export: all, 7, 0-99 (inclusive) or a comma list such as 0-9,42.")
+@click.option("--top-k", type=int, default=20, show_default=True,
+              help="Top activating examples per feature (plus 5 samples in each of 5 activation intervals).")
+@click.option("--batch-size", type=int, default=128, show_default=True,
+              help="Features per batch-N.jsonl.gz file (keep files per folder under 1000).")
+@click.option("--window", type=int, default=64, show_default=True,
+              help="Tokens shown per example: the example token, up to 3/4 of the window before it and the rest "
+                   "after, never crossing into another sequence.")
+@click.option("--classes", type=click.Path(dir_okay=False), metavar="CLASSIFY.jsonl",
+              help="Output of `xc classify`: each latent's class and statistics go to xc-latents.jsonl and the "
+                   "class counts to Source.notes.")
+@click.option("--vectors", is_flag=True, help="Include each feature's decoder direction (raw units) as its "
+              "steering vector. Large: d_model numbers per feature and source.")
+@click.option("--creator-id", default="clkht01d40000jv08hvalcvly", show_default=True,
+              help="Neuronpedia user id written as creatorId. Activations are shown only for ids listed in the "
+                   "instance's PUBLIC_ACTIVATIONS_USER_IDS; the default is one of them.")
+@click.option("--creator-name", default="xc", show_default=True, help="creatorName of the release and source set.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue an unfinished export in DIR: finished batches are skipped.")
+@click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
+@click.option("--check", "check_dir", metavar="DIR", help="Validate the export in DIR against Neuronpedia's "
+              "importer rules instead of exporting; print a JSON summary, or exit 2 listing the problems.")
+@common_options
+def export_command(checkpoint, store, output, fmt, model_ids, model_paths, tokenizer, set_name, features, top_k,
+                   batch_size, window, classes, vectors, creator_id, creator_name, device, resume, overwrite,
+                   check_dir):
+    """Export a crosscoder's feature dashboards for Neuronpedia, or its slices as SAELens SAEs.
+
+    Neuronpedia has no crosscoder type: each source the crosscoder writes becomes one
+    Neuronpedia source MODEL/LAYER-SET, all with the same feature indices. Per feature:
+    the top activating examples with their context windows, 5 samples from each of 5
+    activation intervals, density, activation histogram, and the logit lens of that
+    source's decoder direction. Decoder norms, relative norms and classes go to
+    DIR/xc-latents.jsonl and Source.notes. Three streaming passes over the store;
+    memory O(features x top-k). Prints DIR.
+
+    \b
+    Examples:
+      xc export xc.safetensors --store acts.zarr -o np-export --model-id base=gemma-2-2b \\
+          --model-id chat=gemma-2-2b-it --classes latents.jsonl
+      xc export --check np-export
+      xc export xc.safetensors --format saelens -o saes
+    """
+    from xcli.export import ExportConfig, export
+    from xcli.neuronpedia import ExportProblems, check_export
+
+    if check_dir is not None:
+        if checkpoint is not None or output is not None:
+            raise click.UsageError("--check DIR takes no CHECKPOINT and no -o")
+        try:
+            summary = check_export(check_dir)
+        except ExportProblems as e:
+            for problem in e.problems:
+                console.error(problem)
+            raise BadInput(f"{check_dir!r} is not ready for upload: {len(e.problems)} problem(s) listed above, "
+                           f"first problem first") from None
+        click.echo(json.dumps(summary))
+        return
+    if checkpoint is None:
+        raise click.UsageError("missing CHECKPOINT (or pass --check DIR)")
+    if output is None:
+        raise click.UsageError("missing -o DIR")
+    config = ExportConfig(checkpoint=read_path_argument(checkpoint), output=output, store=store, format=fmt,
+                          model_ids=model_ids, model_paths=model_paths, tokenizer=tokenizer, set_name=set_name,
+                          features=features, top_k=top_k, batch_size=batch_size, window=window, classes=classes,
+                          vectors=vectors, creator_id=creator_id, creator_name=creator_name, device=device,
+                          resume=resume, overwrite=overwrite)
+    click.echo(str(export(config)))
+
+
+def _pair(value: str | None, option: str) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise BadInput(f"{option} {value!r} must be two comma-separated values, e.g. A,B")
+    return parts[0], parts[1]
+
+
+def _band(value: str) -> tuple[float, float]:
+    low, high = _pair(value, "--shared-band")
+    try:
+        return float(low), float(high)
+    except ValueError:
+        raise BadInput(f"--shared-band {value!r} must be two numbers LOW,HIGH, e.g. 0.3,0.7") from None
+
+
+@cli.command("classify")
+@click.argument("checkpoint")
+@click.option("--store", metavar="STORE", help="Activation store (a Zarr folder) holding the checkpoint's "
+              "sources: adds frequency, mean and max activation, Latent Scaling and, for cross-layer "
+              "crosscoders, functional coherence.")
+@click.option("--models", metavar="A,B", help="The two models to compare: r, delta norm and cosine are "
+              "oriented B over A (1 = only B). Default: the two models in checkpoint order.")
+@click.option("--exclusive-share", type=float, default=0.9, show_default=True,
+              help="Exclusive to a model when it holds at least this share of the latent's decoder norm "
+              "(two models: r <= 0.1 or r >= 0.9).")
+@click.option("--shared-band", default="0.3,0.7", show_default=True, metavar="LOW,HIGH",
+              help="Shared when LOW <= r <= HIGH; with more than two models, when every model holds at "
+              "least 2*LOW/n of the norm. Anything neither shared nor exclusive is 'mixed'.")
+@click.option("--dead-frequency", type=float, default=0.0, show_default=True,
+              help="With --store: dead when the latent fires on at most this fraction of tokens. "
+              "Without a store only latents with no decoder norm are dead.")
+@click.option("--nu-epsilon", type=float, default=0.2, show_default=True,
+              help="Latent Scaling: an exclusive latent with nu_epsilon at or above this is flagged "
+              "'shrinkage' (the other model carries its direction in its reconstruction error).")
+@click.option("--nu-r", type=float, default=0.5, show_default=True,
+              help="Latent Scaling: an exclusive latent with nu_r at or above this is flagged "
+              "'decoupling' (other latents rebuild its direction in the other model).")
+@click.option("--span-share", type=float, default=0.1, show_default=True,
+              help="Cross-layer: a layer is in a latent's span when it holds at least this share of "
+              "the latent's decoder norm.")
+@click.option("--max-tokens", type=int, help="With --store: use only the first N tokens.")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for the store pass: auto (cuda when available), cpu, cuda, cuda:1, ...")
+@click.option("--plot", "plot_dir", metavar="DIR", help="Also draw figures into DIR (created if missing): "
+              "relative_norm.png, cosine_shared.png, layer_profiles.png (cross-layer), latent_scaling.png "
+              "(with --store). Needs matplotlib: pip install 'xcli[plot]'.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "table"]), default="jsonl",
+              show_default=True, help="Rows as JSON lines, CSV (nested fields as field.key columns) or "
+                                      "an aligned text table of the main columns.")
+@click.option("-o", "--output", metavar="FILE", help="Write the rows to FILE (atomically) and print its "
+              "path, instead of writing the rows to stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file or figures.")
+@common_options
+def classify_command(checkpoint, store, models, exclusive_share, shared_band, dead_frequency, nu_epsilon, nu_r,
+                     span_share, max_tokens, device, plot_dir, fmt, output, overwrite):
+    """Label every latent of a crosscoder: shared, exclusive:<model>, mixed or dead.
+
+    Sources are grouped by model. For two models A and B each row carries
+    the decoder norms, r = ||d_B|| / (||d_A|| + ||d_B||) as rel_norm_B_over_A,
+    the max-normalised score of Minder et al. as delta_norm_B_over_A (both:
+    0 = only A, 1 = only B) and the decoder cosine. With --store: frequency,
+    mean and max activation, and Latent Scaling (beta_error, beta_reconstruction,
+    nu_epsilon, nu_r and ls_verdict: specific, shrinkage, decoupling) that flags
+    exclusive latents whose exclusivity is a sparsity artifact. Cross-layer
+    crosscoders add layer_share, peak_layer, span_layers and (with --store)
+    functional_coherence, the effective number of layers driving the latent.
+
+    Rows go to stdout as JSON lines, one per latent, with at least "latent"
+    and "class"; a summary table goes to stderr. CHECKPOINT may be '-' to read
+    its path from stdin.
+
+    \b
+    Examples:
+      xc classify xc.safetensors > latents.jsonl
+      xc classify xc.safetensors --store acts.zarr --models base,chat --plot figs
+      xc train acts.zarr -o xc.safetensors | xc classify - --format table
+      xc classify xc.safetensors | jq -c 'select(.class == "exclusive:chat")'
+    """
+    from xcli import classify as cl
+    from xcli.crosscoder import load
+    from xcli.files import atomic_path, check_output, read_path_argument
+    from xcli.store import open_store
+
+    config = cl.ClassifyConfig(
+        models=_pair(models, "--models"), exclusive_share=exclusive_share, shared_band=_band(shared_band),
+        dead_frequency=dead_frequency, nu_epsilon=nu_epsilon, nu_r=nu_r, span_share=span_share,
+        max_tokens=max_tokens, device=_device(device))
+    if max_tokens is not None and not store:
+        raise BadInput("--max-tokens applies to the store pass; give --store STORE as well")
+    if output:
+        check_output(output, overwrite=overwrite)
+    if plot_dir:
+        from xcli import plots
+
+        plots.require_matplotlib()
+        plots.check_plot_dir(plot_dir, overwrite)
+    model = load(read_path_argument(checkpoint))
+    result = cl.classify(model, open_store(store) if store else None, config)
+    for note in result.notes:
+        console.warn(note)
+    if output:
+        with atomic_path(output, overwrite=overwrite) as tmp:
+            with open(tmp, "w", newline="") as out:
+                cl.write_rows(result, fmt, out)
+    else:
+        cl.write_rows(result, fmt, sys.stdout)
+        sys.stdout.flush()
+    if plot_dir:
+        for path in plots.write_plots(result, plot_dir, overwrite):
+            console.info(f"wrote {path}")
+    if not console.settings.quiet:
+        cl.print_summary(result, sys.stderr)
+    if output:
+        click.echo(output)
+
+
+def _device(value: str) -> str:
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise BadInput(f"--device {value!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {value!r}: CUDA is not available on this machine; use cpu")
+    return value
+
+
+
+@cli.command("amplify")
+@click.option("--before", metavar="MODEL", help="Model before the change (e.g. the base model): a local folder, "
+              "or a hub id already in the local Hugging Face cache, optionally ID@REVISION. Never downloaded.")
+@click.option("--after", metavar="MODEL", help="Model after the change (e.g. the fine-tune); same forms as "
+              "--before. Must share the tokenizer (vocabularies are compared). A completion ends at an EOS "
+              "id of either model's generation config or of the tokenizer.")
+@click.option("--alpha", "alphas", type=float, multiple=True, metavar="A",
+              help="Amplification factor: sample from after + A*(after - before). Repeat for a sweep. "
+              "0 reproduces --after and -1 reproduces --before (keep them as controls).")
+@click.option("--model", metavar="[ALIAS=]MODEL", help="Steering: the model to steer. The checkpoint's sources "
+              "whose \"model\" field equals ALIAS (or, without an alias, the path or id as written, or the same "
+              "folder) are steered at their sites.")
+@click.option("--checkpoint", metavar="X.safetensors", help="Steering: an xc crosscoder checkpoint.")
+@click.option("--latent", "latents", type=int, multiple=True, metavar="I",
+              help="Steering: latent index to steer; repeat to steer several latents at once.")
+@click.option("--scale", "scales", type=float, multiple=True, metavar="S",
+              help="Steering: add S times each latent's decoder row (raw units, i.e. divided by the "
+              "source's input_scale) at every position of each site. Repeat for a sweep; 0 = unsteered.")
+@click.option("--clamp", "clamps", type=float, multiple=True, metavar="V",
+              help="Steering: hold each latent's activation at V: encode the site activations, then add "
+              "(V - f_I) times its decoder row (raw units). Needs every read source in this model, read "
+              "no later than the first written one. Repeat for a sweep.")
+@click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT", help="A prompt; repeatable.")
+@click.option("--prompts", "prompts_file", metavar="FILE|-",
+              help="A text file with one prompt per line (blank lines skipped); - reads stdin.")
+@click.option("--n-samples", type=int, default=1, show_default=True, help="Completions per prompt and value.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Tokens generated per completion at most (a completion also ends at EOS).")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Sampling temperature; 0 is greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True,
+              help="Nucleus sampling: keep the most likely tokens whose mass first reaches P.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Sample S of prompt I uses a random stream fixed by (seed, I, S): the same for every "
+              "alpha/scale/clamp value and for any --batch-size.")
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Completions decoded together (left-padded).")
+@click.option("--count", metavar="REGEX", help="Search each completion for REGEX (Python syntax). Adds "
+              "\"match\" to each line, then one summary line per value with matches, n, rate and a 95%% "
+              "Wilson interval; the same summary goes to stderr.")
+@click.option("--token-ids", is_flag=True, help="Also print the generated token ids (EOS included).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Model weights; auto is bfloat16 on a GPU that supports it, else float32. "
+              "Logits are combined in float32.")
+@common_options
+def amplify_command(before, after, alphas, model, checkpoint, latents, scales, clamps, prompt_texts,
+                    prompts_file, n_samples, max_new_tokens, temperature, top_p, seed, batch_size, count,
+                    token_ids, device, dtype):
+    """Sample from an amplified model difference, or with crosscoder latents steered.
+
+    \b
+    Logit diff amplification (two models, one shared tokenizer):
+      xc amplify --before base/ --after chat/ --alpha 0 --alpha 1 --alpha 4 \\
+                 --prompts prompts.txt --n-samples 50 --count 'REGEX'
+    Latent steering (one model and a checkpoint trained on it):
+      xc amplify --model chat=chat/ --checkpoint xc.safetensors --latent 17 \\
+                 --scale 0 --scale 8 --prompt 'Tell me about'
+
+    Amplification runs both models on the same prefix and draws each token from
+    after + A*(after - before), with a KV cache per model. Each line on stdout is one
+    JSON object: {"kind": "completion", "prompt", "completion", "alpha" (or "scale"/"clamp"
+    and "latents"), "sample", "seed", "prompt_index", "n_tokens", "finish": "eos"|"length"}.
+    With --count, each line also has "match", and one line per value follows:
+    {"kind": "count", "count", "alpha", "matches", "n", "rate", "ci95": [low, high]}.
+    Nothing is downloaded: models come from local folders or the local Hugging Face cache.
+    """
+    from xcli import amplify as amp
+
+    prompts = list(prompt_texts) + (amp.read_prompts(prompts_file) if prompts_file else [])
+    diff_opts = [n for n, v in (("--before", before), ("--after", after), ("--alpha", alphas)) if v]
+    steer_opts = [n for n, v in (("--model", model), ("--checkpoint", checkpoint), ("--latent", latents),
+                                 ("--scale", scales), ("--clamp", clamps)) if v]
+    if diff_opts and steer_opts:
+        raise BadInput(f"{diff_opts[0]} (amplification) and {steer_opts[0]} (steering) are separate modes; "
+                       f"give --before/--after/--alpha or --model/--checkpoint/--latent")
+    sampling = amp.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            n_samples=n_samples, batch_size=batch_size)
+    common = dict(prompts=tuple(prompts), sampling=sampling, count=count, device=device, dtype=dtype,
+                  token_ids=token_ids)
+    if steer_opts:
+        if not (model and checkpoint):
+            raise BadInput("steering needs --model and --checkpoint (and --latent with --scale or --clamp)")
+        records = amp.steer(amp.SteerConfig(model=model, checkpoint=checkpoint, latents=tuple(latents),
+                                            scales=tuple(scales), clamps=tuple(clamps), **common))
+    else:
+        if not (before and after):
+            raise BadInput("give --before MODEL and --after MODEL with --alpha (amplification), "
+                           "or --model/--checkpoint/--latent (steering)")
+        records = amp.amplify(amp.AmplifyConfig(before=before, after=after, alphas=tuple(alphas), **common))
+    for record in records:
+        click.echo(json.dumps(record, ensure_ascii=False))
+        if record["kind"] == "count" and not console.settings.quiet:
+            print(amp.describe_count(record), file=sys.stderr, flush=True)
+
+
+# Literal copies of xcli.crosscoder.ARCHS and xcli.train.DTYPES, so that `xc --help`
+# does not import torch; tests/test_train.py checks that they agree.
+ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("float32", "bfloat16")
+
+
+class Count(click.ParamType):
+    """A whole number that may carry a K, M or B suffix (10M = 10,000,000)."""
 
     name = "N"
-    SCALE = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}
+    SUFFIXES = {"k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9}
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
-        text = str(value).strip()
-        scale = self.SCALE.get(text[-1:], 1)
-        number = text[:-1] if scale > 1 else text
+        text = str(value).strip().replace("_", "").lower()
+        factor = self.SUFFIXES.get(text[-1:], 1)
         try:
-            count = int(float(number) * scale) if scale > 1 else int(number)
+            number = float(text[:-1] if factor > 1 else text) * factor
         except ValueError:
-            self.fail(f"{value!r} is not a count (e.g. 100000, 500k, 10M)", param, ctx)
-        if count < 1:
-            self.fail(f"{value!r} must be at least 1", param, ctx)
-        return count
+            self.fail(f"{value!r} is not a count (e.g. 4096, 50K, 10M)", param, ctx)
+        if number != int(number):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        return int(number)
+
+
+def source_list(ctx, param, value):
+    """'a,b' -> ("a", "b"); an empty value stays an empty tuple, which the config rejects."""
+    if value is None:
+        return None
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+@cli.command("train", epilog="""\b
+  xc train acts.zarr -o xc.safetensors --expansion 16 --k 32 --tokens 50M
+  xc train base.zarr chat.zarr -o diff.safetensors --latents 16384 --log metrics.jsonl
+  xc train acts.zarr -o sae.safetensors --sources base.resid_post.6 --arch relu --l1 2
+  xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
+  xc harvest ... | xc train - -o xc.safetensors
+  xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9""")
+@click.argument("stores", nargs=-1, required=True, metavar="STORE...")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint to write (.safetensors; format in xc-checkpoint(5)).")
+@click.option("--sources", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources to train on. Default: every source of the stores, or those "
+                   "--read and --write name.")
+@click.option("--read", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources the encoder reads. Default: all training sources.")
+@click.option("--write", callback=source_list, metavar="NAMES",
+              help="Comma-separated sources the decoder reconstructs. Default: all training sources. "
+                   "Reading layer n and writing layer n+1 makes a transcoder.")
+@click.option("--arch", type=click.Choice(ARCHS), default="batchtopk", show_default=True,
+              help="relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; "
+                   "batchtopk: the k*B best per batch, with a learned threshold at inference.")
+@click.option("--latents", type=int, help="Dictionary size F.")
+@click.option("--expansion", type=float,
+              help="Dictionary size as a multiple of the widest source's width (default 16).")
+@click.option("--k", type=int, help="Active latents per token, for topk and batchtopk (default 32).")
+@click.option("--l1", type=float, help="Sparsity penalty lambda for relu (default 2.0); it warms up over the "
+                                       "first 5% of steps.")
+@click.option("--batch-size", type=Count(), default=4096, show_default=True, help="Tokens per step.")
+@click.option("--tokens", type=Count(),
+              help="Training tokens, e.g. 50M (rounded up to whole batches; several epochs when it exceeds "
+                   "the store). Default: one pass over the training rows.")
+@click.option("--steps", type=int, help="Training steps, instead of --tokens.")
+@click.option("--lr", type=float, help="Peak Adam learning rate. Default: 2e-4 / sqrt(F / 16384).")
+@click.option("--warmup", type=int, help="Steps of linear learning-rate warmup. Default: min(1000, 5% of steps).")
+@click.option("--decay", type=float, default=0.2, show_default=True,
+              help="Fraction of the steps, at the end, over which the learning rate falls linearly to zero.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Maximum gradient norm (0: no clipping).")
+@click.option("--k-aux", type=int,
+              help="Dead latents used per token by the AuxK loss (topk, batchtopk). Default: half the summed "
+                   "width of the written sources; 0 turns AuxK off.")
+@click.option("--dead-tokens", type=Count(), default="10M", show_default=True,
+              help="A latent that has not fired for this many training tokens counts as dead.")
+@click.option("--eval-fraction", type=float, default=0.01, show_default=True,
+              help="Fraction of the store's chunks held out to report FVU, L0 and dead latents on "
+                   "(at least one chunk when above 0; 0: no evaluation).")
+@click.option("--shuffle-buffer", type=Count(), default=65536, show_default=True,
+              help="Rows shuffled together in memory (whole chunks); memory use grows with it, not with the store.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the data order.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Compute dtype of the forward pass; weights and Adam state stay float32.")
+@click.option("--log", type=click.Path(dir_okay=False),
+              help="Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, lr, tokens/s; "
+                   "and held-out evaluations.")
+@click.option("--log-every", type=int, default=100, show_default=True, help="Steps between metrics lines.")
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True,
+              help="Steps between checkpoints (with evaluation, and the training state that --resume uses).")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last checkpoint (same options); ends with the same "
+                   "weights as an uninterrupted run. Does nothing if the checkpoint is complete.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint, log and training state.")
+@click.option("--allow-incomplete", is_flag=True, help="Train on a store whose harvest has not finished.")
+@common_options
+def train_command(stores, **options):
+    """Train a sparse crosscoder on activation stores.
+
+    Streams rows from one or more stores (several stores must hold the same
+    tokens, e.g. one per model) and writes a safetensors checkpoint; prints its
+    path. STORE may be '-' to read the path from stdin.
+
+    Each source is scaled so that its mean squared norm is its width; the scales
+    are saved and applied inside encode and decode, so a loaded model takes and
+    returns raw activations. The loss is the squared error summed over written
+    sources (plus, for relu, l1 * sum_i f_i * sum_s ||W_dec,i^s||) and an AuxK
+    term for dead latents.
+
+    Every --checkpoint-every steps, the checkpoint and a training state
+    (OUTPUT.state.pt) are written atomically and held-out chunks are evaluated.
+    After Ctrl-C (which saves first) or kill -9, rerun with --resume. A NaN or
+    inf loss stops the run (exit 1) and keeps the last good checkpoint.
+    """
+    from xcli.files import read_path_argument
+    from xcli.train import TrainConfig, train
+
+    if list(stores).count("-") > 1:
+        raise BadInput("only one STORE can be '-' (read from stdin)")
+    paths = tuple(read_path_argument(s) for s in stores)
+    path = train(TrainConfig(stores=paths, **options))
+    click.echo(str(path))
+
+
+# Literal copies of xcli.store's codecs and defaults, so that `xc --help` does not import zarr;
+# tests/test_harvest.py checks that they agree.
+STORE_CODECS, STORE_CHUNK_ROWS, STORE_CODEC = ("none", "zstd", "blosc-lz4"), 4096, "none"
 
 
 @cli.command("harvest", epilog="""\b
@@ -163,7 +588,7 @@ Examples:
               help="Tokens per window, special tokens included. Documents are packed into windows with "
                    "EOS between them; longer ones continue in the next window. Default: 1024, or less if a "
                    "model accepts fewer positions.")
-@click.option("-t", "--tokens", type=TokenCount(), metavar="N",
+@click.option("-t", "--tokens", type=Count(), metavar="N",
               help="Stop after storing N token rows (500k, 10M and 1G are accepted). Default: the whole "
                    "corpus. A corpus with fewer tokens is stored whole, with a warning.")
 @click.option("-b", "--batch-size", type=int, default=8, show_default=True, metavar="N",
@@ -180,9 +605,9 @@ Examples:
 @click.option("--keep-special-tokens", is_flag=True,
               help="Also store rows of BOS, EOS and other special tokens (their large norms can dominate "
                    "training). Padding is never stored.")
-@click.option("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, show_default=True, metavar="N",
+@click.option("--chunk-rows", type=int, default=STORE_CHUNK_ROWS, show_default=True, metavar="N",
               help="Token rows per Zarr chunk: the unit of reading, writing and resuming.")
-@click.option("--codec", type=click.Choice(list(CODECS)), default=DEFAULT_CODEC, show_default=True,
+@click.option("--codec", type=click.Choice(STORE_CODECS), default=STORE_CODEC, show_default=True,
               help="Chunk compression. Activations compress little (about 1.1x for float16); zstd saves "
                    "some disk at a large cost in read speed.")
 @click.option("-o", "--output", required=True, type=click.Path(), metavar="STORE",
@@ -221,8 +646,6 @@ def info_command(store, as_json):
 
     STORE may be - to read the path from stdin, e.g. `xc harvest ... | xc info -`.
     """
-    import json
-
     from xcli.store import open_store
 
     summary = open_store(read_path_argument(store)).summary()
@@ -240,10 +663,6 @@ def info_command(store, as_json):
     for s in summary["sources"]:
         layer = "-" if s["layer"] is None else s["layer"]
         click.echo(f"  {s['name']:<{width}}  {s['model']:<12} {s['site']:<12} {layer:>5} {s['d']:>6}")
-not_built("train", "train a crosscoder from activation stores")
-not_built("classify", "label latents as shared, exclusive or mixed")
-not_built("amplify", "model-diff amplification and latent steering")
-not_built("export", "Neuronpedia export of feature dashboards")
 
 
 def main():

@@ -45,6 +45,8 @@ def paragraphs(help_text: str) -> list[str]:
 
 
 def option_entry(ctx: click.Context, param: click.Parameter) -> str | None:
+    if not isinstance(param, click.Option):
+        return None
     record = param.get_help_record(ctx)
     if record is None:
         return None

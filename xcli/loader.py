@@ -1,0 +1,297 @@
+"""Streaming training batches out of one or more activation stores.
+
+The data path, with memory bounded by the shuffle buffer, not by the store:
+
+    store chunks --(shuffled chunk order, per epoch)--> windows of W whole chunks
+      --(rows permuted inside the window)--> batches --(background thread)--> trainer
+
+Reads are whole chunks (random rows from a chunked store would read each chunk
+many times over), all sources of a row are read together, and a few chunks spread
+evenly over the store are held out for evaluation. The order is a pure function of
+(seed, epoch, window), so a run restarted at a `Position` sees exactly the batches
+an uninterrupted run would have seen.
+"""
+
+import hashlib
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from xcli.errors import BadInput
+from xcli.store import ActivationStore, Source, open_store
+
+
+class StoreSet:
+    """Several stores whose rows line up (same tokens), read as one table of sources.
+
+    One store may hold several models' sources (harvested together), or each model
+    may have its own store; both look the same from here.
+    """
+
+    def __init__(self, paths, allow_incomplete: bool = False):
+        if not paths:
+            raise BadInput("give at least one activation store")
+        self.stores: list[ActivationStore] = [open_store(p) for p in paths]
+        for store in self.stores:
+            if not store.complete and not allow_incomplete:
+                raise BadInput(f"store {str(store.path)!r} is incomplete ({store.n_tokens} rows committed); "
+                               f"finish it with 'xc harvest --resume' or pass --allow-incomplete")
+            if store.n_tokens == 0:
+                raise BadInput(f"store {str(store.path)!r} holds no rows")
+        self.by_source: dict[str, ActivationStore] = {}
+        for store in self.stores:
+            for name in store.names:
+                if name in self.by_source:
+                    raise BadInput(f"source {name!r} is in both {str(self.by_source[name].path)!r} and "
+                                   f"{str(store.path)!r}; source names must be unique across stores")
+                self.by_source[name] = store
+        lengths = {str(s.path): s.n_tokens for s in self.stores}
+        if len(set(lengths.values())) > 1 and not allow_incomplete:
+            raise BadInput(f"the stores do not line up: they hold different numbers of rows ({lengths}); "
+                           f"harvest every model on the same text")
+        # Incomplete stores are prefixes of the same harvest: train on the common prefix.
+        self.n_tokens = min(lengths.values())
+        self.tokens_sha256 = self._check_tokens()
+
+    def _check_tokens(self) -> str | None:
+        """Compare token ids across stores chunk by chunk (flat memory); return their digest."""
+        with_tokens = [s for s in self.stores if "tokens" in s.group]
+        digest = hashlib.sha256()
+        step = 1 << 20
+        for start in range(0, self.n_tokens, step):
+            stop = min(start + step, self.n_tokens)
+            blocks = [np.asarray(s.group["tokens"][start:stop], dtype=np.int32) for s in with_tokens]
+            for store, block in zip(with_tokens[1:], blocks[1:]):
+                if not np.array_equal(block, blocks[0]):
+                    row = start + int(np.argmax(block != blocks[0]))
+                    raise BadInput(f"the stores do not line up: {str(with_tokens[0].path)!r} and "
+                                   f"{str(store.path)!r} hold different tokens (first at row {row})")
+            if blocks:
+                digest.update(blocks[0].tobytes())
+        return digest.hexdigest() if with_tokens else None
+
+    @property
+    def sources(self) -> list[Source]:
+        return [source for store in self.stores for source in store.sources]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.stores[0].chunk_rows
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_tokens // self.chunk_rows)
+
+    def chunk_range(self, index: int) -> tuple[int, int]:
+        start = int(index) * self.chunk_rows
+        return start, min(start + self.chunk_rows, self.n_tokens)
+
+    def read_chunk(self, index: int, names: list[str]) -> dict[str, np.ndarray]:
+        """All requested sources of one chunk's rows, as float32."""
+        start, stop = self.chunk_range(index)
+        return {n: self.by_source[n].read(n, start, stop) for n in names}
+
+    def stats(self, name: str) -> dict:
+        return self.by_source[name].stats(name)
+
+    def identity(self) -> list[dict]:
+        """What a checkpoint records about the data it was trained on."""
+        out = []
+        for s in self.stores:
+            keep = {k: s.meta[k] for k in ("dataset", "tokenizer", "context_length", "created_by") if k in s.meta}
+            out.append({"path": str(Path(s.path).resolve()), "n_tokens": s.n_tokens, "complete": s.complete,
+                        "sources": s.names, "tokens_sha256": self.tokens_sha256, **keep})
+        return out
+
+
+def split_chunks(n_chunks: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training chunks, held-out chunks). Held-out chunks are spread evenly over the store
+    and do not depend on the seed, so runs with different seeds are evaluated on the same rows."""
+    n_eval = 0 if eval_fraction <= 0 else max(1, round(eval_fraction * n_chunks))
+    if n_eval >= n_chunks:
+        raise BadInput(f"--eval-fraction {eval_fraction} holds out {n_eval} of the store's {n_chunks} chunks, "
+                       f"leaving none to train on; lower it or use a bigger store")
+    held = np.unique(((np.arange(n_eval) + 0.5) * n_chunks / max(n_eval, 1)).astype(np.int64))
+    return np.setdiff1d(np.arange(n_chunks), held), held
+
+
+def chunk_order(train_chunks: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch visits the training chunks."""
+    return np.random.default_rng([seed, 1, epoch]).permutation(train_chunks)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the stream stands: `row` rows of epoch `epoch` have been consumed."""
+
+    epoch: int = 0
+    row: int = 0
+
+
+@dataclass
+class Batch:
+    data: dict[str, torch.Tensor]
+    """Source name -> (rows, d) float32 tensor (CPU; pinned when bound for CUDA)."""
+    after: Position
+    """The position just after this batch (the next epoch's start if it ended an epoch)."""
+
+
+class BatchStream:
+    """Training batches in a deterministic shuffled order, read ahead by a background thread."""
+
+    def __init__(self, stores: StoreSet, names: list[str], train_chunks: np.ndarray, batch_size: int,
+                 seed: int, shuffle_rows: int, prefetch: int = 4, pin_memory: bool = False):
+        self.stores, self.names, self.train_chunks = stores, list(names), np.asarray(train_chunks)
+        self.batch_size, self.seed, self.prefetch, self.pin_memory = batch_size, seed, prefetch, pin_memory
+        self.window = max(1, -(-shuffle_rows // stores.chunk_rows))  # whole chunks per shuffle window
+        sizes = [stores.chunk_range(int(c)) for c in self.train_chunks]
+        self.chunk_sizes = {int(c): stop - start for c, (start, stop) in zip(self.train_chunks, sizes)}
+        self.rows_per_epoch = sum(self.chunk_sizes.values())
+
+    # -- the order, as pure functions of the position -------------------------------
+    def windows(self, epoch: int) -> list[np.ndarray]:
+        order = chunk_order(self.train_chunks, self.seed, epoch)
+        return [order[i:i + self.window] for i in range(0, len(order), self.window)]
+
+    def load_window(self, epoch: int, index: int, chunks: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows of a window's chunks in their shuffled order, written straight to their
+        final places (so the window is held once, plus one chunk in flight)."""
+        rows = sum(self.chunk_sizes[int(c)] for c in chunks)
+        perm = np.random.default_rng([self.seed, 2, epoch, index]).permutation(rows)
+        dest = np.empty(rows, dtype=np.int64)
+        dest[perm] = np.arange(rows)  # row j of the window goes to output position dest[j]
+        width = {s.name: s.d for s in self.stores.sources}
+        out = {n: np.empty((rows, width[n]), dtype=np.float32) for n in self.names}
+        start = 0
+        for c in chunks:
+            data = self.stores.read_chunk(int(c), self.names)
+            size = self.chunk_sizes[int(c)]
+            for n in self.names:
+                out[n][dest[start:start + size]] = data[n]
+            start += size
+        return out
+
+    def batches(self, position: Position = Position()) -> Iterator[Batch]:
+        """Batches from `position` on, forever (epoch after epoch); synchronous."""
+        epoch, skip = position.epoch, position.row
+        while True:
+            pieces, held, consumed = [], 0, 0
+            windows = self.windows(epoch)
+            for index, chunks in enumerate(windows):
+                rows = sum(self.chunk_sizes[int(c)] for c in chunks)
+                if consumed + rows <= skip:  # wholly before the resume point: not read at all
+                    consumed += rows
+                    continue
+                data = self.load_window(epoch, index, chunks)
+                offset = max(0, skip - consumed)
+                consumed += rows
+                pieces.append({n: a[offset:] for n, a in data.items()})
+                held += rows - offset
+                last_window = index == len(windows) - 1
+                while held >= self.batch_size or (last_window and held > 0):
+                    take = min(self.batch_size, held)
+                    batch, pieces = take_rows(pieces, take)
+                    held -= take
+                    row = consumed - held
+                    ended = row == self.rows_per_epoch
+                    yield Batch(self._tensors(batch), Position(epoch + 1, 0) if ended else Position(epoch, row))
+            epoch, skip = epoch + 1, 0
+
+    def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in batch.items()}
+        return {n: t.pin_memory() for n, t in tensors.items()} if self.pin_memory else tensors
+
+    def prefetched(self, position: Position = Position()) -> "Prefetcher":
+        return Prefetcher(self.batches(position), self.prefetch)
+
+
+def take_rows(pieces: list[dict[str, np.ndarray]], rows: int):
+    """Split the first `rows` rows off a list of row blocks: (batch, remaining pieces)."""
+    taken, rest, need = [], list(pieces), rows
+    while need:
+        head = rest.pop(0)
+        size = len(next(iter(head.values())))
+        if size <= need:
+            taken.append(head)
+            need -= size
+        else:
+            taken.append({n: a[:need] for n, a in head.items()})
+            rest.insert(0, {n: a[need:] for n, a in head.items()})
+            need = 0
+    if len(taken) == 1:
+        return taken[0], rest
+    return {n: np.concatenate([t[n] for t in taken]) for n in taken[0]}, rest
+
+
+class Prefetcher:
+    """Run a batch iterator in a daemon thread, a few batches ahead; `close()` stops it.
+
+    Reading and decoding chunks overlaps with the training step. Errors in the
+    thread are re-raised in the consumer.
+    """
+
+    _DONE = object()
+
+    def __init__(self, source: Iterator[Batch], depth: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="xc-prefetch")
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: Iterator[Batch]) -> None:
+        try:
+            for batch in source:
+                if not self._put(batch):
+                    return
+            self._put(self._DONE)
+        except BaseException as e:  # hand every failure to the consumer
+            self._put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        item = self.queue.get()
+        if item is self._DONE:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def eval_batches(stores: StoreSet, names: list[str], eval_chunks: np.ndarray,
+                 batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The held-out rows in store order, one chunk at a time, in batches of at most batch_size."""
+    for c in eval_chunks:
+        data = stores.read_chunk(int(c), names)
+        rows = len(next(iter(data.values())))
+        for start in range(0, rows, batch_size):
+            yield {n: torch.from_numpy(a[start:start + batch_size]) for n, a in data.items()}

@@ -1,0 +1,640 @@
+"""Train a crosscoder from activation stores (`xc train`).
+
+    from xcli.train import TrainConfig, train
+    path = train(TrainConfig(stores=("acts.zarr",), output="xc.safetensors", arch="batchtopk", k=32))
+
+One step, top to bottom (nanoGPT's order): learning rate and L1 schedules ->
+forward and loss -> backward -> gradient clipping -> Adam -> dead-latent counters
+and the BatchTopK threshold -> log -> evaluation and checkpoint.
+
+Loss, in normalised units (each source scaled so its mean squared norm is d_s):
+
+    recon    = sum_{s in write} mean_tokens ||x_s - x̂_s||^2            (Lindsey et al. 2024)
+    sparsity = l1(t) * mean_tokens sum_i f_i sum_s ||W_dec,i^s||      (relu only; l1 warms up over 5%)
+    aux      = AuxK: dead latents reconstruct the residual, / its variance (Gao et al. 2024; topk, batchtopk)
+    loss     = recon + sparsity + aux / 32
+
+Resuming: every checkpoint also writes `<output>.state.pt` (weights, Adam, step,
+dead-latent counters, threshold, loader position, RNG); `--resume` continues from it
+and ends with exactly the weights of an uninterrupted run.
+"""
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from xcli import console
+from xcli.crosscoder import ARCHS, Crosscoder, read_metadata, save
+from xcli.errors import BadInput, XcError
+from xcli.files import atomic_path, check_output, remove
+from xcli.loader import BatchStream, Position, StoreSet, eval_batches, split_chunks
+
+DTYPES = ("float32", "bfloat16")
+AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
+L1_WARMUP_FRACTION = 0.05    # λ rises linearly over the first 5% of steps (Kissane et al.)
+THRESHOLD_DECAY = 0.999      # BatchTopK threshold EMA decay (science-of-finetuning/dictionary_learning)
+STATE_VERSION = 1
+# Fields that do not change the weights: a resumed run may differ in these.
+RUN_CONTROL = ("stores", "output", "device", "log", "log_every", "checkpoint_every", "resume", "overwrite",
+               "allow_incomplete")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `xc train` needs. None means "choose a default" (see `resolve`)."""
+
+    stores: tuple[str, ...]
+    """Activation stores whose rows line up (same tokens)."""
+    output: str
+    """The checkpoint to write (.safetensors)."""
+    sources: tuple[str, ...] | None = None
+    """Sources to train on; default all of the stores' sources (or those --read/--write name)."""
+    read: tuple[str, ...] | None = None
+    """Sources the encoder reads; default all sources."""
+    write: tuple[str, ...] | None = None
+    """Sources the decoder writes; default all sources."""
+    arch: str = "batchtopk"
+    """relu (L1 penalty), topk (k per token) or batchtopk (k·B per batch, threshold at inference)."""
+    latents: int | None = None
+    """Dictionary size F."""
+    expansion: float | None = None
+    """F as a multiple of the widest source; default 16 when --latents is not given."""
+    k: int | None = None
+    """Active latents per token for topk/batchtopk; default 32."""
+    l1: float | None = None
+    """λ of the relu sparsity penalty; default 2.0."""
+    batch_size: int = 4096
+    """Tokens per step."""
+    tokens: int | None = None
+    """Training tokens (rounded up to whole batches); default one pass over the training rows."""
+    steps: int | None = None
+    """Training steps; an alternative to tokens."""
+    lr: float | None = None
+    """Peak Adam learning rate; default 2e-4 / sqrt(F / 2^14)."""
+    warmup: int | None = None
+    """Steps of linear learning-rate warmup; default min(1000, 5% of the steps)."""
+    decay: float = 0.2
+    """Fraction of the steps, at the end, over which the learning rate decays linearly to zero."""
+    clip: float = 1.0
+    """Maximum gradient norm (0: no clipping)."""
+    k_aux: int | None = None
+    """AuxK latents per token; default half the summed width of the written sources; 0 turns AuxK off."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens is dead (AuxK, dead fraction)."""
+    eval_fraction: float = 0.01
+    """Fraction of the store's chunks held out for evaluation (at least one chunk when > 0)."""
+    shuffle_buffer: int = 65536
+    """Rows mixed together in the shuffle buffer (rounded up to whole chunks)."""
+    seed: int = 0
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    dtype: str = "float32"
+    """Compute dtype of the forward pass (weights and Adam stay float32)."""
+    log: str | None = None
+    """JSON-lines metrics file."""
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    resume: bool = False
+    overwrite: bool = False
+    allow_incomplete: bool = False
+
+    def __post_init__(self):
+        def positive(name, value, zero_ok=False):
+            if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+                raise BadInput(f"--{name.replace('_', '-')} {value} must be {'>= 0' if zero_ok else 'positive'}")
+
+        if not self.stores:
+            raise BadInput("give at least one activation store")
+        if self.arch not in ARCHS:
+            raise BadInput(f"--arch {self.arch!r} is not known; use one of {', '.join(ARCHS)}")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for label, names in (("--sources", self.sources), ("--read", self.read), ("--write", self.write)):
+            if names is not None and not names:
+                raise BadInput(f"{label} names no source; give one or more source names, separated by commas")
+        if self.latents is not None and self.expansion is not None:
+            raise BadInput("--latents and --expansion both set the dictionary size; give one of them")
+        if self.tokens is not None and self.steps is not None:
+            raise BadInput("--tokens and --steps both set the length of training; give one of them")
+        if self.k is not None and self.arch == "relu":
+            raise BadInput("--k applies to --arch topk and batchtopk; relu uses --l1")
+        if self.l1 is not None and self.arch != "relu":
+            raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses --k")
+        for name in ("latents", "expansion", "k", "batch_size", "tokens", "steps", "lr", "dead_tokens",
+                     "shuffle_buffer", "log_every", "checkpoint_every"):
+            positive(name, getattr(self, name))
+        for name in ("l1", "warmup", "clip", "k_aux"):
+            positive(name, getattr(self, name), zero_ok=True)
+        if not 0 <= self.decay <= 1:
+            raise BadInput(f"--decay {self.decay} must be between 0 and 1")
+        if not 0 <= self.eval_fraction < 1:
+            raise BadInput(f"--eval-fraction {self.eval_fraction} must be at least 0 and below 1")
+        if self.resume and self.overwrite:
+            raise BadInput("--resume continues a run and --overwrite starts over; give one of them")
+        check_device(self.device)
+
+    def hyperparameters(self) -> dict:
+        """The fields that determine the weights (recorded in the checkpoint, compared on resume)."""
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
+
+
+def check_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise BadInput(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
+    if parsed.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return parsed
+
+
+# -- resolving defaults against the stores ------------------------------------------------
+
+def steps_for_tokens(tokens: int, rows_per_epoch: int, batch_size: int) -> int:
+    """Steps that consume at least `tokens` rows when every epoch ends with a partial batch."""
+    epochs, rest = divmod(tokens, rows_per_epoch)
+    return epochs * -(-rows_per_epoch // batch_size) + -(-rest // batch_size)
+
+
+def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
+    """Fill in every default that depends on the data; reject what does not fit it."""
+    available = stores.names
+
+    def check_names(label, names, allowed, what):
+        for name in names or ():
+            if name not in allowed:
+                raise BadInput(f"{label} names unknown source {name!r}; {what}: {', '.join(allowed)}")
+
+    check_names("--sources", cfg.sources, available, "the stores have")
+    pool = list(cfg.sources) if cfg.sources is not None else available
+    what = "--sources gives" if cfg.sources is not None else "the stores have"
+    check_names("--read", cfg.read, pool, what)
+    check_names("--write", cfg.write, pool, what)
+    if cfg.sources is not None and (cfg.read or cfg.write):
+        used = set(cfg.read or pool) | set(cfg.write or pool)
+        for name in cfg.sources:
+            if name not in used:
+                raise BadInput(f"--sources names {name!r}, but neither --read nor --write uses it")
+    if cfg.sources is None and (cfg.read is not None or cfg.write is not None):
+        used = set(cfg.read or ()) | set(cfg.write or ())
+        if cfg.read is None or cfg.write is None:  # the unnamed side defaults to all sources
+            used = set(available)
+        pool = [n for n in available if n in used]
+    sources = [n for n in available if n in pool]
+    read = [n for n in sources if n in (cfg.read or sources)]
+    write = [n for n in sources if n in (cfg.write or sources)]
+    widths = {s.name: s.d for s in stores.sources}
+
+    latents = cfg.latents or max(1, round((cfg.expansion or 16) * max(widths[n] for n in sources)))
+    k = None if cfg.arch == "relu" else (cfg.k or 32)
+    if k is not None and k >= latents:
+        raise BadInput(f"--k {k} must be below the number of latents ({latents}); lower --k or raise --latents")
+    train_chunks, _ = split_chunks(stores.n_chunks, cfg.eval_fraction)
+    rows = sum(stop - start for start, stop in map(stores.chunk_range, train_chunks))
+    steps = cfg.steps or steps_for_tokens(cfg.tokens or rows, rows, cfg.batch_size)
+    warmup = cfg.warmup if cfg.warmup is not None else min(1000, steps // 20)
+    if warmup > steps:
+        raise BadInput(f"--warmup {warmup} is longer than the {steps} steps of this run")
+    return dataclasses.replace(
+        cfg, sources=tuple(sources), read=tuple(read), write=tuple(write), latents=latents, expansion=None,
+        k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.arch == "relu" else None,
+        k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, sum(widths[n] for n in write) // 2),
+        steps=steps, tokens=None, warmup=warmup,
+        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(check_device(cfg.device)))
+
+
+# -- schedules (pure functions of the step) ------------------------------------------------
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, flat, then linear decay to zero over the last `decay` of the steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_start = max(cfg.warmup, cfg.steps - round(cfg.decay * cfg.steps))
+    if step < decay_start:
+        return cfg.lr
+    return cfg.lr * (cfg.steps - step) / (cfg.steps - decay_start)
+
+
+def l1_at(step: int, cfg: TrainConfig) -> float:
+    """λ rises linearly over the first 5% of the steps."""
+    ramp = max(1, math.ceil(L1_WARMUP_FRACTION * cfg.steps))
+    return (cfg.l1 or 0.0) * min(1.0, (step + 1) / ramp)
+
+
+def threshold_decay(updates: int) -> float:
+    """A plain running mean for the first 1000 updates, then an EMA with decay 0.999,
+    so that short runs do not keep their first, untrained batches in the threshold."""
+    return min(THRESHOLD_DECAY, 1 - 1 / updates)
+
+
+# -- the loss -------------------------------------------------------------------------------
+
+class LossParts(NamedTuple):
+    loss: Tensor
+    """What is minimised: recon + sparsity + aux / 32."""
+    recon: Tensor
+    """Sum over written sources of the mean (over tokens) squared error, normalised units."""
+    sparsity: Tensor
+    """λ · mean over tokens of sum_i f_i sum_s ||W_dec,i^s|| (zero unless relu)."""
+    aux: Tensor
+    """AuxK loss before its weight (zero when no latent is dead)."""
+    sq_err: dict[str, Tensor]
+    """Per written source, the batch's summed squared error."""
+    variance: dict[str, Tensor]
+    """Per written source, the batch's summed squared deviation from its mean (FVU denominator)."""
+    latents: Tensor
+    """f, (B, F)."""
+
+
+def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor, k_aux: int) -> LossParts:
+    """The training loss of one batch of raw activations."""
+    out = model(x)
+    target = model.normalise({n: x[n] for n in model.write})
+    zero = torch.zeros((), device=out.latents.device)
+    residual, sq_err, variance = {}, {}, {}
+    for name in model.write:
+        residual[name] = target[name] - out.reconstruction[name].float()
+        sq_err[name] = residual[name].pow(2).sum()
+        variance[name] = (target[name] - target[name].mean(0)).pow(2).sum()
+    batch = out.latents.shape[0]
+    recon = sum(sq_err.values()) / batch
+    sparsity = l1 * (out.latents.float() @ model.decoder_norms().sum(dim=1)).mean() if model.arch == "relu" else zero
+    aux = zero
+    if model.arch != "relu" and k_aux > 0 and bool(dead.any()):
+        aux_recon = model.decode_normalised(model.aux_latents(out.pre_activations, dead, k_aux), bias=False)
+        err = sum((residual[n].detach() - aux_recon[n].float()).pow(2).sum() for n in model.write)
+        scale = sum((residual[n] - residual[n].mean(0)).detach().pow(2).sum() for n in model.write)
+        aux = torch.where(scale > 0, err / scale.clamp_min(1e-30), zero)
+    return LossParts(recon + sparsity + AUX_WEIGHT * aux, recon, sparsity, aux, sq_err, variance, out.latents)
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: Crosscoder, stores: StoreSet, eval_chunks, batch_size: int, device: torch.device,
+             dtype: str) -> dict | None:
+    """FVU per source and in total, L0 and dead fraction on the held-out rows, as consumers see
+    the model (eval mode: BatchTopK uses its threshold). FVU uses the held-out mean."""
+    if len(eval_chunks) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    n, nonzero = 0, 0.0
+    fired = torch.zeros(model.n_latents, dtype=torch.bool, device=device)
+    err = {s: 0.0 for s in model.write}
+    total = {s: torch.zeros(model.decoder_bias(s).shape[0], dtype=torch.float64, device=device) for s in model.write}
+    square = {s: 0.0 for s in model.write}
+    for batch in eval_batches(stores, [s.name for s in model.sources], eval_chunks, batch_size):
+        x = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, dtype):
+            f = model.encode(x)
+            recon = model.decode_normalised(f)
+        target = model.normalise({s: x[s] for s in model.write})
+        for s in model.write:
+            err[s] += float((target[s] - recon[s].float()).double().pow(2).sum())
+            total[s] += target[s].double().sum(0)
+            square[s] += float(target[s].double().pow(2).sum())
+        nonzero += float((f != 0).sum())
+        fired |= (f != 0).any(0)
+        n += f.shape[0]
+    model.train(was_training)
+    var = {s: square[s] - float(total[s].pow(2).sum()) / n for s in model.write}
+    return {"tokens": n, "fvu": {s: err[s] / var[s] if var[s] > 0 else float("nan") for s in model.write},
+            "fvu_total": sum(err.values()) / sum(var.values()) if sum(var.values()) > 0 else float("nan"),
+            "l0": nonzero / n, "dead_fraction": 1 - float(fired.float().mean())}
+
+
+def autocast(device: torch.device, dtype: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+# -- checkpoints and training state ------------------------------------------------------------
+
+def state_path(output) -> Path:
+    """The training-state file beside a checkpoint (used by the writer and by --resume)."""
+    return Path(f"{output}.state.pt")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    position: Position = Position()
+    threshold_updates: int = 0
+    since_fired: Tensor | None = None
+    """Training tokens since each latent last fired, (F,) int64."""
+    last_eval: dict | None = None
+    last_train: dict | None = None
+
+
+def run_identity(cfg: TrainConfig, stores: StoreSet) -> dict:
+    """What a resumed run must share with the interrupted one: the hyperparameters and the data."""
+    return {**cfg.hyperparameters(), "store_rows": stores.n_tokens, "store_tokens_sha256": stores.tokens_sha256}
+
+
+def save_state(path: Path, model: Crosscoder, opt, cfg: TrainConfig, stores: StoreSet, state: TrainState) -> None:
+    payload = {
+        "version": STATE_VERSION, "identity": json.dumps(run_identity(cfg, stores)),
+        "step": state.step, "tokens": state.tokens, "epoch": state.position.epoch, "row": state.position.row,
+        "threshold_updates": state.threshold_updates, "since_fired": state.since_fired.cpu(),
+        "last_eval": json.dumps(state.last_eval), "last_train": json.dumps(state.last_train),
+        "model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_state(path: Path, model: Crosscoder, opt, cfg: TrainConfig, stores: StoreSet,
+               device: torch.device) -> TrainState:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"training state {str(path)!r} cannot be read ({type(e).__name__}); "
+                       f"pass --overwrite to start over") from e
+    if payload.get("version") != STATE_VERSION:
+        raise BadInput(f"training state {str(path)!r} has version {payload.get('version')!r}; "
+                       f"this xc resumes version {STATE_VERSION}; pass --overwrite to start over")
+    check_same_run(json.loads(payload["identity"]), run_identity(cfg, stores), path)
+    model.load_state_dict(payload["model"])
+    opt.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["torch_rng"])
+    return TrainState(payload["step"], payload["tokens"], Position(payload["epoch"], payload["row"]),
+                      payload["threshold_updates"], payload["since_fired"].to(device),
+                      json.loads(payload["last_eval"]), json.loads(payload["last_train"]))
+
+
+def check_same_run(saved: dict, now: dict, where) -> None:
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            what = "the stores' " + key[6:] if key.startswith("store_") else "--" + key.replace("_", "-")
+            raise BadInput(f"--resume: {what} is {now.get(key)!r} but the run in {str(where)!r} used "
+                           f"{saved.get(key)!r}; repeat the original options, or pass --overwrite to start over")
+
+
+def write_checkpoint(model: Crosscoder, cfg: TrainConfig, stores: StoreSet, state: TrainState,
+                     complete: bool) -> Path:
+    latest = state.last_eval or state.last_train or {}
+    summary = {
+        "complete": complete, "step": state.step, "steps": cfg.steps, "tokens": state.tokens,
+        "metrics_from": "eval" if state.last_eval else "train",
+        "fvu": latest.get("fvu"), "fvu_total": latest.get("fvu_total"), "l0": latest.get("l0"),
+        "dead_fraction": latest.get("dead_fraction"), "eval_tokens": (state.last_eval or {}).get("tokens"),
+    }
+    extra = {"hyperparameters": cfg.hyperparameters(), "store": stores.identity(), "training": summary,
+             "aux": {"weight": AUX_WEIGHT, "k_aux": cfg.k_aux, "dead_tokens": cfg.dead_tokens}}
+    return save(model, cfg.output, extra=extra, overwrite=True)
+
+
+# -- the training run ---------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
+    sources = [s for s in stores.sources if s.name in cfg.sources]
+    model = Crosscoder(sources, cfg.latents, cfg.arch, cfg.k, list(cfg.read), list(cfg.write))
+    means = {}
+    for i, source in enumerate(sources):
+        stats = stores.stats(source.name)
+        scale = math.sqrt(source.d / stats["mean_sq_norm"]) if stats["mean_sq_norm"] > 0 else float("nan")
+        if not math.isfinite(scale):
+            raise BadInput(f"source {source.name!r} has mean squared norm {stats['mean_sq_norm']} in its store; "
+                           f"it cannot be normalised (all zero, or NaN/inf rows)")
+        model.input_scale[i] = scale
+        means[source.name] = torch.as_tensor(stats["mean"], dtype=torch.float32)
+    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    model.init_decoder_bias(means)
+    return model
+
+
+def make_optimizer(model: Crosscoder, lr: float):
+    """Adam, fused where this torch build supports it for the model's device."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
+
+
+@contextmanager
+def deferred_interrupt():
+    """Turn Ctrl-C and SIGTERM into a flag checked between steps, so the run can save a
+    checkpoint at a step boundary before it stops. A second Ctrl-C stops at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Metrics:
+    """Sums of per-step values between two log lines (kept on the device: no sync per step)."""
+
+    def __init__(self):
+        self.sums, self.steps, self.tokens, self.started = {}, 0, 0, time.perf_counter()
+
+    def add(self, parts: LossParts) -> None:
+        values = {"loss": parts.loss, "recon": parts.recon, "sparsity": parts.sparsity, "aux": parts.aux,
+                  "l0": (parts.latents != 0).sum() / parts.latents.shape[0],
+                  **{f"err.{k}": v for k, v in parts.sq_err.items()},
+                  **{f"var.{k}": v for k, v in parts.variance.items()}}
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+        self.steps += 1
+        self.tokens += parts.latents.shape[0]
+
+    def record(self, names: list[str]) -> dict:
+        avg = {k: float(v) for k, v in self.sums.items()}
+        fvu = {n: avg[f"err.{n}"] / avg[f"var.{n}"] if avg[f"var.{n}"] > 0 else float("nan") for n in names}
+        var_total = sum(avg[f"var.{n}"] for n in names)
+        record = {k: avg[k] / self.steps for k in ("loss", "recon", "sparsity", "aux", "l0")}
+        record.update(fvu=fvu, fvu_total=sum(avg[f"err.{n}"] for n in names) / var_total if var_total else None,
+                      tokens_per_s=self.tokens / max(time.perf_counter() - self.started, 1e-9))
+        self.__init__()
+        return record
+
+
+def prepare_outputs(cfg: TrainConfig, stores: StoreSet) -> bool:
+    """Check the output, state and log paths; return True when a finished run makes this a no-op."""
+    out, state = Path(cfg.output), state_path(cfg.output)
+    if state.exists() and not cfg.resume and not cfg.overwrite:
+        raise BadInput(f"found {str(state)!r} from an interrupted run; pass --resume to continue it "
+                       f"or --overwrite to start over")
+    check_output(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    if cfg.resume and out.exists():
+        meta = read_metadata(out)
+        if meta.get("training", {}).get("complete"):
+            check_same_run(meta.get("hyperparameters", {}), cfg.hyperparameters(), out)
+            remove(state)  # left over when a run was killed just after its last checkpoint
+            return True
+        if not state.exists():
+            raise BadInput(f"--resume: {str(out)!r} has no training state beside it "
+                           f"({state.name}); pass --overwrite to start over")
+    if cfg.log and not cfg.resume:
+        check_output(cfg.log, overwrite=cfg.overwrite)
+    return False
+
+
+def open_log(cfg: TrainConfig, step: int):
+    """The metrics file, fresh or (on resume) cut back to the lines before the resumed step."""
+    if not cfg.log:
+        return None
+    path = Path(cfg.log)
+    kept = []
+    if cfg.resume and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line torn by a kill
+                pass
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
+def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Path:
+    """Train a crosscoder as `cfg` says and return the checkpoint path.
+
+    on_log receives every metrics record (the same dicts as the --log lines).
+    """
+    stores = StoreSet(cfg.stores, allow_incomplete=cfg.allow_incomplete)
+    cfg = resolve(cfg, stores)
+    if prepare_outputs(cfg, stores):
+        console.info(f"{cfg.output} is already trained ({cfg.steps} steps)")
+        return Path(cfg.output)
+    device = torch.device(cfg.device)
+    model = build_model(cfg, stores).to(device)
+    opt = make_optimizer(model, cfg.lr)
+    state = TrainState(since_fired=torch.zeros(cfg.latents, dtype=torch.int64, device=device))
+    last_saved = None
+    if cfg.resume and state_path(cfg.output).exists():
+        state = load_state(state_path(cfg.output), model, opt, cfg, stores, device)
+        last_saved = state.step
+        console.info(f"resuming at step {state.step} of {cfg.steps}")
+    elif cfg.overwrite:
+        remove(state_path(cfg.output))
+    train_chunks, eval_chunks = split_chunks(stores.n_chunks, cfg.eval_fraction)
+    names = [s.name for s in model.sources]
+    stream = BatchStream(stores, names, train_chunks, cfg.batch_size, cfg.seed, cfg.shuffle_buffer,
+                         pin_memory=device.type == "cuda")
+    console.info(f"training a {cfg.arch} crosscoder: {cfg.latents} latents, reads {', '.join(cfg.read)}, "
+                 f"writes {', '.join(cfg.write)}; {cfg.steps} steps of {cfg.batch_size} tokens "
+                 f"({stream.rows_per_epoch} training rows per epoch, {len(eval_chunks)} held-out chunks)")
+    log = open_log(cfg, state.step)
+
+    def emit(record: dict) -> None:
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if on_log:
+            on_log(record)
+
+    def checkpoint(complete: bool, with_eval: bool = True) -> None:
+        nonlocal last_saved
+        if with_eval:  # skipped when saving on Ctrl-C, so that stopping is quick
+            state.last_eval = evaluate(model, stores, eval_chunks, cfg.batch_size, device, cfg.dtype)
+            if state.last_eval:
+                emit({"kind": "eval", "step": state.step, "tokens": state.tokens, **state.last_eval})
+        if not complete:
+            save_state(state_path(cfg.output), model, opt, cfg, stores, state)
+        write_checkpoint(model, cfg, stores, state, complete)
+        last_saved = state.step
+
+    metrics = Metrics()
+    bar = console.progress(total=cfg.steps, initial=state.step, desc="train", unit="step")
+    try:
+        with stream.prefetched(state.position) as batches, deferred_interrupt() as interrupted:
+            while state.step < cfg.steps:
+                batch = next(batches)
+                x = {n: t.to(device, non_blocking=True) for n, t in batch.data.items()}
+                parts = train_step(model, opt, x, state, cfg, last_saved)
+                state.position = batch.after
+                metrics.add(parts)
+                bar.update(1)
+                if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                    state.last_train = metrics.record(list(model.write))
+                    state.last_train["dead_fraction"] = float((state.since_fired >= cfg.dead_tokens).float().mean())
+                    record = {"kind": "train", "step": state.step, "tokens": state.tokens,
+                              "epoch": state.tokens / stream.rows_per_epoch, **state.last_train,
+                              "lr": lr_at(state.step - 1, cfg)}
+                    if cfg.arch == "relu":
+                        record["l1"] = l1_at(state.step - 1, cfg)
+                    if cfg.arch == "batchtopk":
+                        record["threshold"] = float(model.threshold)
+                    emit(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}")
+                if state.step < cfg.steps and state.step % cfg.checkpoint_every == 0:
+                    checkpoint(complete=False)
+                elif state.step < cfg.steps and interrupted.is_set():
+                    checkpoint(complete=False, with_eval=False)
+                if interrupted.is_set() and state.step < cfg.steps:
+                    console.warn(f"interrupted at step {state.step}; continue with --resume")
+                    raise KeyboardInterrupt
+        checkpoint(complete=True)
+        remove(state_path(cfg.output))
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    return Path(cfg.output)
+
+
+def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, cfg: TrainConfig,
+               last_saved: int | None) -> LossParts:
+    """One optimiser step on one batch; updates the step count, dead-latent counters and threshold."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(state.step, cfg)
+    dead = state.since_fired >= cfg.dead_tokens
+    with autocast(x[model.write[0]].device, cfg.dtype):
+        parts = loss_parts(model, x, l1_at(state.step, cfg), dead, cfg.k_aux)
+    opt.zero_grad(set_to_none=True)
+    parts.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
+    if not bool(torch.isfinite(parts.loss) & torch.isfinite(grad_norm)):  # before Adam: weights stay good
+        stop_on_nonfinite(parts.loss, grad_norm, state, cfg, last_saved)
+    opt.step()
+    with torch.no_grad():
+        rows = parts.latents.shape[0]
+        state.since_fired = torch.where((parts.latents != 0).any(0), 0, state.since_fired + rows)
+        if cfg.arch == "batchtopk" and state.step >= cfg.warmup:
+            state.threshold_updates += 1
+            model.update_threshold(model.batch_threshold(parts.latents), threshold_decay(state.threshold_updates))
+    state.step += 1
+    state.tokens += rows
+    return parts
+
+
+def stop_on_nonfinite(loss: Tensor, grad_norm: Tensor, state: TrainState, cfg: TrainConfig,
+                      last_saved: int | None):
+    loss, grad_norm = float(loss.detach()), float(grad_norm)
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    kept = (f"the last good checkpoint (step {last_saved}) is kept at {cfg.output}" if last_saved is not None
+            else f"no checkpoint had been written yet (the first was due at step {cfg.checkpoint_every})")
+    raise XcError(f"{what} at step {state.step + 1}: training stopped; {kept}. "
+                  f"Lower --lr or check the store for non-finite activations")
