@@ -364,6 +364,41 @@ def test_splice_on_a_text_file(lm_store, tiny, tmp_path):
     assert row["ce_score"] == pytest.approx(1, abs=1e-4)
 
 
+def test_splice_into_a_real_harvest_at_every_named_site(tiny, corpus_file, tmp_path):
+    """`xc harvest` output (two model families, four sites): the windows rebuilt from the store are
+    harvest's own, the models come from the store's provenance, an exact reconstruction scores 1,
+    and a zero reconstruction of any one source changes that model exactly as ablating it does."""
+    from transformers import AutoTokenizer
+
+    from xcli.corpus import Packing, read_documents, windows
+    from xcli.harvest import HarvestConfig, harvest
+    from xcli.models import ModelSpec
+
+    store = harvest(HarvestConfig(models=(ModelSpec("g", str(tiny["gpt2"])), ModelSpec("l", str(tiny["llama"]))),
+                                  data=str(corpus_file), output=tmp_path / "h.zarr", layers="1",
+                                  sites=("resid_pre", "resid_post", "attn_out", "mlp_out"), context_length=16,
+                                  tokens=600, chunk_rows=64, store_dtype="float32"))
+    stores = StoreSet([store])
+    tokenizer = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    expected = list(windows(read_documents(str(corpus_file)), tokenizer, Packing.for_tokenizer(tokenizer, 16)))
+    rebuilt = store_windows(stores, np.arange(stores.n_chunks), limit=10_000)
+    assert [w.ids.tolist() for w in rebuilt[:-1]] == expected[:len(rebuilt) - 1]
+    last = rebuilt[-1].ids.tolist()  # cut by --tokens: a prefix of its window
+    assert last == expected[len(rebuilt) - 1][:len(last)]
+
+    sources = stores.sources
+    run = dict(stores=(str(store),), all_rows=True, splice=True, windows=20, device="cpu", dtype="float32")
+    report = evaluate(EvalConfig(save_model(identity_crosscoder(sources), tmp_path / "id.safetensors"), **run))
+    assert set(report["splice"]) == {"g", "l"}
+    for row in report["splice"].values():
+        assert row["ce_score"] == pytest.approx(1, abs=1e-4) and row["kl_spliced"] == pytest.approx(0, abs=1e-6)
+    for source in sources:
+        path = save_model(cc.Crosscoder([source], 4, "relu"), tmp_path / f"{source.name}.safetensors")
+        row = evaluate(EvalConfig(path, **run))["splice"][source.model]
+        assert row["sources"] == [source.name]
+        assert row["ce_spliced"] == row["ce_ablated"] and row["kl_spliced"] == row["kl_ablated"] > 0, source
+
+
 # -- the command line -------------------------------------------------------------------------------------------
 
 def test_cli_prints_one_json_object_and_reads_the_checkpoint_from_stdin(planted):

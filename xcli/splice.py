@@ -19,8 +19,9 @@ its window, and (for a store) its row is one of the rows being evaluated:
     CE   = mean over scored positions of -log p(next token)
     KL   = mean over scored positions of sum_v p_clean(v) (log p_clean(v) - log p(v))
 
-Site resolution comes from xcli.amplify (resid_post = block output, resid_pre =
-block input, mlp_out/attn_out = that sublayer's output, else a module path).
+Sites are resolved as `xc harvest` resolves them (xcli.models: resid_post = block
+output, resid_pre = block input, mlp_out/attn_out = what that sublayer adds to the
+residual stream, or a module path).
 """
 
 from dataclasses import dataclass
@@ -33,12 +34,11 @@ from torch import Tensor
 
 from xcli import console
 from xcli.amplify import (ModelSpec, Site, _context_length, _get_hidden, _replace_hidden, check_same_tokenizer,
-                          load_causal_lm, load_tokenizer, resolve_dtype, resolve_site, sources_of_model)
+                          load_causal_lm, load_tokenizer, resolve_dtype, sources_of_model)
 from xcli.errors import BadInput
 from xcli.loader import StoreSet
+from xcli.models import resolve_sites
 from xcli.store import Source
-
-# TODO(merge): xcli/harvest.py resolves sites too; use the unified site module once it lands.
 
 
 @dataclass(frozen=True)
@@ -184,15 +184,13 @@ def text_windows(path: str, tokenizer, limit: int, context: int | None) -> list[
 # -- hooks -------------------------------------------------------------------------------------------
 
 def find_site(model, source: Source) -> Site:
-    """Where a harvested source lives in a model; module paths may hold {layer}."""
-    site = source.site.replace("{layer}", str(source.layer)) if "{layer}" in source.site else source.site
-    try:
-        return resolve_site(model, site, source.layer)
-    except BadInput:
-        base = getattr(model, "base_model", None)
-        if base is None or base is model or site in ("resid_pre", "resid_post", "mlp_out", "attn_out"):
-            raise
-        return resolve_site(base, site, source.layer)
+    """Where a harvested source lives, resolved as `xc harvest` resolved it (xcli.models), on the
+    base model: harvest loads models without their LM head, so module paths are relative to it."""
+    base = getattr(model, "base_model", model)
+    found = resolve_sites(base, source.model, (source.site,), [] if source.layer is None else [source.layer])
+    if not found:
+        raise BadInput(f"source {source.name} names site {source.site!r} without a layer")
+    return Site(found[0].module, found[0].catch_input)
 
 
 class SiteHooks:
