@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import tiny_models
 from click.testing import CliRunner
 
 import xcli
@@ -19,8 +20,8 @@ from xcli import synth
 from xcli import train as tr
 from xcli.cli import cli
 from xcli.errors import BadInput
-from xcli.evaluate import (EvalConfig, ce_score, evaluate, histogram_quantile, reconstruction, truth_metrics)
-from xcli.loader import StoreSet, split_chunks
+from xcli.evaluate import EvalConfig, ce_score, evaluate, histogram_quantile, kl_score, truth_metrics
+from xcli.loader import StoreSet
 from xcli.splice import store_windows
 from xcli.store import Source, StoreWriter
 
@@ -42,8 +43,6 @@ def test_scores_reproduce_the_reference_values():
     """methods.md 5.2 / 7: a GPT-2 small SAE's published CE and KL figures."""
     assert ce_score(13.054040908813477, 3.668210983276367, 3.599064588546753) == pytest.approx(
         0.9926867722998524, abs=1e-15)
-    from xcli.evaluate import kl_score
-
     assert kl_score(9.511523246765137, 0.07359001040458679) == pytest.approx(0.9922630678078178, abs=1e-15)
     assert ce_score(3.0, 3.0, 3.0) is None and kl_score(0.0, 0.0) is None  # undefined, not 0 or NaN
     assert ce_score(5.0, 2.0, 2.0) == 1 and ce_score(5.0, 5.0, 2.0) == 0
@@ -227,7 +226,7 @@ def harvest_like(path, models: dict, lines, context=12, chunk_rows=16):
 @pytest.fixture(scope="module")
 def lm_store(tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("lm") / "acts.zarr"
-    lines = [" ".join(l.split()[:9]) for l in __import__("tiny_models").corpus_lines(12, seed=4)]
+    lines = [" ".join(line.split()[:9]) for line in tiny_models.corpus_lines(12, seed=4)]
     windows = harvest_like(path, {"base": tiny["gpt2"], "chat": tiny["gpt2_b"]}, lines)
     return {"path": path, "windows": windows}
 
@@ -428,6 +427,6 @@ def test_bad_input_is_one_line_and_exit_2(planted, args, message):
 
 def test_exit_codes_of_a_real_process(planted, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "xcli", "eval", str(planted["checkpoint"]), str(tmp_path / "none.zarr")],
-                          capture_output=True, text=True, env=env)
+    command = [sys.executable, "-m", "xcli", "eval", str(planted["checkpoint"]), str(tmp_path / "none.zarr")]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1

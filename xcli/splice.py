@@ -24,6 +24,7 @@ output, resid_pre = block input, mlp_out/attn_out = what that sublayer adds to t
 residual stream, or a module path).
 """
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -318,19 +319,14 @@ def spliced_loss(crosscoder, stores: StoreSet, chunks, cfg: SpliceConfig) -> dic
     sums = [dict.fromkeys(("tokens", "ce_clean", "ce_spliced", "ce_ablated", "kl_spliced", "kl_ablated"), 0.0)
             for _ in specs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = console.progress(total=len(windows), desc="splice", unit="window")
-    with torch.inference_mode():
+    with torch.inference_mode(), ExitStack() as stack:
         for hook in hooks:
-            hook.__enter__()
-        try:
-            for start in range(0, len(windows), cfg.window_batch):
-                batch = windows[start:start + cfg.window_batch]
-                splice_batch(crosscoder, models, hooks, written, batch, pad, device, sums)
-                bar.update(len(batch))
-        finally:
-            for hook in hooks:
-                hook.__exit__()
-            bar.close()
+            stack.enter_context(hook)
+        bar = stack.enter_context(console.progress(total=len(windows), desc="splice", unit="window"))
+        for start in range(0, len(windows), cfg.window_batch):
+            batch = windows[start:start + cfg.window_batch]
+            splice_batch(crosscoder, models, hooks, written, batch, pad, device, sums)
+            bar.update(len(batch))
     out = {}
     for (spec, _), names, total in zip(specs, written, sums):
         if not names:
