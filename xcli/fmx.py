@@ -147,35 +147,47 @@ class FmxCrosscoder(Crosscoder):
         self.enc = Factorized(factorization, len(self.read), width, n_latents, ranks)
         self.dec = Factorized(factorization, len(self.write), width, n_latents, ranks)
         self.factorization, self.ranks = factorization, self.enc.ranks
-        self._cache, self._generation = None, 0
-        for p in self.factors():
-            p.register_post_accumulate_grad_hook(self._factor_changed)
+        self._cache, self._generation = {}, 0
+        self._watch_factors()
 
     def factors(self) -> list[nn.Parameter]:
         return [*self.enc.parameters(), *self.dec.parameters()]
 
+    def _watch_factors(self) -> None:
+        for p in self.factors():
+            p.register_post_accumulate_grad_hook(self._factor_changed)
+
     def _factor_changed(self, _param) -> None:
         self._generation += 1
 
-    def effective(self) -> tuple[list[Tensor], list[Tensor]]:
-        """([W_enc^s (d, F) per read source], [W_dec^s (F, d) per written source]), in float32."""
-        key = (torch.is_grad_enabled(), self._generation, tuple((p.data_ptr(), p._version) for p in self.factors()))
-        if self._cache is None or self._cache[0] != key:
+    def effective(self, part: str) -> list[Tensor]:
+        """The per-source tensors of "enc" ([W_enc^s (d, F)] per read source) or "dec"
+        ([W_dec^s (F, d)] per written source), float32, cached until the factors change."""
+        factors = getattr(self, part)
+        key = (torch.is_grad_enabled(), self._generation,
+               tuple((p.data_ptr(), p._version) for p in factors.parameters()))
+        cached = self._cache.get(part)
+        if cached is None or cached[0] != key:
             with torch.autocast(self.b_enc.device.type, enabled=False):
-                enc, dec = self.enc.tensor(), self.dec.tensor()
-            self._cache = (key, list(enc.unbind(0)), [w.T for w in dec.unbind(0)])
-        return self._cache[1], self._cache[2]
+                w = factors.tensor()  # (L, d, F)
+            tensors = list(w.unbind(0)) if part == "enc" else list(w.transpose(1, 2).contiguous().unbind(0))
+            cached = self._cache[part] = (key, tensors)
+        return cached[1]
 
     @property
     def W_enc(self) -> list[Tensor]:
-        return self.effective()[0]
+        return self.effective("enc")
 
     @property
     def W_dec(self) -> list[Tensor]:
-        return self.effective()[1]
+        return self.effective("dec")
 
     def __getstate__(self):  # the cache may hold an autograd graph, which cannot be copied
-        return {**self.__dict__, "_cache": None}
+        return {**self.__dict__, "_cache": {}}
+
+    def __setstate__(self, state):  # copies (deepcopy, pickle) get new parameters without our hooks
+        super().__setstate__(state)
+        self._watch_factors()
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, decoder_norm: float = 0.1) -> None:
