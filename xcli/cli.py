@@ -431,6 +431,8 @@ def amplify_command(before, after, alphas, model, checkpoint, latents, scales, c
 # Literal copies of xcli.crosscoder.ARCHS and xcli.train.DTYPES, so that `xc --help`
 # does not import torch; tests/test_train.py checks that they agree.
 ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("float32", "bfloat16")
+# The same for xcli.fmx.FMX_ARCHS and FACTORIZATIONS (checked in tests/test_fmx.py).
+FMX_ARCHS, FACTORIZATIONS = ("fmx", "fmx-topk", "fmx-relu"), ("tr", "cp")
 
 
 class Count(click.ParamType):
@@ -453,6 +455,16 @@ class Count(click.ParamType):
         return int(number)
 
 
+def rank_list(ctx, param, value):
+    """'8,8,8' -> (8, 8, 8)."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(r) for r in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers (e.g. 16 or 16,8,16)")
+
+
 def source_list(ctx, param, value):
     """'a,b' -> ("a", "b"); an empty value stays an empty tuple, which the config rejects."""
     if value is None:
@@ -465,6 +477,7 @@ def source_list(ctx, param, value):
   xc train base.zarr chat.zarr -o diff.safetensors --latents 16384 --log metrics.jsonl
   xc train acts.zarr -o sae.safetensors --sources base.resid_post.6 --arch relu --l1 2
   xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
+  xc train layers.zarr -o fmx.safetensors --arch fmx --k 64 --ranks 32
   xc harvest ... | xc train - -o xc.safetensors
   xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9""")
 @click.argument("stores", nargs=-1, required=True, metavar="STORE...")
@@ -478,15 +491,30 @@ def source_list(ctx, param, value):
 @click.option("--write", callback=source_list, metavar="NAMES",
               help="Comma-separated sources the decoder reconstructs. Default: all training sources. "
                    "Reading layer n and writing layer n+1 makes a transcoder.")
-@click.option("--arch", type=click.Choice(ARCHS), default="batchtopk", show_default=True,
+@click.option("--arch", type=click.Choice(ARCHS + FMX_ARCHS), default="batchtopk", show_default=True,
               help="relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; "
-                   "batchtopk: the k*B best per batch, with a learned threshold at inference.")
+                   "batchtopk: the k*B best per batch, with a learned threshold at inference. "
+                   "fmx: a factorized masked crosscoder (fmxcoder) over layers of one model, selecting with "
+                   "batchtopk; fmx-topk and fmx-relu select with topk and relu. See --factorization, --ranks, "
+                   "--mask-prob.")
 @click.option("--latents", type=int, help="Dictionary size F.")
 @click.option("--expansion", type=float,
               help="Dictionary size as a multiple of the widest source's width (default 16).")
 @click.option("--k", type=int, help="Active latents per token, for topk and batchtopk (default 32).")
 @click.option("--l1", type=float, help="Sparsity penalty lambda for relu (default 2.0); it warms up over the "
                                        "first 5% of steps.")
+@click.option("--factorization", type=click.Choice(FACTORIZATIONS),
+              help="fmx: how encoder and decoder (layer x activation x latent) tensors are factorized: tr, a "
+                   "tensor ring, W[l,a,i] = trace(G_layer[l] G_act[a] G_latent[i]); cp, a CP decomposition, "
+                   "W[l,a,i] = sum_r layer[l,r] act[a,r] latent[i,r]. Default: tr.")
+@click.option("--ranks", callback=rank_list, metavar="R[,R2,R3]",
+              help="fmx: the ranks, R1,R2,R3 for tr (one number sets all three) or R for cp. Default: "
+                   "ceil(sqrt(L*d)) each for tr and L*d for cp (L layers of width d), so the joint rank is not "
+                   "limited; lower ranks share more across layers but reconstruct worse.")
+@click.option("--mask-prob", type=float,
+              help="Stochastic layer masking: in training, zero each read source's encoder input per token with "
+                   "this probability, while the loss still reconstructs the clean activations. Default: 0.05 "
+                   "for fmx archs, 0 otherwise.")
 @click.option("--batch-size", type=Count(), default=4096, show_default=True, help="Tokens per step.")
 @click.option("--tokens", type=Count(),
               help="Training tokens, e.g. 50M (rounded up to whole batches; several epochs when it exceeds "
