@@ -38,6 +38,7 @@ from xcli.crosscoder import ARCHS, Crosscoder, read_metadata, save
 from xcli.errors import BadInput, XcError
 from xcli.files import atomic_path, check_output, remove
 from xcli.loader import BatchStream, Position, StoreSet, eval_batches, split_chunks
+from xcli.models import resolve_device
 
 DTYPES = ("float32", "bfloat16")
 AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
@@ -156,28 +157,12 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise BadInput("--resume continues a run and --overwrite starts over; give one of them")
         fmx.check_options(self.arch, self.factorization, self.ranks, self.mask_prob)
-        check_device(self.device)
+        resolve_device(self.device)
 
     def hyperparameters(self) -> dict:
         """The fields that determine the weights (recorded in the checkpoint, compared on resume)."""
         return {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
-
-
-def check_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: no CUDA device is available here; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise BadInput(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-    if parsed.type not in ("cpu", "cuda"):
-        raise BadInput(f"--device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
-    return parsed
 
 
 # -- resolving defaults against the stores ------------------------------------------------
@@ -232,7 +217,7 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
         k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.activation == "relu" else None,
         k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, sum(widths[n] for n in write) // 2),
         steps=steps, tokens=None, warmup=warmup,
-        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(check_device(cfg.device)),
+        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(resolve_device(cfg.device)),
         **fmx.resolve_options(cfg.arch, cfg.factorization, cfg.ranks, cfg.mask_prob,
                               [s for s in stores.sources if s.name in sources], read))
 
