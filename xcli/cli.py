@@ -76,6 +76,21 @@ def common_options(f):
     return f
 
 
+def device_option(what: str):
+    """--device, one meaning for every command that runs torch (checked by xcli.models.resolve_device)."""
+    return click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                        help=f"Where {what}: auto picks the first CUDA GPU if there is one, else the CPU.")
+
+
+def compute_options(what: str, dtypes: tuple[str, ...], dtype_default: str, dtype_help: str):
+    """--device and --dtype; the dtype choices and what auto means differ by command."""
+    def decorate(f):
+        f = click.option("--dtype", type=click.Choice(dtypes), default=dtype_default, show_default=True,
+                         help=dtype_help)(f)
+        return device_option(what)(f)
+    return decorate
+
+
 @click.group("xc", cls=XcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="xc")
 @common_options
@@ -146,7 +161,7 @@ def not_built(name: str, issue: str):
               help="Neuronpedia user id written as creatorId. Activations are shown only for ids listed in the "
                    "instance's PUBLIC_ACTIVATIONS_USER_IDS; the default is one of them.")
 @click.option("--creator-name", default="xc", show_default=True, help="creatorName of the release and source set.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option("the crosscoder runs over the store")
 @click.option("--resume", is_flag=True, help="Continue an unfinished export in DIR: finished batches are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
 @click.option("--check", "check_dir", metavar="DIR", help="Validate the export in DIR against Neuronpedia's "
@@ -242,8 +257,7 @@ def _band(value: str) -> tuple[float, float]:
               help="Cross-layer: a layer is in a latent's span when it holds at least this share of "
               "the latent's decoder norm.")
 @click.option("--max-tokens", type=int, help="With --store: use only the first N tokens.")
-@click.option("--device", default="auto", show_default=True,
-              help="Torch device for the store pass: auto (cuda when available), cpu, cuda, cuda:1, ...")
+@device_option("the store pass runs")
 @click.option("--plot", "plot_dir", metavar="DIR", help="Also draw figures into DIR (created if missing): "
               "relative_norm.png, cosine_shared.png, layer_profiles.png (cross-layer), latent_scaling.png "
               "(with --store). Needs matplotlib: pip install 'xcli[plot]'.")
@@ -281,13 +295,14 @@ def classify_command(checkpoint, store, models, exclusive_share, shared_band, de
     """
     from xcli import classify as cl
     from xcli.crosscoder import load
+    from xcli.models import resolve_device
     from xcli.files import atomic_path, check_output, read_path_argument
     from xcli.store import open_store
 
     config = cl.ClassifyConfig(
         models=_pair(models, "--models"), exclusive_share=exclusive_share, shared_band=_band(shared_band),
         dead_frequency=dead_frequency, nu_epsilon=nu_epsilon, nu_r=nu_r, span_share=span_share,
-        max_tokens=max_tokens, device=_device(device))
+        max_tokens=max_tokens, device=str(resolve_device(device)))
     if max_tokens is not None and not store:
         raise BadInput("--max-tokens applies to the store pass; give --store STORE as well")
     if output:
@@ -315,21 +330,6 @@ def classify_command(checkpoint, store, models, exclusive_share, shared_band, de
         cl.print_summary(result, sys.stderr)
     if output:
         click.echo(output)
-
-
-def _device(value: str) -> str:
-    import torch
-
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise BadInput(f"--device {value!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {value!r}: CUDA is not available on this machine; use cpu")
-    return value
-
 
 
 @cli.command("amplify")
@@ -373,10 +373,9 @@ def _device(value: str) -> str:
               "\"match\" to each line, then one summary line per value with matches, n, rate and a 95%% "
               "Wilson interval; the same summary goes to stderr.")
 @click.option("--token-ids", is_flag=True, help="Also print the generated token ids (EOS included).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Model weights; auto is bfloat16 on a GPU that supports it, else float32. "
-              "Logits are combined in float32.")
+@compute_options("the models run", ("auto", "float32", "bfloat16", "float16"), "auto",
+                 "Model weights; auto is bfloat16 on a GPU that supports it, else float32. "
+                 "Logits are combined in float32.")
 @common_options
 def amplify_command(before, after, alphas, model, checkpoint, latents, scales, clamps, prompt_texts,
                     prompts_file, n_samples, max_new_tokens, temperature, top_p, seed, batch_size, count,
@@ -431,6 +430,8 @@ def amplify_command(before, after, alphas, model, checkpoint, latents, scales, c
 # Literal copies of xcli.crosscoder.ARCHS and xcli.train.DTYPES, so that `xc --help`
 # does not import torch; tests/test_train.py checks that they agree.
 ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("float32", "bfloat16")
+# The same for xcli.fmx.FMX_ARCHS and FACTORIZATIONS (checked in tests/test_fmx.py).
+FMX_ARCHS, FACTORIZATIONS = ("fmx", "fmx-topk", "fmx-relu"), ("tr", "cp")
 
 
 class Count(click.ParamType):
@@ -453,6 +454,16 @@ class Count(click.ParamType):
         return int(number)
 
 
+def rank_list(ctx, param, value):
+    """'8,8,8' -> (8, 8, 8)."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(r) for r in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers (e.g. 16 or 16,8,16)")
+
+
 def source_list(ctx, param, value):
     """'a,b' -> ("a", "b"); an empty value stays an empty tuple, which the config rejects."""
     if value is None:
@@ -465,6 +476,7 @@ def source_list(ctx, param, value):
   xc train base.zarr chat.zarr -o diff.safetensors --latents 16384 --log metrics.jsonl
   xc train acts.zarr -o sae.safetensors --sources base.resid_post.6 --arch relu --l1 2
   xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
+  xc train layers.zarr -o fmx.safetensors --arch fmx --k 64 --ranks 32
   xc harvest ... | xc train - -o xc.safetensors
   xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9""")
 @click.argument("stores", nargs=-1, required=True, metavar="STORE...")
@@ -478,15 +490,30 @@ def source_list(ctx, param, value):
 @click.option("--write", callback=source_list, metavar="NAMES",
               help="Comma-separated sources the decoder reconstructs. Default: all training sources. "
                    "Reading layer n and writing layer n+1 makes a transcoder.")
-@click.option("--arch", type=click.Choice(ARCHS), default="batchtopk", show_default=True,
+@click.option("--arch", type=click.Choice(ARCHS + FMX_ARCHS), default="batchtopk", show_default=True,
               help="relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; "
-                   "batchtopk: the k*B best per batch, with a learned threshold at inference.")
+                   "batchtopk: the k*B best per batch, with a learned threshold at inference. "
+                   "fmx: a factorized masked crosscoder (fmxcoder) over layers of one model, selecting with "
+                   "batchtopk; fmx-topk and fmx-relu select with topk and relu. See --factorization, --ranks, "
+                   "--mask-prob.")
 @click.option("--latents", type=int, help="Dictionary size F.")
 @click.option("--expansion", type=float,
               help="Dictionary size as a multiple of the widest source's width (default 16).")
 @click.option("--k", type=int, help="Active latents per token, for topk and batchtopk (default 32).")
 @click.option("--l1", type=float, help="Sparsity penalty lambda for relu (default 2.0); it warms up over the "
                                        "first 5% of steps.")
+@click.option("--factorization", type=click.Choice(FACTORIZATIONS),
+              help="fmx: how encoder and decoder (layer x activation x latent) tensors are factorized: tr, a "
+                   "tensor ring, W[l,a,i] = trace(G_layer[l] G_act[a] G_latent[i]); cp, a CP decomposition, "
+                   "W[l,a,i] = sum_r layer[l,r] act[a,r] latent[i,r]. Default: tr.")
+@click.option("--ranks", callback=rank_list, metavar="R[,R2,R3]",
+              help="fmx: the ranks, R1,R2,R3 for tr (one number sets all three) or R for cp. Default: "
+                   "ceil(sqrt(L*d)) each for tr and L*d for cp (L layers of width d), so the joint rank is not "
+                   "limited; lower ranks share more across layers but reconstruct worse.")
+@click.option("--mask-prob", type=float,
+              help="Stochastic layer masking: in training, zero each read source's encoder input per token with "
+                   "this probability, while the loss still reconstructs the clean activations. Default: 0.05 "
+                   "for fmx archs, 0 otherwise.")
 @click.option("--batch-size", type=Count(), default=4096, show_default=True, help="Tokens per step.")
 @click.option("--tokens", type=Count(),
               help="Training tokens, e.g. 50M (rounded up to whole batches; several epochs when it exceeds "
@@ -508,9 +535,8 @@ def source_list(ctx, param, value):
 @click.option("--shuffle-buffer", type=Count(), default=65536, show_default=True,
               help="Rows shuffled together in memory (whole chunks); memory use grows with it, not with the store.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the data order.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-              help="Compute dtype of the forward pass; weights and Adam state stay float32.")
+@compute_options("training runs", DTYPES, "float32",
+                 "Compute dtype of the forward pass; weights and Adam state stay float32.")
 @click.option("--log", type=click.Path(dir_okay=False),
               help="Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, lr, tokens/s; "
                    "and held-out evaluations.")
@@ -593,15 +619,13 @@ Examples:
                    "corpus. A corpus with fewer tokens is stored whole, with a warning.")
 @click.option("-b", "--batch-size", type=int, default=8, show_default=True, metavar="N",
               help="Windows per forward pass.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Dtype the models compute in; auto keeps the dtype they were saved in.")
+@compute_options("the models run", ("auto", "float32", "float16", "bfloat16"), "auto",
+                 "Dtype the models compute in; auto keeps the dtype they were saved in.")
 @click.option("--store-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
               show_default=True,
               help="Dtype of the stored activations. auto: bfloat16 when a model computes in bfloat16 "
                    "(stored losslessly as its bits), else float16. Values beyond the float16 range stop the "
                    "run with an error; they are never stored as inf.")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-              help="Where the models run; auto picks the first GPU if there is one.")
 @click.option("--keep-special-tokens", is_flag=True,
               help="Also store rows of BOS, EOS and other special tokens (their large norms can dominate "
                    "training). Padding is never stored.")
@@ -701,10 +725,9 @@ def info_command(store, as_json):
                    "it for large vocabularies.")
 @click.option("--batch-size", type=Count(), default=4096, show_default=True,
               help="Rows per batch for FVU, L0 and dead latents.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Language-model weights for the spliced-in loss; auto is bfloat16 on a GPU "
-              "that supports it, else float32. The crosscoder runs in float32.")
+@compute_options("the crosscoder and the models run", ("auto", "float32", "bfloat16", "float16"), "auto",
+                 "Language-model weights for the spliced-in loss; auto is bfloat16 on a GPU that supports it, "
+                 "else float32. The crosscoder runs in float32.")
 @click.option("--allow-incomplete", is_flag=True, help="Accept a store whose harvest has not finished.")
 @common_options
 def eval_command(checkpoint, stores, all_rows, truth, threshold, splice, models, data, windows, window_batch,

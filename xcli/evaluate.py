@@ -259,7 +259,7 @@ def check_sources(model: Crosscoder, stores: StoreSet) -> None:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Everything `xc eval` prints, as one JSON-ready dict (NaN becomes None)."""
-    from xcli.amplify import resolve_device
+    from xcli.models import resolve_device
 
     device = resolve_device(cfg.device)
     model = load(cfg.checkpoint, device)

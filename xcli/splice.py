@@ -19,7 +19,7 @@ its window, and (for a store) its row is one of the rows being evaluated:
     CE   = mean over scored positions of -log p(next token)
     KL   = mean over scored positions of sum_v p_clean(v) (log p_clean(v) - log p(v))
 
-Sites are resolved as `xc harvest` resolves them (xcli.models: resid_post = block
+Sites are resolved as `xc harvest` resolves them (xcli.sites: resid_post = block
 output, resid_pre = block input, mlp_out/attn_out = what that sublayer adds to the
 residual stream, or a module path).
 """
@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 from xcli import console
-from xcli.amplify import (ModelSpec, Site, _context_length, _get_hidden, _replace_hidden, check_same_tokenizer,
-                          load_causal_lm, load_tokenizer, resolve_dtype, sources_of_model)
+from xcli.amplify import check_same_tokenizer, sources_of_model
 from xcli.errors import BadInput
 from xcli.loader import StoreSet
-from xcli.models import resolve_sites
+from xcli.models import ModelSpec, context_limit, fast_dtype, load_causal_lm, load_tokenizer
+from xcli.sites import Site, hook_site, resolve_site
 from xcli.store import Source
 
 
@@ -185,13 +185,8 @@ def text_windows(path: str, tokenizer, limit: int, context: int | None) -> list[
 # -- hooks -------------------------------------------------------------------------------------------
 
 def find_site(model, source: Source) -> Site:
-    """Where a harvested source lives, resolved as `xc harvest` resolved it (xcli.models), on the
-    base model: harvest loads models without their LM head, so module paths are relative to it."""
-    base = getattr(model, "base_model", model)
-    found = resolve_sites(base, source.model, (source.site,), [] if source.layer is None else [source.layer])
-    if not found:
-        raise BadInput(f"source {source.name} names site {source.site!r} without a layer")
-    return Site(found[0].module, found[0].catch_input)
+    """Where a harvested source lives in a causal LM, resolved as `xc harvest` resolved it."""
+    return resolve_site(model, source.site, source.layer, source.model)
 
 
 class SiteHooks:
@@ -207,31 +202,14 @@ class SiteHooks:
         self.handles = []
 
     def __enter__(self):
-        for name, site in self.sites.items():
-            if site.before:
-                self.handles.append(site.module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
-            else:
-                self.handles.append(site.module.register_forward_hook(self._post(name)))
+        self.handles = [hook_site(site, lambda hidden, name=name: self.edit(name, hidden))
+                        for name, site in self.sites.items()]
         return self
 
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
         self.handles = []
-
-    def _pre(self, name):
-        def hook(module, args, kwargs):
-            hidden = _get_hidden(args, kwargs, None, True)
-            new = self.edit(name, hidden)
-            return None if new is hidden else _replace_hidden(args, kwargs, None, True, new)
-        return hook
-
-    def _post(self, name):
-        def hook(module, args, output):
-            hidden = _get_hidden(args, None, output, False)
-            new = self.edit(name, hidden)
-            return None if new is hidden else _replace_hidden(args, None, output, False, new)
-        return hook
 
     def edit(self, name: str, hidden: Tensor) -> Tensor:
         if self.replace is None:
@@ -274,7 +252,7 @@ def model_specs(crosscoder, stores: StoreSet, given: tuple[str, ...]) -> list[tu
             for m in (store.meta.get("harvest") or {}).get("models", []):
                 if m.get("alias") not in seen:
                     seen.add(m.get("alias"))
-                    specs.append((ModelSpec(m.get("alias"), m["id"], m.get("revision")), m["id"]))
+                    specs.append((ModelSpec(m["alias"], m["id"], m.get("revision")), m["id"]))
         if not specs:
             raise BadInput("the store records no models (it was not written by xc harvest); "
                            "pass --model ALIAS=PATH for each model of the crosscoder")
@@ -301,14 +279,14 @@ def spliced_loss(crosscoder, stores: StoreSet, chunks, cfg: SpliceConfig) -> dic
     from xcli.evaluate import ce_score, kl_score
 
     device = torch.device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = fast_dtype(cfg.dtype, device)
     specs = model_specs(crosscoder, stores, cfg.models)
     tokenizer = load_tokenizer(specs[0][0])
     for spec, _ in specs[1:]:
-        check_same_tokenizer(tokenizer, load_tokenizer(spec), f"model {specs[0][0].path!r}", f"model {spec.path!r}")
+        check_same_tokenizer(tokenizer, load_tokenizer(spec), f"model {specs[0][0].id!r}", f"model {spec.id!r}")
     models = [load_causal_lm(spec, device, dtype) for spec, _ in specs]
     if cfg.data is not None:
-        contexts = [c for c in map(_context_length, models) if c]
+        contexts = [c for c in map(context_limit, models) if c]
         windows = text_windows(cfg.data, tokenizer, cfg.windows, min(contexts) if contexts else None)
     else:
         windows = store_windows(stores, chunks, cfg.windows)
@@ -334,8 +312,8 @@ def spliced_loss(crosscoder, stores: StoreSet, chunks, cfg: SpliceConfig) -> dic
         n = total["tokens"]
         ce = {k: total[k] / n for k in ("ce_clean", "ce_spliced", "ce_ablated")}
         kl = {k: total[k] / n for k in ("kl_spliced", "kl_ablated")}
-        out[spec.alias or spec.path] = {
-            "path": spec.path, "sources": names, "windows": len(windows), "tokens": int(n), **ce,
+        out[spec.alias] = {
+            "path": spec.id, "sources": names, "windows": len(windows), "tokens": int(n), **ce,
             "ce_score": ce_score(ce["ce_ablated"], ce["ce_spliced"], ce["ce_clean"]), **kl,
             "kl_score": kl_score(kl["kl_ablated"], kl["kl_spliced"])}
     return out
