@@ -689,6 +689,154 @@ def info_command(store, as_json):
         click.echo(f"  {s['name']:<{width}}  {s['model']:<12} {s['site']:<12} {layer:>5} {s['d']:>6}")
 
 
+@cli.command("eval", epilog="""\b
+  xc eval xc.safetensors acts.zarr
+  xc eval xc.safetensors acts.zarr --splice --windows 128
+  xc eval xc.safetensors acts.zarr --model base=./gpt2 --model chat=./gpt2-chat
+  xc eval xc.safetensors acts.zarr --model base=./gpt2 --data eval.txt
+  xc eval xc.safetensors fresh.zarr --all-rows
+  xc eval toy.safetensors toy.zarr --truth toy.zarr.truth.safetensors
+  xc train acts.zarr -o xc.safetensors | xc eval - acts.zarr""")
+@click.argument("checkpoint", metavar="CHECKPOINT|-")
+@click.argument("stores", nargs=-1, required=True, metavar="STORE...")
+@click.option("--all-rows", is_flag=True, help="Evaluate on every row of the stores. Default: the rows `xc train` "
+              "held out (its --eval-fraction chunks); that needs the stores it was trained on.")
+@click.option("--truth", type=click.Path(dir_okay=False), metavar="TRUTH",
+              help="Planted truth of a synthetic store (STORE.truth.safetensors, from `xc synth`): adds the mean "
+                   "max cosine similarity, the fraction of planted features recovered, both by kind and by layer "
+                   "span, the reverse MMCS over latents that fire, and (two or more models) how often `xc classify` "
+                   "gives a feature's best latent the class of the planted feature.")
+@click.option("--threshold", type=float, default=0.9, show_default=True,
+              help="With --truth: a planted feature is recovered when a latent's decoder has a cosine above this "
+                   "(all sources concatenated, raw units).")
+@click.option("--splice", is_flag=True, help="Measure the spliced-in next-token loss of each model, with the models "
+              "the store's harvest recorded (local folders or the local Hugging Face cache; never downloaded).")
+@click.option("--model", "models", multiple=True, metavar="ALIAS=PATH",
+              help="A model to splice into (implies --splice); ALIAS is the model name in the checkpoint's sources. "
+                   "Repeat for each model. Every model the crosscoder reads from is needed.")
+@click.option("--data", type=click.Path(dir_okay=False), metavar="TEXT",
+              help="Measure the spliced-in loss on this text file (one sequence per line) instead of the store's "
+                   "token windows.")
+@click.option("--windows", type=int, default=64, show_default=True,
+              help="Token windows (sequences) the spliced-in loss is measured on, at most; spread evenly over the "
+                   "evaluated rows.")
+@click.option("--window-batch", type=int, default=4, show_default=True,
+              help="Windows per forward pass. Each holds B x T x vocabulary log-probabilities three times: lower "
+                   "it for large vocabularies.")
+@click.option("--batch-size", type=Count(), default=4096, show_default=True,
+              help="Rows per batch for FVU, L0 and dead latents.")
+@compute_options("the crosscoder and the models run", ("auto", "float32", "bfloat16", "float16"), "auto",
+                 "Language-model weights for the spliced-in loss; auto is bfloat16 on a GPU that supports it, "
+                 "else float32. The crosscoder runs in float32.")
+@click.option("--allow-incomplete", is_flag=True, help="Accept a store whose harvest has not finished.")
+@common_options
+def eval_command(checkpoint, stores, all_rows, truth, threshold, splice, models, data, windows, window_batch,
+                 batch_size, device, dtype, allow_incomplete):
+    """Measure a crosscoder: reconstruction, sparsity, spliced-in loss, planted-feature recovery.
+
+    Prints one JSON object: "rows" ("held-out" or "all"), "tokens", "fvu" per written source,
+    "fvu_total" (normalised units, as in training), "l0" (mean nonzero latents per token),
+    "l0_quantiles" (0.01 ... 0.99), "dead_fraction" (latents that never fire on these rows;
+    BatchTopK uses its threshold).
+
+    With --splice or --model, "splice" holds per model: "ce_clean", "ce_spliced" (that model's
+    written sources replaced by the reconstruction during the forward pass, at every position the
+    store holds, i.e. not BOS), "ce_ablated" (replaced by zeros), "ce_score" = (ce_ablated -
+    ce_spliced) / (ce_ablated - ce_clean), "kl_spliced", "kl_ablated" (KL from the clean
+    next-token distribution) and "kl_score" = (kl_ablated - kl_spliced) / kl_ablated, averaged
+    over the predictions made at spliced, evaluated positions. The crosscoder encodes the clean
+    activations of every model it reads. A score is null when its denominator is 0.
+
+    CHECKPOINT may be '-' to read its path from stdin.
+    """
+    from xcli.evaluate import EvalConfig, evaluate
+
+    if checkpoint == "-" and "-" in stores:
+        raise BadInput("only one argument can be '-' (read from stdin)")
+    stores = tuple(read_path_argument(s) for s in stores)
+    report = evaluate(EvalConfig(checkpoint=read_path_argument(checkpoint), stores=stores, all_rows=all_rows,
+                                 truth=truth, threshold=threshold, models=tuple(models), splice=splice, data=data,
+                                 windows=windows, window_batch=window_batch, batch_size=batch_size, device=device,
+                                 dtype=dtype, allow_incomplete=allow_incomplete))
+    click.echo(json.dumps(report))
+
+
+def number_pair(separator: str, cast):
+    """'1-4' or '0.5,1.5' -> a tuple of two numbers."""
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        parts = value.split(separator)
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            return tuple(cast(p) for p in parts)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not two numbers written {param.metavar}") from None
+    return convert
+
+
+@cli.command("synth", epilog="""\b
+  xc synth diff -o toy.zarr                       # a preset: diff, layers or diff-layers
+  xc synth -o toy.zarr --models base,chat --shared 64 --exclusive 16 --scaled 8 --scale 0.3
+  xc synth -o deep.zarr --models m --layers 8 --span 1-8 --drift 10 --exclusive 0
+  xc synth spec.json -o toy.zarr --seed 3 --tokens 1M
+  xc synth diff -o toy.zarr | xc train - -o toy.safetensors --k 4""")
+@click.argument("spec", required=False, metavar="[PRESET|SPEC.json]")
+@click.option("-o", "--output", required=True, type=click.Path(), metavar="STORE",
+              help="The store to write; the truth goes beside it as STORE.truth.safetensors.")
+@click.option("--models", callback=source_list, metavar="NAMES",
+              help="Comma-separated model names (default a,b); sources are MODEL.synthetic.LAYER.")
+@click.option("--layers", type=int, help="Layers per model (default 1).")
+@click.option("--width", type=int, help="Width of every source (default 32).")
+@click.option("--shared", type=int, help="Features present in every model with equal norm (default 48).")
+@click.option("--exclusive", type=int, help="Features present in one model only, per model (default 16).")
+@click.option("--scaled", type=int, help="Features present in every model with norm --scale in one of them, "
+              "per model (default 0).")
+@click.option("--scale", type=float, help="Norm of a scaled feature in its model; 1 in the others (default 0.3).")
+@click.option("--model-angle", type=float, help="Degrees between a feature's directions in any two models "
+              "(default 0: the same direction).")
+@click.option("--span", callback=number_pair("-", int), metavar="MIN-MAX",
+              help="Layers a feature spans, a contiguous range of uniform length in MIN..MAX (default 1-LAYERS).")
+@click.option("--drift", type=float, help="Degrees a feature's direction turns per layer inside its span "
+              "(default 0).")
+@click.option("--active", type=float, help="Expected number of features firing per token (default 4).")
+@click.option("--frequencies", metavar="DIST", help="Firing probabilities: uniform (default), exponential:LAMBDA "
+              "(p_g ~ LAMBDA^g) or zipf:S (p_g ~ 1/(g+1)^S), in a random order over the features.")
+@click.option("--magnitude", callback=number_pair(",", float), metavar="LOW,HIGH",
+              help="A firing feature's coefficient is uniform in [LOW, HIGH] (default 0.5,1.5).")
+@click.option("--correlation", type=float, help="Features in groups of --group-size fire together through a "
+              "Gaussian copula of this correlation; each keeps its firing probability (default 0).")
+@click.option("--group-size", type=int, help="Features per correlated group (default 4).")
+@click.option("--noise", type=float, help="Standard deviation of Gaussian noise on every coordinate (default 0).")
+@click.option("--tokens", type=Count(), help="Rows to write (default 65536).")
+@click.option("--seed", type=int, help="Everything random derives from it (default 0).")
+@click.option("--chunk-rows", type=Count(), default=STORE_CHUNK_ROWS, show_default=True, help="Rows per Zarr chunk.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Storage dtype of the activations.")
+@click.option("--codec", type=click.Choice(STORE_CODECS), default=STORE_CODEC, show_default=True,
+              help="Compression of the activation chunks.")
+@click.option("--overwrite", is_flag=True, help="Replace STORE and its truth if they exist.")
+@common_options
+def synth_command(spec, output, chunk_rows, dtype, codec, overwrite, **fields):
+    """Write a synthetic activation store with a planted dictionary, and the truth beside it.
+
+    Rows are x_s = sum_g c_g u_g^s (+ noise) for every source s (one layer of one model):
+    the coefficients c_g are common to all sources, the directions u_g^s are planted. SPEC is
+    a preset (diff: two models with shared, exclusive and scaled features; layers: one model,
+    six layers, features spanning 1-6 layers with drifting directions; diff-layers: both) or a
+    JSON file of the same fields as the options (e.g. {"models": ["a", "b"], "shared": 64});
+    options override it. The store is an ordinary activation store (train, classify and export
+    read it); `xc eval --truth STORE.truth.safetensors` scores a crosscoder against the truth.
+    Prints the store path.
+    """
+    from xcli.synth import generate, load_spec
+
+    spec_obj = load_spec(spec, **fields)
+    generate(spec_obj, output, chunk_rows=chunk_rows, dtype=dtype, codec=codec, overwrite=overwrite)
+    click.echo(str(output))
+
+
 def main():
     cli.main(prog_name="xc")
 

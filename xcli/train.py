@@ -36,8 +36,9 @@ from torch import Tensor
 from xcli import console, fmx
 from xcli.crosscoder import ARCHS, Crosscoder, read_metadata, save
 from xcli.errors import BadInput, XcError
+from xcli.evaluate import reconstruction
 from xcli.files import atomic_path, check_output, remove
-from xcli.loader import BatchStream, Position, StoreSet, eval_batches, split_chunks
+from xcli.loader import BatchStream, Position, StoreSet, split_chunks
 from xcli.models import resolve_device
 
 DTYPES = ("float32", "bfloat16")
@@ -291,38 +292,15 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
 
 # -- evaluation -----------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate(model: Crosscoder, stores: StoreSet, eval_chunks, batch_size: int, device: torch.device,
              dtype: str) -> dict | None:
     """FVU per source and in total, L0 and dead fraction on the held-out rows, as consumers see
-    the model (eval mode: BatchTopK uses its threshold). FVU uses the held-out mean."""
-    if len(eval_chunks) == 0:
+    the model (eval mode: BatchTopK uses its threshold); see xcli.evaluate.reconstruction."""
+    result = reconstruction(model, stores, eval_chunks, batch_size, device, dtype)
+    if result is None:
         return None
-    was_training = model.training
-    model.eval()
-    n, nonzero = 0, 0.0
-    fired = torch.zeros(model.n_latents, dtype=torch.bool, device=device)
-    err = {s: 0.0 for s in model.write}
-    total = {s: torch.zeros(model.decoder_bias(s).shape[0], dtype=torch.float64, device=device) for s in model.write}
-    square = {s: 0.0 for s in model.write}
-    for batch in eval_batches(stores, [s.name for s in model.sources], eval_chunks, batch_size):
-        x = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, dtype):
-            f = model.encode(x)
-            recon = model.decode_normalised(f)
-        target = model.normalise({s: x[s] for s in model.write})
-        for s in model.write:
-            err[s] += float((target[s] - recon[s].float()).double().pow(2).sum())
-            total[s] += target[s].double().sum(0)
-            square[s] += float(target[s].double().pow(2).sum())
-        nonzero += float((f != 0).sum())
-        fired |= (f != 0).any(0)
-        n += f.shape[0]
-    model.train(was_training)
-    var = {s: square[s] - float(total[s].pow(2).sum()) / n for s in model.write}
-    return {"tokens": n, "fvu": {s: err[s] / var[s] if var[s] > 0 else float("nan") for s in model.write},
-            "fvu_total": sum(err.values()) / sum(var.values()) if sum(var.values()) > 0 else float("nan"),
-            "l0": nonzero / n, "dead_fraction": 1 - float(fired.float().mean())}
+    return {"tokens": result.tokens, "fvu": result.fvu, "fvu_total": result.fvu_total, "l0": result.l0,
+            "dead_fraction": 1 - float(result.fired.mean())}
 
 
 def autocast(device: torch.device, dtype: str):
