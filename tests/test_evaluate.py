@@ -430,3 +430,22 @@ def test_exit_codes_of_a_real_process(planted, tmp_path):
     command = [sys.executable, "-m", "xcli", "eval", str(planted["checkpoint"]), str(tmp_path / "none.zarr")]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_eval_reports_mean_coherence_for_a_cross_layer_crosscoder(tmp_path):
+    from xcli.coherence import functional_coherence
+    from xcli.loader import eval_batches
+
+    spec = synth.load_spec("layers", tokens=512, seed=3)
+    synth.generate(spec, tmp_path / "layers.zarr", chunk_rows=128)
+    stores = StoreSet([tmp_path / "layers.zarr"])
+    model = cc.Crosscoder(stores.sources, 64, "topk", k=4)
+    model.init_weights(torch.Generator().manual_seed(0))
+    cc.save(model, tmp_path / "x.safetensors")
+    report = evaluate(EvalConfig(checkpoint=tmp_path / "x.safetensors", stores=(tmp_path / "layers.zarr",),
+                                 all_rows=True))
+    expected = functional_coherence(xcli.load(tmp_path / "x.safetensors"),
+                                    eval_batches(stores, model.read, list(range(stores.n_chunks)), 256))
+    assert report["coherence"]["layers"] == list(range(6))
+    assert report["coherence"]["mean"] == pytest.approx(expected.mean(), rel=1e-9)
+    assert 1.0 <= report["coherence"]["mean"] <= 6.0

@@ -10,6 +10,8 @@ checkpoint's eval fraction) or on all rows of a store:
     FVU_total      = the same sums over all written sources, in normalised units
     L0             = mean number of nonzero latents per token, with quantiles
     dead_fraction  = latents that never fire on these rows (BatchTopK uses its threshold)
+    coherence      = mean functional coherence of the latents that fire, when the
+                     crosscoder reads two or more layers (xcli.coherence; fmxcoders)
 
 With models, the spliced-in next-token loss of each model (xcli.splice): CE clean,
 with the reconstruction spliced in, with the activations zero-ablated, and
@@ -31,8 +33,10 @@ import numpy as np
 import torch
 
 from xcli import console
+from xcli.coherence import functional_coherence
 from xcli.crosscoder import Crosscoder, load
 from xcli.errors import BadInput
+from xcli.latent_stats import coherence_layers
 from xcli.loader import StoreSet, eval_batches, split_chunks
 
 L0_QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
@@ -275,6 +279,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     result = reconstruction(model, stores, chunks, cfg.batch_size, device)
     report = {"checkpoint": str(cfg.checkpoint), "stores": [str(s.path) for s in stores.stores], "rows": which,
               **result.summary()}
+    if coherence_layers(model) is not None:
+        coherence = functional_coherence(model, eval_batches(stores, model.read, chunks, cfg.batch_size))
+        report["coherence"] = {"mean": coherence.mean(), "layers": coherence.layers}
     if cfg.splice or cfg.models:
         from xcli.splice import SpliceConfig, spliced_loss
 
