@@ -46,6 +46,9 @@ class ForwardOutput(NamedTuple):
 
 
 class Crosscoder(nn.Module):
+    factorized = False
+    """True in subclasses that compute W_enc / W_dec from factors (xcli/fmx.py) instead of holding them."""
+
     def __init__(self, sources: list[Source], n_latents: int, arch: str = "batchtopk", k: int | None = None,
                  read: list[str] | None = None, write: list[str] | None = None):
         super().__init__()
@@ -65,8 +68,9 @@ class Crosscoder(nn.Module):
         self.read, self.write = read, write
         d = {s.name: s.d for s in sources}
         # ParameterLists, not dicts: source names contain dots, which module keys cannot.
-        self.W_enc = nn.ParameterList([nn.Parameter(torch.zeros(d[n], n_latents)) for n in read])
-        self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(n_latents, d[n])) for n in write])
+        if not self.factorized:
+            self.W_enc = nn.ParameterList([nn.Parameter(torch.zeros(d[n], n_latents)) for n in read])
+            self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(n_latents, d[n])) for n in write])
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.b_dec = nn.ParameterList([nn.Parameter(torch.zeros(d[n])) for n in write])
         self.register_buffer("input_scale", torch.ones(len(sources)))
@@ -184,6 +188,10 @@ class Crosscoder(nn.Module):
         """Move the inference threshold toward one batch's minimum: an exponential moving average."""
         self.threshold.mul_(decay).add_((1 - decay) * batch_min.to(self.threshold.dtype))
 
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """Tensors a subclass saves beside the ones every reader knows (xcli/fmx.py: its factors)."""
+        return {}
+
     # -- description -----------------------------------------------------------------
     def describe(self) -> dict:
         return {
@@ -210,6 +218,7 @@ def checkpoint_tensors(model: Crosscoder) -> dict[str, Tensor]:
         tensors[f"input_scale.{s.name}"] = model.scale(s.name)
     if model.arch == "batchtopk":
         tensors["threshold"] = model.threshold
+    tensors.update(model.extra_tensors())
     return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
 
 

@@ -33,17 +33,20 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from xcli import console
+from xcli import console, fmx
 from xcli.crosscoder import ARCHS, Crosscoder, read_metadata, save
 from xcli.errors import BadInput, XcError
+from xcli.evaluate import reconstruction
 from xcli.files import atomic_path, check_output, remove
-from xcli.loader import BatchStream, Position, StoreSet, eval_batches, split_chunks
+from xcli.loader import BatchStream, Position, StoreSet, split_chunks
+from xcli.models import resolve_device
 
 DTYPES = ("float32", "bfloat16")
 AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
 L1_WARMUP_FRACTION = 0.05    # λ rises linearly over the first 5% of steps (Kissane et al.)
 THRESHOLD_DECAY = 0.999      # BatchTopK threshold EMA decay (science-of-finetuning/dictionary_learning)
 STATE_VERSION = 1
+TRAIN_ARCHS = ARCHS + fmx.FMX_ARCHS
 # Fields that do not change the weights: a resumed run may differ in these.
 RUN_CONTROL = ("stores", "output", "device", "log", "log_every", "checkpoint_every", "resume", "overwrite",
                "allow_incomplete")
@@ -64,7 +67,8 @@ class TrainConfig:
     write: tuple[str, ...] | None = None
     """Sources the decoder writes; default all sources."""
     arch: str = "batchtopk"
-    """relu (L1 penalty), topk (k per token) or batchtopk (k·B per batch, threshold at inference)."""
+    """relu (L1 penalty), topk (k per token) or batchtopk (k·B per batch, threshold at inference);
+    fmx, fmx-topk, fmx-relu: a factorized masked crosscoder (xcli/fmx.py) selecting with batchtopk, topk, relu."""
     latents: int | None = None
     """Dictionary size F."""
     expansion: float | None = None
@@ -107,6 +111,18 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     allow_incomplete: bool = False
+    factorization: str | None = None
+    """fmx archs: "tr" (tensor ring, default) or "cp"."""
+    ranks: tuple[int, ...] | None = None
+    """fmx archs: (R1, R2, R3) for tr, (R,) for cp; default from the source width (fmx.default_ranks)."""
+    mask_prob: float | None = None
+    """Stochastic layer masking: probability of zeroing each (token, read source) encoder input in
+    training; default 0.05 for fmx archs, 0 otherwise."""
+
+    @property
+    def activation(self) -> str:
+        """relu, topk or batchtopk."""
+        return fmx.activation_of(self.arch)
 
     def __post_init__(self):
         def positive(name, value, zero_ok=False):
@@ -115,8 +131,8 @@ class TrainConfig:
 
         if not self.stores:
             raise BadInput("give at least one activation store")
-        if self.arch not in ARCHS:
-            raise BadInput(f"--arch {self.arch!r} is not known; use one of {', '.join(ARCHS)}")
+        if self.arch not in TRAIN_ARCHS:
+            raise BadInput(f"--arch {self.arch!r} is not known; use one of {', '.join(TRAIN_ARCHS)}")
         if self.dtype not in DTYPES:
             raise BadInput(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         for label, names in (("--sources", self.sources), ("--read", self.read), ("--write", self.write)):
@@ -126,9 +142,9 @@ class TrainConfig:
             raise BadInput("--latents and --expansion both set the dictionary size; give one of them")
         if self.tokens is not None and self.steps is not None:
             raise BadInput("--tokens and --steps both set the length of training; give one of them")
-        if self.k is not None and self.arch == "relu":
+        if self.k is not None and self.activation == "relu":
             raise BadInput("--k applies to --arch topk and batchtopk; relu uses --l1")
-        if self.l1 is not None and self.arch != "relu":
+        if self.l1 is not None and self.activation != "relu":
             raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses --k")
         for name in ("latents", "expansion", "k", "batch_size", "tokens", "steps", "lr", "dead_tokens",
                      "shuffle_buffer", "log_every", "checkpoint_every"):
@@ -141,28 +157,13 @@ class TrainConfig:
             raise BadInput(f"--eval-fraction {self.eval_fraction} must be at least 0 and below 1")
         if self.resume and self.overwrite:
             raise BadInput("--resume continues a run and --overwrite starts over; give one of them")
-        check_device(self.device)
+        fmx.check_options(self.arch, self.factorization, self.ranks, self.mask_prob)
+        resolve_device(self.device)
 
     def hyperparameters(self) -> dict:
         """The fields that determine the weights (recorded in the checkpoint, compared on resume)."""
         return {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
-
-
-def check_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: no CUDA device is available here; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise BadInput(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-    if parsed.type not in ("cpu", "cuda"):
-        raise BadInput(f"--device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
-    return parsed
 
 
 # -- resolving defaults against the stores ------------------------------------------------
@@ -203,7 +204,7 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
     widths = {s.name: s.d for s in stores.sources}
 
     latents = cfg.latents or max(1, round((cfg.expansion or 16) * max(widths[n] for n in sources)))
-    k = None if cfg.arch == "relu" else (cfg.k or 32)
+    k = None if cfg.activation == "relu" else (cfg.k or 32)
     if k is not None and k >= latents:
         raise BadInput(f"--k {k} must be below the number of latents ({latents}); lower --k or raise --latents")
     train_chunks, _ = split_chunks(stores.n_chunks, cfg.eval_fraction)
@@ -214,10 +215,12 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
         raise BadInput(f"--warmup {warmup} is longer than the {steps} steps of this run")
     return dataclasses.replace(
         cfg, sources=tuple(sources), read=tuple(read), write=tuple(write), latents=latents, expansion=None,
-        k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.arch == "relu" else None,
+        k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.activation == "relu" else None,
         k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, sum(widths[n] for n in write) // 2),
         steps=steps, tokens=None, warmup=warmup,
-        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(check_device(cfg.device)))
+        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(resolve_device(cfg.device)),
+        **fmx.resolve_options(cfg.arch, cfg.factorization, cfg.ranks, cfg.mask_prob,
+                              [s for s in stores.sources if s.name in sources], read))
 
 
 # -- schedules (pure functions of the step) ------------------------------------------------
@@ -263,9 +266,11 @@ class LossParts(NamedTuple):
     """f, (B, F)."""
 
 
-def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor, k_aux: int) -> LossParts:
-    """The training loss of one batch of raw activations."""
-    out = model(x)
+def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor, k_aux: int,
+               x_in: dict[str, Tensor] | None = None) -> LossParts:
+    """The training loss of one batch of raw activations. x_in: what the encoder reads instead
+    of x (layer masking); the targets are always x."""
+    out = model(x if x_in is None else x_in)
     target = model.normalise({n: x[n] for n in model.write})
     zero = torch.zeros((), device=out.latents.device)
     residual, sq_err, variance = {}, {}, {}
@@ -287,38 +292,15 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
 
 # -- evaluation -----------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate(model: Crosscoder, stores: StoreSet, eval_chunks, batch_size: int, device: torch.device,
              dtype: str) -> dict | None:
     """FVU per source and in total, L0 and dead fraction on the held-out rows, as consumers see
-    the model (eval mode: BatchTopK uses its threshold). FVU uses the held-out mean."""
-    if len(eval_chunks) == 0:
+    the model (eval mode: BatchTopK uses its threshold); see xcli.evaluate.reconstruction."""
+    result = reconstruction(model, stores, eval_chunks, batch_size, device, dtype)
+    if result is None:
         return None
-    was_training = model.training
-    model.eval()
-    n, nonzero = 0, 0.0
-    fired = torch.zeros(model.n_latents, dtype=torch.bool, device=device)
-    err = {s: 0.0 for s in model.write}
-    total = {s: torch.zeros(model.decoder_bias(s).shape[0], dtype=torch.float64, device=device) for s in model.write}
-    square = {s: 0.0 for s in model.write}
-    for batch in eval_batches(stores, [s.name for s in model.sources], eval_chunks, batch_size):
-        x = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, dtype):
-            f = model.encode(x)
-            recon = model.decode_normalised(f)
-        target = model.normalise({s: x[s] for s in model.write})
-        for s in model.write:
-            err[s] += float((target[s] - recon[s].float()).double().pow(2).sum())
-            total[s] += target[s].double().sum(0)
-            square[s] += float(target[s].double().pow(2).sum())
-        nonzero += float((f != 0).sum())
-        fired |= (f != 0).any(0)
-        n += f.shape[0]
-    model.train(was_training)
-    var = {s: square[s] - float(total[s].pow(2).sum()) / n for s in model.write}
-    return {"tokens": n, "fvu": {s: err[s] / var[s] if var[s] > 0 else float("nan") for s in model.write},
-            "fvu_total": sum(err.values()) / sum(var.values()) if sum(var.values()) > 0 else float("nan"),
-            "l0": nonzero / n, "dead_fraction": 1 - float(fired.float().mean())}
+    return {"tokens": result.tokens, "fvu": result.fvu, "fvu_total": result.fvu_total, "l0": result.l0,
+            "dead_fraction": 1 - float(result.fired.mean())}
 
 
 def autocast(device: torch.device, dtype: str):
@@ -407,7 +389,11 @@ def write_checkpoint(model: Crosscoder, cfg: TrainConfig, stores: StoreSet, stat
 
 def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
     sources = [s for s in stores.sources if s.name in cfg.sources]
-    model = Crosscoder(sources, cfg.latents, cfg.arch, cfg.k, list(cfg.read), list(cfg.write))
+    if fmx.is_fmx(cfg.arch):
+        model = fmx.FmxCrosscoder(sources, cfg.latents, cfg.activation, cfg.k, list(cfg.read), list(cfg.write),
+                                  cfg.factorization, cfg.ranks)
+    else:
+        model = Crosscoder(sources, cfg.latents, cfg.arch, cfg.k, list(cfg.read), list(cfg.write))
     means = {}
     for i, source in enumerate(sources):
         stats = stores.stats(source.name)
@@ -583,9 +569,9 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Pat
                     record = {"kind": "train", "step": state.step, "tokens": state.tokens,
                               "epoch": state.tokens / stream.rows_per_epoch, **state.last_train,
                               "lr": lr_at(state.step - 1, cfg)}
-                    if cfg.arch == "relu":
+                    if cfg.activation == "relu":
                         record["l1"] = l1_at(state.step - 1, cfg)
-                    if cfg.arch == "batchtopk":
+                    if cfg.activation == "batchtopk":
                         record["threshold"] = float(model.threshold)
                     emit(record)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}")
@@ -611,8 +597,12 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
     for group in opt.param_groups:
         group["lr"] = lr_at(state.step, cfg)
     dead = state.since_fired >= cfg.dead_tokens
+    x_in = None
+    if cfg.mask_prob:  # stochastic layer masking (xcli/fmx.py): the encoder reads x_in, the loss targets x
+        keep = fmx.layer_keep(x[model.read[0]].shape[0], len(model.read), cfg.mask_prob, cfg.seed, state.step)
+        x_in = fmx.mask_layers(x, model.read, keep)
     with autocast(x[model.write[0]].device, cfg.dtype):
-        parts = loss_parts(model, x, l1_at(state.step, cfg), dead, cfg.k_aux)
+        parts = loss_parts(model, x, l1_at(state.step, cfg), dead, cfg.k_aux, x_in)
     opt.zero_grad(set_to_none=True)
     parts.loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
@@ -622,7 +612,7 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
     with torch.no_grad():
         rows = parts.latents.shape[0]
         state.since_fired = torch.where((parts.latents != 0).any(0), 0, state.since_fired + rows)
-        if cfg.arch == "batchtopk" and state.step >= cfg.warmup:
+        if cfg.activation == "batchtopk" and state.step >= cfg.warmup:
             state.threshold_updates += 1
             model.update_threshold(model.batch_threshold(parts.latents), threshold_decay(state.threshold_updates))
     state.step += 1
