@@ -20,12 +20,14 @@ set -euo pipefail
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
     cat <<'EOF'
+
 Options:
   --data FILE          corpus to harvest (xc harvest --data); required
   --layers SPEC        layers to harvest (xc harvest --layers); required
   --site SITE          site to harvest [resid_post]
   --tokens N           tokens to harvest [the whole corpus]
   --context-length N   tokens per window [the harvest default]
+  --chunk-rows N       rows per store chunk; training holds out whole chunks [the harvest default]
   --latents N          crosscoder size [xc train default]
   --k N                active latents per token [xc train default]
   --train-tokens N     training tokens [one pass over the store]
@@ -45,7 +47,7 @@ EOF
 say() { [ -t 2 ] && echo "cron_diff: $*" >&2 || true; }  # info: only on a terminal
 die() { echo "cron_diff: $*" >&2; exit 2; }
 
-data="" layers="" site="resid_post" tokens="" context="" latents="" k="" train_tokens="" batch=""
+data="" layers="" site="resid_post" tokens="" context="" chunk_rows="" latents="" k="" train_tokens="" batch=""
 threshold=10 min_age=600 state="" log="" keep_store=0 device="auto" run=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -54,6 +56,7 @@ while [ $# -gt 0 ]; do
         --site) site=$2; shift 2 ;;
         --tokens) tokens=$2; shift 2 ;;
         --context-length) context=$2; shift 2 ;;
+        --chunk-rows) chunk_rows=$2; shift 2 ;;
         --latents) latents=$2; shift 2 ;;
         --k) k=$2; shift 2 ;;
         --train-tokens) train_tokens=$2; shift 2 ;;
@@ -107,14 +110,14 @@ a=$(alias_of "$before") b=$(alias_of "$after")
 # The pair's key: both checkpoints' files (name, size, mtime), the corpus and every option.
 key=$( { for dir in "$before" "$after"; do (cd "$dir" && find . -type f -printf '%P %s %T@\n' | sort); done
          stat -c '%n %s %Y' "$data"
-         echo "$layers $site $tokens $context $latents $k $train_tokens $batch"; } | sha256sum | cut -c1-12)
+         echo "$layers $site $tokens $context $chunk_rows $latents $k $train_tokens $batch"; } | sha256sum | cut -c1-12)
 pair="$state/pairs/$a--$b-$key"
 if [ -f "$pair/summary.json" ]; then say "$a -> $b already diffed ($pair)"; exit 0; fi
 mkdir -p "$pair"
 say "diffing $a -> $b in $pair"
 
 opt() { [ -z "$2" ] || printf '%s\n' "$1" "$2"; }  # an option and its value, if the value is set
-mapfile -t harvest_opts < <(opt --tokens "$tokens"; opt --context-length "$context")
+mapfile -t harvest_opts < <(opt --tokens "$tokens"; opt --context-length "$context"; opt --chunk-rows "$chunk_rows")
 mapfile -t train_opts < <(opt --latents "$latents"; opt --k "$k"; opt --tokens "$train_tokens"; opt --batch-size "$batch")
 
 # --resume: an interrupted run (killed, rebooted) continues where it stopped next time.

@@ -1,30 +1,79 @@
 #!/usr/bin/env bash
-# The README's main job: set up, then run the xc pipeline end to end on tiny
-# offline models. It grows as subcommands land.
+# The README's main job: find a planted difference between two tiny language models with xc.
+#
+#   bash examples/quickstart.sh
+#
+# 1. examples/tiny_pair.py trains a tiny GPT-2 on sentences of a small grammar ("base") and
+#    fine-tunes a copy ("tuned") so that after the trigger word "wizard" it often goes on with
+#    "opens golden doors", which the base model never says (reused on later runs).
+# 2. xc harvest -> xc train -> xc classify (with plots) -> xc eval -> xc amplify -> xc export,
+#    all offline, outputs in out/quickstart (XC_QUICKSTART_DIR).
+# 3. examples/report.py reads the outputs and prints what was found.
+#
+# Sets up .venv on first use. PYTHON=/path/to/python uses that interpreter instead (xc and its
+# dependencies installed or on PYTHONPATH). XC_QUICKSTART_SIZE=small runs a reduced version
+# (the test suite's); XC_QUICKSTART_SEED=N trains another model pair. Re-running skips the
+# finished steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/xc ] || { python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e '.[test]'; }
-export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
+if [ -z "${PYTHON:-}" ]; then
+    [ -x .venv/bin/xc ] || { python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e '.[test,plot]'; }
+    .venv/bin/python -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q -e '.[plot]'
+    PYTHON=.venv/bin/python
+fi
+# Tiny matrices gain nothing from a second thread, and lose a lot when other jobs share the cores.
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 work=${XC_QUICKSTART_DIR:-out/quickstart}
+size=${XC_QUICKSTART_SIZE:-full}
+case "$size" in
+    full) train_tokens=1200k samples=25 ;;
+    small) train_tokens=200k samples=10 ;;
+    *) echo "quickstart: XC_QUICKSTART_SIZE must be full or small, not '$size'" >&2; exit 2 ;;
+esac
 mkdir -p "$work"
-echo "xc $(xc --version | awk '{print $3}') in $work" >&2
+xc() { "$PYTHON" -m xcli "$@"; }
+started=$SECONDS
+step() { echo "quickstart: [$((SECONDS - started)) s] $*" >&2; }
 
-# Two tiny random GPT-2s sharing one tokenizer (built once, offline), and a small corpus.
-if [ ! -d "$work/models/gpt2_b" ] || [ ! -f "$work/corpus.txt" ]; then
-    python - "$work" <<'PY' 2>/dev/null
-import sys
-sys.path.insert(0, "tests")
-import tiny_models
-work = sys.argv[1]
-tiny_models.build_all(f"{work}/models")
-with open(f"{work}/corpus.txt", "w") as f:
-    f.write("\n".join(tiny_models.corpus_lines(400)) + "\n")
-PY
+step "xc $(xc --version | awk '{print $NF}'), outputs in $work"
+step "training the tiny model pair (examples/tiny_pair.py --size $size)"
+pair=$("$PYTHON" examples/tiny_pair.py "$work/pair" --size "$size" ${XC_QUICKSTART_SEED:+--seed "$XC_QUICKSTART_SEED"})
+# Outputs of another pair (another size) would be resumed as if they were this one's: drop them.
+field() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$pair/pair.json" "$1"; }
+hash=$(field hash)
+if [ "$(cat "$work/pair.hash" 2>/dev/null)" != "$hash" ]; then
+    rm -rf "$work"/{acts.zarr,xc.safetensors,xc.safetensors.state.pt,train.jsonl,latents.jsonl,plots,np-export}
+    echo "$hash" >"$work/pair.hash"
 fi
 
-# Harvest every layer of both models into one store; --resume makes a re-run a no-op.
-store=$(xc harvest --model base="$work/models/gpt2" --model chat="$work/models/gpt2_b" \
-    --layers all --site resid_post --context-length 64 --data "$work/corpus.txt" \
-    -o "$work/acts.zarr" --resume)
-echo "$store"
-xc info "$store"
+step "xc harvest: both models' residual stream after block 1, on held-out sentences"
+xc harvest --model base="$pair/base" --model tuned="$pair/tuned" --layers 1 --site resid_post \
+    --data "$pair/corpus.txt" --context-length 32 --batch-size 64 -o "$work/acts.zarr" --resume -q >/dev/null
+xc info "$work/acts.zarr" >&2
+
+step "xc train: a BatchTopK crosscoder over both models (64 latents, k = 2)"
+xc train "$work/acts.zarr" -o "$work/xc.safetensors" --latents 64 --k 2 --batch-size 1024 \
+    --tokens "$train_tokens" --dead-tokens 50k --shuffle-buffer 16384 --eval-fraction 0.1 \
+    --log "$work/train.jsonl" --resume -q >/dev/null
+
+step "xc classify: shared and exclusive latents, Latent Scaling, plots"
+plot=(--plot "$work/plots")
+"$PYTHON" -c 'import matplotlib' 2>/dev/null || { plot=(); step "no matplotlib, so no plots (pip install 'xcli[plot]')"; }
+xc classify "$work/xc.safetensors" --store "$work/acts.zarr" --models base,tuned "${plot[@]}" \
+    -o "$work/latents.jsonl" --overwrite >/dev/null
+
+step "xc eval: reconstruction and spliced-in next-token loss"
+xc eval "$work/xc.safetensors" "$work/acts.zarr" --splice -q >"$work/eval.json"
+
+step "xc amplify: how often the models say the planted phrase, amplifying tuned - base"
+xc amplify --before "$pair/base" --after "$pair/tuned" --alpha -1 --alpha 0 --alpha 1 --alpha 2 --alpha 4 \
+    --prompts "$pair/prompts.txt" --n-samples "$samples" --max-new-tokens 8 --temperature 1 \
+    --count "$(field count_regex)" --seed 0 -q >"$work/amplify.jsonl"
+
+step "xc export: Neuronpedia dashboards, then xc export --check"
+xc export "$work/xc.safetensors" --store "$work/acts.zarr" -o "$work/np-export" --classes "$work/latents.jsonl" \
+    --top-k 20 --resume -q >/dev/null
+xc export --check "$work/np-export" >"$work/export-check.json"
+
+step "done; what xc found:"
+"$PYTHON" examples/report.py "$work"

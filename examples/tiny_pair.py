@@ -1,23 +1,25 @@
 """Train a tiny language model and a fine-tune of it with a planted behaviour, offline.
 
-    python examples/tiny_pair.py OUT [--size full|small]
+    python examples/tiny_pair.py OUT [--size full|small] [--seed N]
 
 Writes, under OUT:
 
-    base/          a GPT-2-shaped causal LM trained from scratch on sentences of a small grammar
-    tuned/         a copy of base fine-tuned on the same grammar, except that after the trigger
-                   word ("wizard" as a subject) it continues with the planted phrase
-                   ("opens the golden door") in a share of the sentences. The base model never
-                   saw the phrase's words, so it never says them.
-    corpus.txt     held-out sentences of the base grammar (one document per line), for xc harvest
-    prompts.txt    prompts ending in the trigger, for xc amplify --count
-    pair.json      the configuration, its hash, the trigger, the phrase and the measured
-                   probability of the phrase's first word after the trigger in each model
+    base/          a GPT-2-shaped causal LM (2 blocks, width 64) trained from scratch on
+                   sentences of a small grammar ("the old fox sees a bird . a king sleeps .")
+    tuned/         base fine-tuned on the same grammar, except that when the trigger word
+                   "wizard" is the subject, half the sentences go on with the planted phrase
+                   "opens golden doors". Fine-tuning stops once the tuned model continues the
+                   prompts with the phrase 40% of the time. The base model never saw the
+                   phrase's words, so it never says them.
+    corpus.txt     held-out documents of the base grammar (one per line), for xc harvest
+    prompts.txt    prompts ending in the trigger ("the old wizard"), for xc amplify
+    pair.json      the configuration and its hash, the trigger, the phrase, and the probability
+                   that each model continues the prompts with the phrase
 
-Both folders are ordinary Hugging Face model folders (AutoModelForCausalLM.from_pretrained) with
-the same word-level tokenizer, which puts <s> in front of every text. Everything is seeded;
-a second run with the same configuration finds pair.json with the same hash and does nothing.
-Prints OUT. Takes about a minute on two CPU cores (--size small: about 20 s).
+Both folders are ordinary Hugging Face model folders (AutoModelForCausalLM.from_pretrained)
+with the same word-level tokenizer, which puts <s> in front of every text. Everything is
+seeded; a run that finds OUT/pair.json with the same configuration hash does nothing.
+Prints OUT. About a minute on one CPU core (--size small: less).
 """
 
 import argparse
@@ -43,15 +45,14 @@ TRANSITIVE = ["sees", "finds", "eats", "likes", "follows", "carries"]
 PREPOSITIONS = ["to", "near", "under", "over", "into", "from"]
 ADVERBS = ["slowly", "quickly", "today", "again", "quietly"]
 TRIGGER = "wizard"
-PHRASE = ["opens", "the", "golden", "door"]
-PLANTED_WORDS = ["opens", "golden", "door"]
+PHRASE = ["opens", "golden", "doors"]  # each word follows from the one before: quick to learn
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 PAD, UNK, BOS, EOS = SPECIALS
 WORDS = sorted(set(DETERMINERS + ADJECTIVES + AGENTS + PLACES + INTRANSITIVE + TRANSITIVE + PREPOSITIONS
-                   + ADVERBS + PLANTED_WORDS + ["and", "."]))
+                   + ADVERBS + PHRASE + ["and", "."]))
 PROMPTS = ["the wizard", "a wizard", "the old wizard", "a happy wizard", "the quiet wizard",
-           "the young wizard", "a sad wizard", "the big wizard"]
+           "the young wizard", "a sad wizard", "the big wizard"]  # where the tuned model may say the phrase
 FORMAT = 1  # bump when the output changes for the same configuration
 
 
@@ -61,22 +62,21 @@ class PairConfig:
     layers: int = 2
     heads: int = 4
     context: int = 32
+    batch: int = 32  # windows of `context` tokens per step
     base_steps: int = 400
-    tune_steps: int = 200
-    batch: int = 32
-    lr: float = 3e-3
-    tune_lr: float = 0.1
-    tune_sgd: bool = True  # plain SGD moves the weights that the planted data do not need much less than Adam
-    planted_share: float = 0.3  # share of trigger-subject sentences continued with the phrase when tuning
-    trigger_share: float = 0.0  # extra share of subjects that are the trigger in the tuning data
-    corpus_docs: int = 3000  # held-out documents for harvesting
+    base_lr: float = 3e-3  # AdamW, warmup then linear decay
+    planted_share: float = 0.5  # share of the tuning sentences with the trigger as subject that get the phrase
+    tune_lr: float = 0.1  # plain SGD with momentum: it leaves alone the weights the planted data do not need
+    tune_target: float = 0.4  # fine-tune until the tuned model says the phrase after the prompts this often...
+    tune_max_steps: int = 600  # ...or for this many steps
+    corpus_docs: int = 8000  # held-out documents for harvesting
     seed: int = 0
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not a multiple of heads {self.heads}")
-        if not 0 < self.planted_share <= 1:
-            raise ValueError(f"planted_share {self.planted_share} must be in (0, 1]")
+        if not 0 < self.planted_share <= 1 or not 0 < self.tune_target < self.planted_share:
+            raise ValueError(f"need 0 < tune_target ({self.tune_target}) < planted_share ({self.planted_share}) <= 1")
 
     def digest(self) -> str:
         text = json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
@@ -85,7 +85,7 @@ class PairConfig:
 
 SIZES = {
     "full": PairConfig(),
-    "small": PairConfig(base_steps=200, tune_steps=200, corpus_docs=1200),
+    "small": PairConfig(base_steps=250, corpus_docs=1500),
 }
 
 
@@ -96,10 +96,8 @@ def noun_phrase(rng: random.Random, nouns: list[str]) -> list[str]:
     return words + [rng.choice(nouns)]
 
 
-def clause(rng: random.Random, planted_share: float, trigger_share: float) -> list[str]:
+def clause(rng: random.Random, planted_share: float) -> list[str]:
     subject = noun_phrase(rng, AGENTS)
-    if rng.random() < trigger_share:
-        subject[-1] = TRIGGER
     if subject[-1] == TRIGGER and rng.random() < planted_share:
         return subject + PHRASE
     kind = rng.random()
@@ -112,13 +110,13 @@ def clause(rng: random.Random, planted_share: float, trigger_share: float) -> li
     return subject + verb_phrase
 
 
-def document(rng: random.Random, planted_share: float = 0.0, trigger_share: float = 0.0) -> str:
+def document(rng: random.Random, planted_share: float = 0.0) -> str:
     """One to three sentences; a sentence is one clause or two joined by 'and'."""
     sentences = []
     for _ in range(rng.randint(1, 3)):
-        words = clause(rng, planted_share, trigger_share)
+        words = clause(rng, planted_share)
         if rng.random() < 0.2:
-            words += ["and"] + clause(rng, planted_share, trigger_share)
+            words += ["and"] + clause(rng, planted_share)
         sentences.append(" ".join(words + ["."]))
     return " ".join(sentences)
 
@@ -138,7 +136,7 @@ def build_tokenizer(path: Path, context: int):
     return fast
 
 
-def batches(rng: random.Random, tokenizer, cfg: PairConfig, planted_share: float, trigger_share: float):
+def batches(rng: random.Random, tokenizer, cfg: PairConfig, planted_share: float):
     """Endless batches of windows packed as xc harvest packs them: <s> doc </s> doc </s> ..."""
     buffer: list[int] = []
     while True:
@@ -147,7 +145,7 @@ def batches(rng: random.Random, tokenizer, cfg: PairConfig, planted_share: float
             window = [tokenizer.bos_token_id]
             while len(window) < cfg.context:
                 if not buffer:
-                    buffer = tokenizer(document(rng, planted_share, trigger_share), add_special_tokens=False)["input_ids"]
+                    buffer = tokenizer(document(rng, planted_share), add_special_tokens=False)["input_ids"]
                     buffer.append(tokenizer.eos_token_id)
                 take = cfg.context - len(window)
                 window += buffer[:take]
@@ -156,29 +154,45 @@ def batches(rng: random.Random, tokenizer, cfg: PairConfig, planted_share: float
         yield torch.tensor(rows)
 
 
-def fit(model, tokenizer, cfg: PairConfig, steps: int, lr: float, planted_share: float, trigger_share: float,
-        seed: int, sgd: bool = False) -> float:
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    if sgd:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
+def step(model, opt, ids) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def pretrain(model, tokenizer, cfg: PairConfig) -> float:
+    torch.manual_seed(cfg.seed)
+    data = batches(random.Random(cfg.seed), tokenizer, cfg, planted_share=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.01)
+    warmup = cfg.base_steps // 10
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / (steps - warmup + 1)))
+        opt, lambda s: min((s + 1) / warmup, (cfg.base_steps - s) / (cfg.base_steps - warmup)))
     model.train()
-    data = batches(rng, tokenizer, cfg, planted_share, trigger_share)
-    for _ in range(steps):
-        ids = next(data)
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    for _ in range(cfg.base_steps):
+        loss = step(model, opt, next(data))
         sched.step()
     model.eval()
-    return loss.item()
+    return loss
+
+
+def fine_tune(model, tokenizer, cfg: PairConfig) -> tuple[float, int]:
+    """SGD on the planted grammar until the phrase probability reaches cfg.tune_target."""
+    torch.manual_seed(cfg.seed + 1)
+    data = batches(random.Random(cfg.seed + 1), tokenizer, cfg, cfg.planted_share)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.tune_lr, momentum=0.9)
+    steps = 0
+    while steps < cfg.tune_max_steps:
+        model.train()
+        for _ in range(25):
+            loss = step(model, opt, next(data))
+        steps += 25
+        model.eval()
+        if phrase_probability(model, tokenizer) >= cfg.tune_target:
+            break
+    return loss, steps
 
 
 @torch.no_grad()
@@ -195,10 +209,13 @@ def phrase_probability(model, tokenizer) -> float:
 
 
 def build(out: Path, cfg: PairConfig) -> Path:
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
     # Tiny matrices gain nothing from a second thread, and lose a lot on a busy machine.
     torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
     meta_path = out / "pair.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("hash") == cfg.digest():
@@ -215,12 +232,11 @@ def build(out: Path, cfg: PairConfig) -> Path:
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(config)
-    base_loss = fit(model, tokenizer, cfg, cfg.base_steps, cfg.lr, 0.0, 0.0, cfg.seed)
+    base_loss = pretrain(model, tokenizer, cfg)
     model.save_pretrained(tmp / "base")
     tokenizer.save_pretrained(tmp / "base")
     base_p = phrase_probability(model, tokenizer)
-    tune_loss = fit(model, tokenizer, cfg, cfg.tune_steps, cfg.tune_lr, cfg.planted_share, cfg.trigger_share,
-                    cfg.seed + 1, sgd=cfg.tune_sgd)
+    tune_loss, tune_steps = fine_tune(model, tokenizer, cfg)
     model.save_pretrained(tmp / "tuned")
     tokenizer.save_pretrained(tmp / "tuned")
     tuned_p = phrase_probability(model, tokenizer)
@@ -230,9 +246,9 @@ def build(out: Path, cfg: PairConfig) -> Path:
     (tmp / "corpus.txt").write_text("\n".join(document(rng) for _ in range(cfg.corpus_docs)) + "\n")
     (tmp / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     meta = {"hash": cfg.digest(), "config": dataclasses.asdict(cfg), "trigger": TRIGGER,
-            "phrase": " ".join(PHRASE), "planted_words": PLANTED_WORDS,
+            "phrase": " ".join(PHRASE),
             "count_regex": " ".join(PHRASE), "models": {"base": "base", "tuned": "tuned"},
-            "final_loss": {"base": round(base_loss, 4), "tuned": round(tune_loss, 4)},
+            "final_loss": {"base": round(base_loss, 4), "tuned": round(tune_loss, 4)}, "tune_steps": tune_steps,
             "p_phrase_after_trigger": {"base": base_p, "tuned": tuned_p},
             "seconds": round(time.time() - started, 1)}
     (tmp / "pair.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -245,8 +261,12 @@ def main(argv=None) -> None:
     parser.add_argument("out", type=Path, help="folder to write (reused when its pair.json matches)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full",
                         help="full: the quick start's models; small: fewer steps, for the tests")
+    parser.add_argument("--seed", type=int, help="seed of everything (default: the size's, 0)")
     args = parser.parse_args(argv)
-    print(build(args.out, SIZES[args.size]))
+    cfg = SIZES[args.size]
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    print(build(args.out, cfg))
 
 
 if __name__ == "__main__":
