@@ -402,7 +402,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(small_store, tmp_pat
     command = [sys.executable, "-m", "xcli", "train", str(small_store), "-o", str(out), *CLI_RUN]
     proc = subprocess.Popen(command, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while saved_step(out) < 0:  # kill -9 as soon as the first checkpoint is on disk
+    while saved_step(out) < 0 or not out.exists():  # kill -9 as soon as the first checkpoint is on disk
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.002)

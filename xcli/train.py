@@ -259,30 +259,49 @@ class LossParts(NamedTuple):
     """Per written source, the batch's summed squared error."""
     variance: dict[str, Tensor]
     """Per written source, the batch's summed squared deviation from its mean (FVU denominator)."""
-    latents: Tensor
-    """f, (B, F)."""
+    l0: Tensor
+    """Mean number of nonzero latents per token."""
+    fired: Tensor
+    """(F,) bool: latents nonzero for some token of the batch."""
+    min_score: Tensor | None
+    """BatchTopK: the smallest selection score kept in the batch (the inference threshold tracks it)."""
+    tokens: int
 
 
 def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor, k_aux: int) -> LossParts:
-    """The training loss of one batch of raw activations."""
-    out = model(x)
+    """The training loss of one batch of raw activations (topk and batchtopk on the sparse path
+    unless `model.sparse_path` is False)."""
     target = model.normalise({n: x[n] for n in model.write})
-    zero = torch.zeros((), device=out.latents.device)
+    batch = target[model.write[0]].shape[0]
+    if model.arch != "relu" and model.sparse_path:
+        out = model.forward_sparse(x)
+        reconstruction, min_score = out.reconstruction, out.min_score
+        nonzero = (out.values != 0).float()
+        l0, fired = nonzero.sum() / batch, out.pairs.sum_by_latent(nonzero) > 0
+        decode_aux = lambda: model.sparse_aux_reconstruction(out, dead, k_aux)  # noqa: E731
+    else:
+        out = model(x)
+        reconstruction, f = out.reconstruction, out.latents
+        l0, fired = (f != 0).sum() / batch, (f != 0).any(0)
+        min_score = model.batch_threshold(f) if model.arch == "batchtopk" else None
+        decode_aux = lambda: model.decode_normalised(  # noqa: E731
+            model.aux_latents(out.pre_activations, dead, k_aux), bias=False)
+    zero = torch.zeros((), device=l0.device)
     residual, sq_err, variance = {}, {}, {}
     for name in model.write:
-        residual[name] = target[name] - out.reconstruction[name].float()
+        residual[name] = target[name] - reconstruction[name].float()
         sq_err[name] = residual[name].pow(2).sum()
         variance[name] = (target[name] - target[name].mean(0)).pow(2).sum()
-    batch = out.latents.shape[0]
     recon = sum(sq_err.values()) / batch
-    sparsity = l1 * (out.latents.float() @ model.decoder_norms().sum(dim=1)).mean() if model.arch == "relu" else zero
+    sparsity = l1 * (f.float() @ model.decoder_norms().sum(dim=1)).mean() if model.arch == "relu" else zero
     aux = zero
     if model.arch != "relu" and k_aux > 0 and bool(dead.any()):
-        aux_recon = model.decode_normalised(model.aux_latents(out.pre_activations, dead, k_aux), bias=False)
+        aux_recon = decode_aux()
         err = sum((residual[n].detach() - aux_recon[n].float()).pow(2).sum() for n in model.write)
         scale = sum((residual[n] - residual[n].mean(0)).detach().pow(2).sum() for n in model.write)
         aux = torch.where(scale > 0, err / scale.clamp_min(1e-30), zero)
-    return LossParts(recon + sparsity + AUX_WEIGHT * aux, recon, sparsity, aux, sq_err, variance, out.latents)
+    return LossParts(recon + sparsity + AUX_WEIGHT * aux, recon, sparsity, aux, sq_err, variance,
+                     l0, fired, min_score, batch)
 
 
 # -- evaluation -----------------------------------------------------------------------------
@@ -460,13 +479,13 @@ class Metrics:
 
     def add(self, parts: LossParts) -> None:
         values = {"loss": parts.loss, "recon": parts.recon, "sparsity": parts.sparsity, "aux": parts.aux,
-                  "l0": (parts.latents != 0).sum() / parts.latents.shape[0],
+                  "l0": parts.l0,
                   **{f"err.{k}": v for k, v in parts.sq_err.items()},
                   **{f"var.{k}": v for k, v in parts.variance.items()}}
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0) + value.detach().float()
         self.steps += 1
-        self.tokens += parts.latents.shape[0]
+        self.tokens += parts.tokens
 
     def record(self, names: list[str]) -> dict:
         avg = {k: float(v) for k, v in self.sums.items()}
@@ -620,11 +639,11 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
         stop_on_nonfinite(parts.loss, grad_norm, state, cfg, last_saved)
     opt.step()
     with torch.no_grad():
-        rows = parts.latents.shape[0]
-        state.since_fired = torch.where((parts.latents != 0).any(0), 0, state.since_fired + rows)
+        rows = parts.tokens
+        state.since_fired = torch.where(parts.fired, 0, state.since_fired + rows)
         if cfg.arch == "batchtopk" and state.step >= cfg.warmup:
             state.threshold_updates += 1
-            model.update_threshold(model.batch_threshold(parts.latents), threshold_decay(state.threshold_updates))
+            model.update_threshold(parts.min_score, threshold_decay(state.threshold_updates))
     state.step += 1
     state.tokens += rows
     return parts
