@@ -299,7 +299,7 @@ def amplify_command(before, after, alphas, model, checkpoint, latents, scales, c
 
 # Literal copies of xcli.crosscoder.ARCHS and xcli.train.DTYPES, so that `xc --help`
 # does not import torch; tests/test_train.py checks that they agree.
-ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("float32", "bfloat16")
+ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("auto", "float32", "bfloat16")
 
 
 class Count(click.ParamType):
@@ -378,8 +378,10 @@ def source_list(ctx, param, value):
               help="Rows shuffled together in memory (whole chunks); memory use grows with it, not with the store.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the data order.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-              help="Compute dtype of the forward pass; weights and Adam state stay float32.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Compute dtype of the encoder matmul; weights and Adam state stay float32. auto: bfloat16 "
+                   "on CUDA GPUs with bf16 and on CPUs with AMX or AVX512-BF16, else float32. The choice is "
+                   "recorded, and --resume must use the same one.")
 @click.option("--log", type=click.Path(dir_okay=False),
               help="Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, lr, tokens/s; "
                    "and held-out evaluations.")

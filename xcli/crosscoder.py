@@ -189,7 +189,8 @@ class Crosscoder(nn.Module):
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             mm = sparse.encoder_matmul(xs, list(self.W_enc), dtype)  # (B, F)
             norms = self.decoder_norms().sum(dim=1)
-            score = torch.addcmul(self.b_enc * norms, mm, norms)  # pre * norms; <= 0 where ReLU gives 0
+            # pre * norms in one pass over (B, F), in the matmul's dtype; <= 0 where ReLU gives 0
+            score = torch.addcmul((self.b_enc * norms).to(mm.dtype), mm, norms.to(mm.dtype))
             if self.arch == "topk":
                 pairs = sparse.select_topk(score, self.k)
             elif batch_select if batch_select is not None else self.training:

@@ -39,7 +39,7 @@ from xcli.errors import BadInput, XcError
 from xcli.files import atomic_path, check_output, remove
 from xcli.loader import BatchStream, Position, StoreSet, eval_batches, split_chunks
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
 L1_WARMUP_FRACTION = 0.05    # λ rises linearly over the first 5% of steps (Kissane et al.)
 THRESHOLD_DECAY = 0.999      # BatchTopK threshold EMA decay (science-of-finetuning/dictionary_learning)
@@ -98,8 +98,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
-    dtype: str = "float32"
-    """Compute dtype of the forward pass (weights and Adam stay float32)."""
+    dtype: str = "auto"
+    """Compute dtype of the encoder matmul (weights and Adam stay float32); auto: bfloat16 where the
+    device has fast bf16 matmuls (CUDA with bf16, CPUs with AMX or AVX512-BF16), else float32."""
     log: str | None = None
     """JSON-lines metrics file."""
     log_every: int = 100
@@ -217,7 +218,22 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
         k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.arch == "relu" else None,
         k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, sum(widths[n] for n in write) // 2),
         steps=steps, tokens=None, warmup=warmup,
-        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(check_device(cfg.device)))
+        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(check_device(cfg.device)),
+        dtype=resolve_dtype(cfg.dtype, check_device(cfg.device)))
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native (and so faster than float32) on this device."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if fast_bf16(device) else "float32"
 
 
 # -- schedules (pure functions of the step) ------------------------------------------------
@@ -323,16 +339,22 @@ def evaluate(model: Crosscoder, stores: StoreSet, eval_chunks, batch_size: int, 
     for batch in eval_batches(stores, [s.name for s in model.sources], eval_chunks, batch_size):
         x = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, dtype):
-            f = model.encode(x)
-            recon = model.decode_normalised(f)
+            if model.arch != "relu" and model.sparse_path:
+                out = model.forward_sparse(x)
+                recon, active = out.reconstruction, (out.values != 0).float()
+                nonzero += float(active.sum())
+                fired |= out.pairs.sum_by_latent(active) > 0
+            else:
+                f = model.encode(x)
+                recon = model.decode_normalised(f)
+                nonzero += float((f != 0).sum())
+                fired |= (f != 0).any(0)
         target = model.normalise({s: x[s] for s in model.write})
         for s in model.write:
             err[s] += float((target[s] - recon[s].float()).double().pow(2).sum())
             total[s] += target[s].double().sum(0)
             square[s] += float(target[s].double().pow(2).sum())
-        nonzero += float((f != 0).sum())
-        fired |= (f != 0).any(0)
-        n += f.shape[0]
+        n += target[model.write[0]].shape[0]
     model.train(was_training)
     var = {s: square[s] - float(total[s].pow(2).sum()) / n for s in model.write}
     return {"tokens": n, "fvu": {s: err[s] / var[s] if var[s] > 0 else float("nan") for s in model.write},
