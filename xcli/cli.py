@@ -382,9 +382,9 @@ def source_list(ctx, param, value):
               help="Compute dtype of the encoder matmul; weights and Adam state stay float32. auto: bfloat16 "
                    "on CUDA GPUs with bf16 and on CPUs with AMX or AVX512-BF16, else float32. The choice is "
                    "recorded, and --resume must use the same one.")
-@click.option("--log", type=click.Path(dir_okay=False),
+@click.option("--log", "--log-file", "log", type=click.Path(dir_okay=False),
               help="Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, lr, tokens/s; "
-                   "and held-out evaluations.")
+                   "and held-out evaluations. Under torchrun, spell it --log-file (torchrun claims --log).")
 @click.option("--log-every", type=int, default=100, show_default=True, help="Steps between metrics lines.")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True,
               help="Steps between checkpoints (with evaluation, and the training state that --resume uses).")
@@ -419,7 +419,8 @@ def train_command(stores, **options):
         raise BadInput("only one STORE can be '-' (read from stdin)")
     paths = tuple(read_path_argument(s) for s in stores)
     path = train(TrainConfig(stores=paths, **options))
-    click.echo(str(path))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 prints the path
+        click.echo(str(path))
 
 
 def main():

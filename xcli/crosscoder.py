@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from xcli import sparse
+from xcli.distributed import SINGLE, Comm
 from xcli.errors import BadInput
 from xcli.files import atomic_path
 from xcli.store import Source
@@ -175,11 +176,14 @@ class Crosscoder(nn.Module):
         f = self.activate(pre, batch_select)
         return ForwardOutput(f, self.decode_normalised(f), pre)
 
-    def forward_sparse(self, x: dict[str, Tensor], batch_select: bool | None = None) -> SparseOutput:
+    def forward_sparse(self, x: dict[str, Tensor], batch_select: bool | None = None, batch_rows: int | None = None,
+                       comm: Comm = SINGLE) -> SparseOutput:
         """`forward` for topk and batchtopk without any dense (B, F) latent matrix after the selection:
         the decoder gathers the selected rows, and the backward touches only the selected latents.
 
-        Under autocast (bf16) the encoder matmul runs in bf16; the rest stays in float32."""
+        Under autocast (bf16) the encoder matmul runs in bf16; the rest stays in float32.
+        Data-parallel: x is this rank's share of a batch of `batch_rows` rows, and BatchTopK
+        selects over the whole batch through `comm`."""
         if self.arch == "relu":
             raise ValueError("forward_sparse is for topk and batchtopk; relu latents are dense")
         device = self.b_enc.device
@@ -194,7 +198,7 @@ class Crosscoder(nn.Module):
             if self.arch == "topk":
                 pairs = sparse.select_topk(score, self.k)
             elif batch_select if batch_select is not None else self.training:
-                pairs, min_score = sparse.select_batchtopk(score, self.k)
+                pairs, min_score = sparse.select_batchtopk(score, self.k, batch_rows=batch_rows, comm=comm)
             else:
                 pairs = sparse.select_above(score, self.threshold)
             del score

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xcli.distributed import SINGLE, Comm
+
 ENCODER_GRAD = "sparse"
 """How dW_enc is formed: "sparse" (embedding bag over latents, O(N·D)) or "dense"
 (x^T @ scattered dpre, one more B×D×F matmul, in bf16 when the forward was). Sparse
@@ -112,37 +114,45 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     return values.topk(k, sorted=False).values.min()
 
 
-def select_batchtopk(score: Tensor, k: int, candidates: int | None = None) -> tuple[Pairs, Tensor]:
+def select_batchtopk(score: Tensor, k: int, candidates: int | None = None, batch_rows: int | None = None,
+                     comm: Comm = SINGLE) -> tuple[Pairs, Tensor]:
     """The k·B highest positive scores of the batch, without a top-k over all B·F entries.
 
     Each token first proposes its c = 2k best scores, and t = the (k·B)-th largest
     proposal. A score outside its token's proposals is at most that token's c-th
     best, r_b; when r_b < t it cannot reach the batch's top k·B (the proposals
     already hold k·B scores >= t), so only tokens with r_b >= t ("saturated") are
-    searched in full, and t is recomputed over the proposals plus those full rows.
-    The union holds the whole batch top k·B, so the result is exact (ties at the
-    threshold may keep a few more). Returns the pairs and the smallest kept score.
+    searched in full, and t is recomputed over the proposals plus those full rows
+    (only scores >= t can matter, since t can only rise). The union holds the whole
+    batch top k·B, so the result is exact (ties at the threshold may keep a few more).
+
+    Data-parallel (`comm` over several ranks, each holding `score` rows of a batch of
+    `batch_rows`): the proposals are gathered from every rank, so all ranks find the
+    same threshold and the selection is that of the whole batch in one process.
+    Returns this rank's pairs and the smallest kept score of the whole batch.
     """
     n_rows, n_latents = score.shape
-    keep = k * n_rows
+    keep = k * (batch_rows or n_rows)
     c = min(n_latents, candidates or 2 * k)
     top = score.topk(c, dim=1, sorted=False)
-    t = kth_largest(top.values.flatten(), keep)
-    low = top.values.min(dim=1).values
+    t = kth_largest(comm.cat(top.values.flatten()), keep)
+    low = top.values.min(dim=1).values if n_rows else score.new_zeros(0)
     saturated = (low >= t) & (low > 0) if c < n_latents else torch.zeros_like(low, dtype=torch.bool)
-    if bool(saturated.any()):
+    extra = score.new_zeros(0, dtype=torch.long)
+    if comm.any(bool(saturated.any()), score.device):
         full = score[saturated]
-        t = kth_largest(torch.cat([top.values[~saturated].flatten(), full.flatten()]), keep)
-        sat_rows = saturated.nonzero().squeeze(1)
+        proposed = top.values[~saturated].flatten()
+        t = kth_largest(comm.cat(torch.cat([proposed[proposed >= t], full[full >= t]])), keep)
         r, i = ((full >= t) & (full > 0)).nonzero(as_tuple=True)
-        extra = sat_rows[r] * n_latents + i
-    else:
-        extra = score.new_zeros(0, dtype=torch.long)
+        extra = saturated.nonzero().squeeze(1)[r] * n_latents + i
     chosen = (top.values >= t) & (top.values > 0) & ~saturated[:, None]
     r, j = chosen.nonzero(as_tuple=True)
     pairs = Pairs.from_flat(torch.cat([r * n_latents + top.indices[r, j], extra]), n_rows, n_latents)
-    kept = pairs.gather(score)
-    return pairs, kept.min() if len(pairs) else score.new_zeros(())
+    if t > 0:  # the threshold is itself a kept score
+        return pairs, t
+    kept = pairs.gather(score)  # fewer than k·B positive scores: all of them are kept
+    smallest = comm.min(kept.min()[None] if len(pairs) else score.new_full((1,), float("inf")))[0]
+    return pairs, torch.where(torch.isinf(smallest), 0.0, smallest).to(score.dtype)
 
 
 # -- the encoder ------------------------------------------------------------------------
@@ -184,7 +194,7 @@ class _EncoderAt(torch.autograd.Function):
             dense = pairs.dense(dpre.to(ctx.compute_dtype))
             dws = [(x.to(ctx.compute_dtype).T @ dense).float() for x in xs]
         else:
-            dws = [pairs.bag_by_latent(x, dpre).T for x in xs]
+            dws = [pairs.bag_by_latent(x, dpre).T.contiguous() for x in xs]  # (d, F), the parameter's layout
         dws = [dw if needed else None for dw, needed in zip(dws, ctx.needs_input_grad[5:])]
         return None, None, None, None, db_enc, *dws
 
