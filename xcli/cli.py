@@ -335,7 +335,8 @@ def source_list(ctx, param, value):
   xc train acts.zarr -o sae.safetensors --sources base.resid_post.6 --arch relu --l1 2
   xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
   xc harvest ... | xc train - -o xc.safetensors
-  xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9""")
+  xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9
+  torchrun --nproc-per-node 8 -m xcli train acts.zarr -o xc.safetensors --batch-size 32K""")
 @click.argument("stores", nargs=-1, required=True, metavar="STORE...")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The checkpoint to write (.safetensors; format in xc-checkpoint(5)).")
@@ -411,6 +412,14 @@ def train_command(stores, **options):
     (OUTPUT.state.pt) are written atomically and held-out chunks are evaluated.
     After Ctrl-C (which saves first) or kill -9, rerun with --resume. A NaN or
     inf loss stops the run (exit 1) and keeps the last good checkpoint.
+
+    Several GPUs or nodes: start it with torchrun (torchrun --nproc-per-node N
+    -m xcli train ...). The ranks train data-parallel with DDP; --batch-size is
+    the batch of one step over all ranks, each rank reads a disjoint share of the
+    store's chunks, BatchTopK selects over the whole batch, and rank 0 writes the
+    checkpoint, state and log. The weights match a one-process run with the
+    same options up to float rounding, and --resume works with any number of
+    ranks.
     """
     from xcli.files import read_path_argument
     from xcli.train import TrainConfig, train
