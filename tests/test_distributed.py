@@ -30,8 +30,8 @@ def test_ranks_read_disjoint_chunks_and_their_shares_make_the_one_process_batche
     ranks = []
     for r in range(world):
         shard = StoreSet([tmp_path / "rows.zarr"])
-        original = shard.read_chunk
-        shard.read_chunk = lambda c, names, r=r, original=original: reads[r].append(int(c)) or original(c, names)
+        original = shard.read_chunk_stored
+        shard.read_chunk_stored = lambda c, names, r=r, original=original: reads[r].append(int(c)) or original(c, names)
         ranks.append(BatchStream(shard, ["a", "b"], train_chunks, 64, seed=5, shuffle_rows=shuffle_rows,
                                  rank=r, world=world))
     streams = [one.batches()] + [s.batches() for s in ranks]

@@ -669,7 +669,7 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         with stream.prefetched(state.position) as batches, deferred_interrupt() as interrupted:
             while state.step < cfg.steps:
                 batch = next(batches)
-                x = {n: t.to(device, non_blocking=True) for n, t in batch.data.items()}
+                x = {n: t.to(device, non_blocking=True).float() for n, t in batch.data.items()}
                 parts = train_step(model, opt, x, state, cfg, last_saved, loss_fn, batch.rows, comm)
                 state.position = batch.after
                 metrics.add(parts)
