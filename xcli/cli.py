@@ -109,8 +109,6 @@ def not_built(name: str, issue: str):
     return placeholder
 
 
-not_built("harvest", "run models over text and store activations in a Zarr store")
-not_built("classify", "label latents as shared, exclusive or mixed")
 @cli.command("export")
 @click.argument("checkpoint", required=False, metavar="[CHECKPOINT|-]")
 @click.option("--store", metavar="STORE", help="Activation store to read the dashboards from (xc harvest output). "
@@ -199,6 +197,139 @@ def export_command(checkpoint, store, output, fmt, model_ids, model_paths, token
                           vectors=vectors, creator_id=creator_id, creator_name=creator_name, device=device,
                           resume=resume, overwrite=overwrite)
     click.echo(str(export(config)))
+
+
+def _pair(value: str | None, option: str) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise BadInput(f"{option} {value!r} must be two comma-separated values, e.g. A,B")
+    return parts[0], parts[1]
+
+
+def _band(value: str) -> tuple[float, float]:
+    low, high = _pair(value, "--shared-band")
+    try:
+        return float(low), float(high)
+    except ValueError:
+        raise BadInput(f"--shared-band {value!r} must be two numbers LOW,HIGH, e.g. 0.3,0.7") from None
+
+
+@cli.command("classify")
+@click.argument("checkpoint")
+@click.option("--store", metavar="STORE", help="Activation store (a Zarr folder) holding the checkpoint's "
+              "sources: adds frequency, mean and max activation, Latent Scaling and, for cross-layer "
+              "crosscoders, functional coherence.")
+@click.option("--models", metavar="A,B", help="The two models to compare: r, delta norm and cosine are "
+              "oriented B over A (1 = only B). Default: the two models in checkpoint order.")
+@click.option("--exclusive-share", type=float, default=0.9, show_default=True,
+              help="Exclusive to a model when it holds at least this share of the latent's decoder norm "
+              "(two models: r <= 0.1 or r >= 0.9).")
+@click.option("--shared-band", default="0.3,0.7", show_default=True, metavar="LOW,HIGH",
+              help="Shared when LOW <= r <= HIGH; with more than two models, when every model holds at "
+              "least 2*LOW/n of the norm. Anything neither shared nor exclusive is 'mixed'.")
+@click.option("--dead-frequency", type=float, default=0.0, show_default=True,
+              help="With --store: dead when the latent fires on at most this fraction of tokens. "
+              "Without a store only latents with no decoder norm are dead.")
+@click.option("--nu-epsilon", type=float, default=0.2, show_default=True,
+              help="Latent Scaling: an exclusive latent with nu_epsilon at or above this is flagged "
+              "'shrinkage' (the other model carries its direction in its reconstruction error).")
+@click.option("--nu-r", type=float, default=0.5, show_default=True,
+              help="Latent Scaling: an exclusive latent with nu_r at or above this is flagged "
+              "'decoupling' (other latents rebuild its direction in the other model).")
+@click.option("--span-share", type=float, default=0.1, show_default=True,
+              help="Cross-layer: a layer is in a latent's span when it holds at least this share of "
+              "the latent's decoder norm.")
+@click.option("--max-tokens", type=int, help="With --store: use only the first N tokens.")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for the store pass: auto (cuda when available), cpu, cuda, cuda:1, ...")
+@click.option("--plot", "plot_dir", metavar="DIR", help="Also draw figures into DIR (created if missing): "
+              "relative_norm.png, cosine_shared.png, layer_profiles.png (cross-layer), latent_scaling.png "
+              "(with --store). Needs matplotlib: pip install 'xcli[plot]'.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "table"]), default="jsonl",
+              show_default=True, help="Rows as JSON lines, CSV (nested fields as field.key columns) or "
+                                      "an aligned text table of the main columns.")
+@click.option("-o", "--output", metavar="FILE", help="Write the rows to FILE (atomically) and print its "
+              "path, instead of writing the rows to stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file or figures.")
+@common_options
+def classify_command(checkpoint, store, models, exclusive_share, shared_band, dead_frequency, nu_epsilon, nu_r,
+                     span_share, max_tokens, device, plot_dir, fmt, output, overwrite):
+    """Label every latent of a crosscoder: shared, exclusive:<model>, mixed or dead.
+
+    Sources are grouped by model. For two models A and B each row carries
+    the decoder norms, r = ||d_B|| / (||d_A|| + ||d_B||) as rel_norm_B_over_A,
+    the max-normalised score of Minder et al. as delta_norm_B_over_A (both:
+    0 = only A, 1 = only B) and the decoder cosine. With --store: frequency,
+    mean and max activation, and Latent Scaling (beta_error, beta_reconstruction,
+    nu_epsilon, nu_r and ls_verdict: specific, shrinkage, decoupling) that flags
+    exclusive latents whose exclusivity is a sparsity artifact. Cross-layer
+    crosscoders add layer_share, peak_layer, span_layers and (with --store)
+    functional_coherence, the effective number of layers driving the latent.
+
+    Rows go to stdout as JSON lines, one per latent, with at least "latent"
+    and "class"; a summary table goes to stderr. CHECKPOINT may be '-' to read
+    its path from stdin.
+
+    \b
+    Examples:
+      xc classify xc.safetensors > latents.jsonl
+      xc classify xc.safetensors --store acts.zarr --models base,chat --plot figs
+      xc train acts.zarr -o xc.safetensors | xc classify - --format table
+      xc classify xc.safetensors | jq -c 'select(.class == "exclusive:chat")'
+    """
+    from xcli import classify as cl
+    from xcli.crosscoder import load
+    from xcli.files import atomic_path, check_output, read_path_argument
+    from xcli.store import open_store
+
+    config = cl.ClassifyConfig(
+        models=_pair(models, "--models"), exclusive_share=exclusive_share, shared_band=_band(shared_band),
+        dead_frequency=dead_frequency, nu_epsilon=nu_epsilon, nu_r=nu_r, span_share=span_share,
+        max_tokens=max_tokens, device=_device(device))
+    if max_tokens is not None and not store:
+        raise BadInput("--max-tokens applies to the store pass; give --store STORE as well")
+    if output:
+        check_output(output, overwrite=overwrite)
+    if plot_dir:
+        from xcli import plots
+
+        plots.require_matplotlib()
+        plots.check_plot_dir(plot_dir, overwrite)
+    model = load(read_path_argument(checkpoint))
+    result = cl.classify(model, open_store(store) if store else None, config)
+    for note in result.notes:
+        console.warn(note)
+    if output:
+        with atomic_path(output, overwrite=overwrite) as tmp:
+            with open(tmp, "w", newline="") as out:
+                cl.write_rows(result, fmt, out)
+    else:
+        cl.write_rows(result, fmt, sys.stdout)
+        sys.stdout.flush()
+    if plot_dir:
+        for path in plots.write_plots(result, plot_dir, overwrite):
+            console.info(f"wrote {path}")
+    if not console.settings.quiet:
+        cl.print_summary(result, sys.stderr)
+    if output:
+        click.echo(output)
+
+
+def _device(value: str) -> str:
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise BadInput(f"--device {value!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {value!r}: CUDA is not available on this machine; use cpu")
+    return value
+
 
 
 @cli.command("amplify")
@@ -430,6 +561,120 @@ def train_command(stores, **options):
     path = train(TrainConfig(stores=paths, **options))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 prints the path
         click.echo(str(path))
+
+
+# Literal copies of xcli.store's codecs and defaults, so that `xc --help` does not import zarr;
+# tests/test_harvest.py checks that they agree.
+STORE_CODECS, STORE_CHUNK_ROWS, STORE_CODEC = ("none", "zstd", "blosc-lz4"), 4096, "none"
+
+
+@cli.command("harvest", epilog="""\b
+Examples:
+  xc harvest --model gpt2 --layers 6 --data corpus.txt --tokens 10M -o acts.zarr
+  xc harvest --model early=EleutherAI/pythia-160m@step100000 --model final=EleutherAI/pythia-160m \\
+             --layers 2,4 --site resid_post --site mlp_out --data docs.jsonl -o diff.zarr
+  xc harvest ... -o acts.zarr --resume     # continue after Ctrl-C or kill -9; a no-op when done
+""")
+@common_options
+@click.option("-m", "--model", "models", multiple=True, required=True, metavar="[ALIAS=]ID_OR_PATH[@REVISION]",
+              help="A Hugging Face model: a local folder or a hub id already in the local cache (xc never "
+                   "downloads). Repeat for several models (model diffing): all see the same tokens and must "
+                   "share one vocabulary. ALIAS names the model in the store (default: the folder name).")
+@click.option("-l", "--layers", metavar="SPEC",
+              help="Blocks to read, counted from 0: 6, 4-8 (inclusive), 0,3,6 or all. Needed by the named "
+                   "sites and by module paths containing {layer}.")
+@click.option("-s", "--site", "sites", multiple=True, default=("resid_post",), show_default=True,
+              metavar="SITE",
+              help="What to read at each layer, repeatable: resid_post (output of block L; for the last "
+                   "block this is before the final norm), resid_pre (input of block L), attn_out or mlp_out "
+                   "(what the attention or MLP sublayer adds to the residual stream), or a MODULE.PATH "
+                   "whose output is read, e.g. h.3.mlp.c_fc; {layer} in a path is replaced by each layer.")
+@click.option("-d", "--data", required=True, metavar="FILE|DIR|NAME|-",
+              help="The corpus: a text file with one document per line, a .jsonl file (see --text-field), a "
+                   "folder of .txt files (one document each), - for stdin, or a Hugging Face dataset name "
+                   "from the local cache when the 'datasets' package is installed.")
+@click.option("--text-field", default="text", show_default=True,
+              help="Field holding the text in .jsonl records and dataset rows.")
+@click.option("--split", default="train", show_default=True, help="Dataset split, for dataset names.")
+@click.option("-c", "--context-length", type=int, metavar="N",
+              help="Tokens per window, special tokens included. Documents are packed into windows with "
+                   "EOS between them; longer ones continue in the next window. Default: 1024, or less if a "
+                   "model accepts fewer positions.")
+@click.option("-t", "--tokens", type=Count(), metavar="N",
+              help="Stop after storing N token rows (500k, 10M and 1G are accepted). Default: the whole "
+                   "corpus. A corpus with fewer tokens is stored whole, with a warning.")
+@click.option("-b", "--batch-size", type=int, default=8, show_default=True, metavar="N",
+              help="Windows per forward pass.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Dtype the models compute in; auto keeps the dtype they were saved in.")
+@click.option("--store-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
+              show_default=True,
+              help="Dtype of the stored activations. auto: bfloat16 when a model computes in bfloat16 "
+                   "(stored losslessly as its bits), else float16. Values beyond the float16 range stop the "
+                   "run with an error; they are never stored as inf.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where the models run; auto picks the first GPU if there is one.")
+@click.option("--keep-special-tokens", is_flag=True,
+              help="Also store rows of BOS, EOS and other special tokens (their large norms can dominate "
+                   "training). Padding is never stored.")
+@click.option("--chunk-rows", type=int, default=STORE_CHUNK_ROWS, show_default=True, metavar="N",
+              help="Token rows per Zarr chunk: the unit of reading, writing and resuming.")
+@click.option("--codec", type=click.Choice(STORE_CODECS), default=STORE_CODEC, show_default=True,
+              help="Chunk compression. Activations compress little (about 1.1x for float16); zstd saves "
+                   "some disk at a large cost in read speed.")
+@click.option("-o", "--output", required=True, type=click.Path(), metavar="STORE",
+              help="The activation store to write (a folder, see xc-store(5)).")
+@click.option("--resume", is_flag=True,
+              help="Continue an incomplete store written with the same arguments, or start it if it is "
+                   "missing. The result equals an uninterrupted run.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+def harvest_command(models, layers, sites, data, text_field, split, context_length, tokens, batch_size, dtype,
+                    store_dtype, device, keep_special_tokens, chunk_rows, codec, output, resume, overwrite):
+    """Run models over a text corpus and store activations in a Zarr store.
+
+    Every model reads the same windows of token ids; the activations of the chosen layers and sites are
+    streamed to STORE in chunks, one row per token. Rows of special tokens (BOS, EOS, ...) and padding are
+    left out. The store path is printed on stdout; progress with tokens/s goes to stderr.
+
+    Re-running with the same arguments on a complete store does nothing and prints the path, so a cron
+    job can run the same line each time (add --resume to also continue an interrupted run).
+    """
+    from xcli.harvest import HarvestConfig, harvest
+
+    config = HarvestConfig(models=tuple(models), data=data, output=output, layers=layers, sites=tuple(sites),
+                           context_length=context_length, tokens=tokens, batch_size=batch_size, dtype=dtype,
+                           store_dtype=store_dtype, device=device, text_field=text_field, split=split,
+                           keep_special_tokens=keep_special_tokens, chunk_rows=chunk_rows, codec=codec,
+                           resume=resume, overwrite=overwrite)
+    click.echo(str(harvest(config)))
+
+
+@cli.command("info")
+@common_options
+@click.argument("store", metavar="STORE")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def info_command(store, as_json):
+    """Summarise an activation store: sources, widths, tokens, dtype, size and completeness.
+
+    STORE may be - to read the path from stdin, e.g. `xc harvest ... | xc info -`.
+    """
+    from xcli.store import open_store
+
+    summary = open_store(read_path_argument(store)).summary()
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    state = "complete" if summary["complete"] else "INCOMPLETE (resume with xc harvest ... --resume)"
+    click.echo(f"{summary['path']}: {summary['n_tokens']:,} tokens, {state}")
+    click.echo(f"  dtype {summary['dtype']}, chunks of {summary['chunk_rows']} rows, codec {summary['codec']}, "
+               f"{summary['bytes_on_disk'] / 1e6:,.1f} MB on disk")
+    if summary["context_length"] or summary["dataset"]:
+        click.echo(f"  context {summary['context_length']}, data {summary['dataset']}")
+    width = max(len(s["name"]) for s in summary["sources"])
+    click.echo(f"  {'source':<{width}}  {'model':<12} {'site':<12} {'layer':>5} {'d':>6}")
+    for s in summary["sources"]:
+        layer = "-" if s["layer"] is None else s["layer"]
+        click.echo(f"  {s['name']:<{width}}  {s['model']:<12} {s['site']:<12} {layer:>5} {s['d']:>6}")
 
 
 def main():

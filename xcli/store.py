@@ -14,17 +14,20 @@ site, layer, d}, ...], "n_tokens", "complete", "dtype", "tokenizer", "context_le
 "dataset", "created_by", "stats": {source: {"count", "mean_sq_norm", "mean"}}, ...}.
 
 Rows are written in whole chunks; `n_tokens` in the attributes is the commit point:
-rows past it (from a killed writer) are ignored by readers and overwritten on resume.
+rows past it (from a killed writer, or capacity reserved ahead) are ignored by readers
+and overwritten on resume. Statistics are recorded when the store is closed.
 Readers accept float16/float32/bfloat16-as-uint16 arrays and stores without
 statistics or token arrays (e.g. written by other tools), computing what they need.
 """
 
+import asyncio
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from xcli.errors import BadInput
 from xcli.version import __version__
@@ -34,7 +37,9 @@ SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # bfloat16 is not a Zarr dtype: its bits are stored losslessly as uint16 and widened on read.
 STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 CODECS = ("none", "zstd", "blosc-lz4")
+# Chosen by benchmarks/store_codecs.py (README, "xc harvest"): see the figures there.
 DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_CODEC = "none"
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,20 @@ class ActivationStore:
     def nbytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
+    def summary(self) -> dict:
+        """What `xc info` shows: sources, size, dtype, layout and completeness."""
+        first = next(iter(self.arrays.values()))
+        codec = self.meta.get("codec") or ", ".join(type(c).__name__ for c in first.compressors) or "none"
+        return {
+            "path": str(self.path), "complete": self.complete, "n_tokens": self.n_tokens, "dtype": self.dtype,
+            "chunk_rows": self.chunk_rows, "codec": codec, "bytes_on_disk": self.nbytes_on_disk(),
+            "context_length": self.meta.get("context_length"), "dataset": self.meta.get("dataset"),
+            "tokenizer": self.meta.get("tokenizer"), "created_by": self.meta.get("created_by"),
+            "has_stats": all(self.meta.get("stats", {}).get(n) for n in self.names),
+            "has_token_arrays": all(k in self.group for k in ("tokens", "sequence", "position")),
+            "sources": [s.to_json() for s in self.sources],
+        }
+
 
 def compute_stats(store: ActivationStore, name: str, stop: int | None = None) -> dict:
     """Exact statistics by one pass over whole chunks, in row order (so reruns agree bit for bit)."""
@@ -213,7 +232,7 @@ class StoreWriter:
     """
 
     def __init__(self, path, sources: list[Source], meta: dict | None = None, *, dtype: str = "float16",
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, codec: str = "none", resume: bool = False):
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, codec: str = DEFAULT_CODEC, resume: bool = False):
         if dtype not in STORAGE_DTYPES:
             raise BadInput(f"dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
         validate_source_names(sources)
@@ -221,6 +240,7 @@ class StoreWriter:
         if resume:
             self.group = zarr.open_group(str(self.path), mode="r+")
             self.meta = dict(self.group.attrs["xc"])
+            self.meta.pop("stats", None)  # recomputed below, recorded again by close()
             self.chunk_rows = int(self.group["acts"][sources[0].name].chunks[0])
             self.n_tokens = int(self.meta["n_tokens"])
             store = ActivationStore(self.path, self.group)
@@ -251,6 +271,7 @@ class StoreWriter:
             self._commit()
         self._buffer: list[tuple[dict, dict]] = []
         self._buffered = 0
+        self._arrays: dict[str, zarr.Array] = {}
 
     def append(self, acts: dict[str, np.ndarray], tokens=None, sequence=None, position=None) -> None:
         """Add rows: acts maps every source name to (rows, d) float32/float16 arrays."""
@@ -273,46 +294,66 @@ class StoreWriter:
 
     def _encode(self, values: np.ndarray) -> np.ndarray:
         if self.dtype == "bfloat16":
-            return float32_to_bf16_bits(values)
+            # uint16 rows are bfloat16 bits already (e.g. from a bfloat16 model): keep them as they are.
+            return values if values.dtype == np.uint16 else float32_to_bf16_bits(values)
         return values.astype(self.dtype, copy=False)
+
+    def _array(self, name: str):
+        """Open arrays once: every lookup through the group reads metadata from disk."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def _grow(self, name: str, stop: int) -> zarr.Array:
+        """The array, with room for `stop` rows; capacity doubles so that resizes stay rare.
+
+        Rows past `n_tokens` are not part of the store; close() trims them.
+        """
+        array = self._array(name)
+        if array.shape[0] < stop:
+            capacity = max(stop, 2 * array.shape[0], self.chunk_rows)
+            array.resize((-(-capacity // self.chunk_rows) * self.chunk_rows, *array.shape[1:]))
+        return array
 
     def _flush(self, rows: int) -> None:
         if rows == 0:
             return
         acts, ids = self._take(rows)
         start, stop = self.n_tokens, self.n_tokens + rows
+        writes = []
         for s in self.sources:
-            array = self.group[f"acts/{s.name}"]
-            if array.shape[0] < stop:
-                array.resize((stop, s.d))
             encoded = self._encode(acts[s.name])
-            array[start:stop] = encoded
+            writes.append((self._grow(f"acts/{s.name}", stop), encoded))
             # Statistics of what was stored (after rounding), so readers and writers agree.
             self.stats[s.name].add(decode_rows(encoded))
         for name, values in ids.items():
-            array = self.group[name]
-            if array.shape[0] < stop:
-                array.resize((stop,))
-            array[start:stop] = values.astype(array.dtype)
+            array = self._grow(name, stop)
+            writes.append((array, values.astype(array.dtype)))
+
+        async def write_all():  # one round trip to zarr's event loop instead of one per array
+            await asyncio.gather(*(a.async_array.setitem(slice(start, stop), v) for a, v in writes))
+
+        zarr_sync(write_all())
         self.n_tokens = stop
         self._commit()
 
     def _commit(self, complete: bool = False) -> None:
-        stats = {}
-        for s in self.sources:
-            result = self.stats[s.name].result()
-            self.group[f"stats/{s.name}/mean"][:] = result["mean"]
-            stats[s.name] = {"count": result["count"], "mean_sq_norm": result["mean_sq_norm"],
-                             "mean": f"stats/{s.name}/mean"}
-        self.meta.update(n_tokens=self.n_tokens, complete=complete, stats=stats)
+        """Record n_tokens: the commit point. Statistics are recorded only by close()."""
+        self.meta.update(n_tokens=self.n_tokens, complete=complete)
         self.group.attrs["xc"] = self.meta
 
     def close(self, complete: bool = True, **extra_meta) -> None:
-        """Write the last partial chunk, trim arrays to the committed rows, mark completeness."""
+        """Write the last partial chunk, trim arrays to the committed rows, store statistics, mark completeness."""
         self._flush(self._buffered)
         for s in self.sources:
-            self.group[f"acts/{s.name}"].resize((self.n_tokens, s.d))
+            self._array(f"acts/{s.name}").resize((self.n_tokens, s.d))
         for name in ("tokens", "sequence", "position"):
-            self.group[name].resize((self.n_tokens,))
-        self.meta.update(extra_meta)
+            self._array(name).resize((self.n_tokens,))
+        stats = {}
+        for s in self.sources:
+            result = self.stats[s.name].result()
+            self._array(f"stats/{s.name}/mean")[:] = result["mean"]
+            stats[s.name] = {"count": result["count"], "mean_sq_norm": result["mean_sq_norm"],
+                             "mean": f"stats/{s.name}/mean"}
+        self.meta.update(stats=stats, **extra_meta)
         self._commit(complete=complete)

@@ -1,0 +1,433 @@
+"""xc harvest: run models over a corpus and stream chosen activations into a store.
+
+    config = HarvestConfig(models=("base=PATH", "chat=PATH"), data="corpus.txt",
+                           output=Path("acts.zarr"), layers="6")
+    harvest(config)  # -> Path("acts.zarr")
+
+Every model sees the same token windows (xcli.corpus) and its activations are
+caught by forward hooks (xcli.models). Rows of special tokens and padding are
+dropped (unless asked), the rest are converted to the storage dtype on the
+device, checked for overflow and handed to a writer thread, so that compression
+and disk writes overlap the next forward pass. The store (xcli.store) commits
+whole chunks; a killed run resumes with `resume=True` by recounting the rows it
+already holds from the token ids alone and continuing from there with the same
+batches, so that the result equals an uninterrupted run.
+"""
+
+import itertools
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from xcli import console, files
+from xcli import store as st
+from xcli.corpus import Batch, Packing, batches, check_data, describe_data, read_documents, windows
+from xcli.errors import BadInput, XcError
+from xcli.models import DTYPES, SITES, Catcher, LoadedModel, ModelSpec, load_model, n_layers, parse_layers, \
+    resolve_sites
+
+DEFAULT_CONTEXT_LENGTH = 1024
+STORAGE_TORCH = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+PROBE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    models: tuple[ModelSpec, ...]
+    """One or more models (ModelSpec or `[ALIAS=]ID_OR_PATH[@REVISION]`); all see the same tokens."""
+    data: str
+    """Text file (one document per line), .jsonl file, folder of .txt files, dataset name, or '-'."""
+    output: Path
+    """The store to write (a folder)."""
+    layers: str | None = None
+    """Layer spec: `6`, `4-8`, `0,3,6` or `all`; needed by named sites and `{layer}` module paths."""
+    sites: tuple[str, ...] = ("resid_post",)
+    """Named sites (resid_post, resid_pre, attn_out, mlp_out) or module paths."""
+    context_length: int | None = None
+    """Tokens per window, special tokens included; default min(1024, the models' limit)."""
+    tokens: int | None = None
+    """Stop after storing this many rows; default: the whole corpus."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    dtype: str = "auto"
+    """Compute dtype of the models: auto (as saved), float32, float16 or bfloat16."""
+    store_dtype: str = "auto"
+    """float16, bfloat16 or float32; auto = bfloat16 if a model computes in bfloat16, else float16."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl records and dataset rows."""
+    split: str = "train"
+    """Dataset split, for dataset names."""
+    keep_special_tokens: bool = False
+    """Store rows of BOS/EOS/other special tokens too (padding is never stored)."""
+    chunk_rows: int = st.DEFAULT_CHUNK_ROWS
+    """Rows per Zarr chunk."""
+    codec: str = st.DEFAULT_CODEC
+    """Compression: none, zstd or blosc-lz4."""
+    resume: bool = False
+    """Continue an incomplete store written with the same arguments (or start one)."""
+    overwrite: bool = False
+    """Replace an existing store."""
+
+    def __post_init__(self):
+        models = tuple(ModelSpec.parse(m) if isinstance(m, str) else m for m in self.models)
+        object.__setattr__(self, "models", models)  # accept strings from Python callers
+        object.__setattr__(self, "output", Path(self.output))
+        object.__setattr__(self, "sites", tuple(self.sites))
+        if not models:
+            raise BadInput("give at least one --model")
+        aliases = [m.alias for m in models]
+        repeated = sorted({a for a in aliases if aliases.count(a) > 1})
+        if repeated:
+            raise BadInput(f"two models are both called {repeated[0]!r}; name them with ALIAS=ID_OR_PATH")
+        if not self.sites:
+            raise BadInput("give at least one --site")
+        for site in self.sites:
+            if site not in SITES and not all(part.isidentifier() or part.isdigit() or part == "{layer}"
+                                             for part in site.split(".")):
+                raise BadInput(f"site {site!r} is not valid; use {', '.join(SITES)} or a module path "
+                               f"such as h.6.mlp")
+        needs_layers = [s for s in self.sites if s in SITES or "{layer}" in s]
+        if needs_layers and self.layers is None:
+            raise BadInput(f"site {needs_layers[0]!r} needs --layers (e.g. 6, 4-8, 0,3,6 or all)")
+        if self.layers is not None:
+            parse_layers(self.layers)  # syntax now; the range once the models are loaded
+        for name in ("context_length", "tokens", "batch_size", "chunk_rows"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
+        if self.context_length is not None and self.context_length < 2:
+            raise BadInput(f"--context-length must be at least 2, not {self.context_length}")
+        choices = {"dtype": ("auto", *DTYPES), "store_dtype": ("auto", *st.STORAGE_DTYPES), "codec": st.CODECS}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not valid; "
+                               f"use one of {', '.join(valid)}")
+        if not (self.device in ("auto", "cpu", "cuda") or
+                self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise BadInput(f"--device {self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+        if self.resume and self.overwrite:
+            raise BadInput("--resume and --overwrite exclude each other: continue the store, or replace it")
+
+    def identity(self) -> dict:
+        """What makes two runs produce the same store: compared on --resume and on re-runs."""
+        def model_id(spec):
+            path = Path(spec.id).expanduser()
+            return str(path.resolve()) if path.is_dir() else spec.id
+
+        fields = ("layers", "sites", "context_length", "tokens", "batch_size", "dtype", "store_dtype",
+                  "text_field", "split", "keep_special_tokens", "chunk_rows", "codec")
+        return {
+            "models": [{"alias": m.alias, "id": model_id(m), "revision": m.revision} for m in self.models],
+            "data": describe_data(self.data),
+            **{name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in fields},
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count()
+        index = int(name[5:]) if ":" in name else 0
+        if index >= count:
+            raise BadInput(f"--device {name!r} is not available: this machine has {count} CUDA device(s)")
+    return torch.device(name)
+
+
+def existing_store_state(config: HarvestConfig) -> str:
+    """'new', 'resume' or 'done' for the output; refuses what would clobber or mix runs."""
+    out = config.output
+    if not out.exists():
+        files.check_output(out)  # the parent folder must exist
+        return "new"
+    if config.overwrite:
+        return "new"
+    try:
+        store = st.open_store(out)
+        recorded = store.meta.get("harvest")
+    except BadInput:
+        recorded, store = None, None
+    if recorded is None:
+        raise BadInput(f"output {str(out)!r} already exists and is not a store from xc harvest; "
+                       f"pass --overwrite to replace it")
+    mine = config.identity()
+    differ = sorted(k for k in set(mine) | set(recorded) if mine.get(k) != recorded.get(k))
+    if store.complete and not differ:
+        return "done"
+    if differ:
+        raise BadInput(f"output {str(out)!r} already exists, written with other arguments ({', '.join(differ)} "
+                       f"differ); pass --overwrite to replace it")
+    if not config.resume:
+        raise BadInput(f"output {str(out)!r} already exists and is incomplete ({store.n_tokens} tokens); "
+                       f"pass --resume to continue it or --overwrite to start again")
+    return "resume"
+
+
+def check_same_vocabulary(models: list[LoadedModel]) -> None:
+    """Every model must read the same token ids the same way."""
+    first = models[0]
+    vocab = first.tokenizer.get_vocab()
+    for other in models[1:]:
+        theirs = other.tokenizer.get_vocab()
+        if theirs != vocab:
+            diff = sorted(set(vocab.items()) ^ set(theirs.items()), key=lambda kv: kv[1])
+            example = ", ".join(repr(token) for token, _ in diff[:3])
+            raise BadInput(f"models {first.spec.alias!r} and {other.spec.alias!r} have different tokenizers "
+                           f"({len(diff)} vocabulary entries differ, e.g. {example}); "
+                           f"crosscoding several models needs identical vocabularies")
+
+
+def model_context_limit(loaded: LoadedModel) -> int | None:
+    config = loaded.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def resolve_context_length(config: HarvestConfig, models: list[LoadedModel]) -> int:
+    limits = [(m.spec.alias, limit) for m in models if (limit := model_context_limit(m))]
+    if config.context_length is None:
+        return min([DEFAULT_CONTEXT_LENGTH, *(limit for _, limit in limits)])
+    for alias, limit in limits:
+        if config.context_length > limit:
+            raise BadInput(f"--context-length {config.context_length} is more than model {alias!r} "
+                           f"accepts ({limit} positions)")
+    return config.context_length
+
+
+def resolve_store_dtype(config: HarvestConfig, models: list[LoadedModel]) -> str:
+    if config.store_dtype != "auto":
+        return config.store_dtype
+    return "bfloat16" if any(m.dtype == torch.bfloat16 for m in models) else "float16"
+
+
+class BackgroundWriter:
+    """Appends rows to the store on a thread, so disk writes overlap the next forward pass.
+
+    The queue is short: the models wait for the disk rather than filling memory.
+    """
+
+    def __init__(self, writer: st.StoreWriter, depth: int = 2):
+        self.writer, self.error = writer, None
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="xc-store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    acts, ids = item
+                    self.writer.append({n: _numpy(t) for n, t in acts.items()}, **ids)
+                except BaseException as e:  # reported by the main thread
+                    self.error = e
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def put(self, acts: dict, ids: dict):
+        self._check()
+        self.queue.put((acts, ids))
+
+    def finish(self):
+        """Wait until every queued row is written."""
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
+
+    def abort(self):
+        """Drop what is queued and wait for the write in progress, which keeps committed rows valid."""
+        try:
+            while True:
+                self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        self.queue.put(None)
+        self.thread.join()
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor.numpy()
+    return array.view(np.uint16) if array.dtype == np.int16 else array  # bfloat16 bits
+
+
+def to_storage(acts: torch.Tensor, dtype: str, name: str, model_dtype: torch.dtype) -> torch.Tensor:
+    """Rows in the storage dtype, on the CPU; overflow and non-finite values are errors, never stored."""
+    stored = acts.to(STORAGE_TORCH[dtype])
+    if not bool(torch.isfinite(stored).all()):
+        if bool(torch.isfinite(acts).all()):
+            peak = float(acts.abs().max())
+            raise XcError(f"activations of {name} reach {peak:.4g}, beyond the {dtype} range; "
+                          f"rerun with --store-dtype bfloat16 or float32 and --overwrite")
+        raise XcError(f"the model gave non-finite activations at {name} (overflow in "
+                      f"{str(model_dtype).removeprefix('torch.')}); rerun with --dtype float32 and --overwrite")
+    if dtype == "bfloat16":
+        stored = stored.view(torch.int16)  # numpy has no bfloat16: keep the bits
+    return stored.cpu()
+
+
+def probe_sources(models, catchers, batch, device) -> list[st.Source]:
+    """Run a few tokens through each model to learn every site's width (and check the sites)."""
+    length = min(PROBE_TOKENS, int(batch.mask[0].sum()))
+    ids = torch.from_numpy(batch.ids[:1, :length]).to(device)
+    mask = torch.ones_like(ids)
+    sources = []
+    for loaded, catcher in zip(models, catchers):
+        widths = {name: int(t.shape[-1]) for name, t in catcher(ids, mask).items()}
+        for site in catcher.sites:
+            sources.append(st.Source(name=site.name, model=loaded.spec.alias, site=site.site, layer=site.layer,
+                                     d=widths[site.name], revision=loaded.revision))
+    return sources
+
+
+@dataclass
+class Run:
+    """A harvest ready to stream: models loaded, sites hooked, the first batch read, widths known.
+
+    Built by prepare(), which writes nothing; `stream` writes.
+    """
+
+    config: HarvestConfig
+    models: list[LoadedModel]
+    catchers: list[Catcher]
+    device: torch.device
+    packing: Packing
+    batches: Iterator[Batch]
+    sources: list[st.Source]
+    store_dtype: str
+    special_ids: list[int]
+
+    def close(self):
+        for catcher in self.catchers:
+            catcher.close()
+
+    def keep_mask(self, batch) -> np.ndarray:
+        """Rows to store: real tokens (not padding), and not special tokens unless asked."""
+        return batch.mask & ~np.isin(batch.ids, self.special_ids)
+
+    def activations(self, batch, keep: np.ndarray) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(batch.ids).to(self.device)
+        mask = torch.from_numpy(batch.mask).to(self.device)
+        keep_t = torch.from_numpy(keep).to(self.device)
+        rows = {}
+        for loaded, catcher in zip(self.models, self.catchers):
+            for name, acts in catcher(ids, mask).items():
+                rows[name] = to_storage(acts[keep_t], self.store_dtype, name, loaded.dtype)
+        return rows
+
+    def stream(self, writer: st.StoreWriter) -> bool:
+        """Harvest into `writer` and close it; True when the corpus ran out before the budget."""
+        budget = self.config.tokens
+        done = skip = writer.n_tokens  # rows from an earlier run: recounted, not recomputed
+        background = BackgroundWriter(writer)
+        bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
+        try:
+            for batch in self.batches:
+                if budget is not None and done >= budget:
+                    break
+                keep = self.keep_mask(batch)
+                n = int(keep.sum())
+                if skip >= n:
+                    skip -= n
+                    continue
+                window, position = np.nonzero(keep)
+                stop = n if budget is None else min(n, skip + budget - done)
+                ids = {"tokens": batch.ids[keep][skip:stop], "sequence": batch.first + window[skip:stop],
+                       "position": position[skip:stop]}
+                acts = {name: rows[skip:stop] for name, rows in self.activations(batch, keep).items()}
+                background.put(acts, ids)
+                bar.update(stop - skip)
+                done += stop - skip
+                skip = 0
+            if skip:
+                raise BadInput(f"the corpus now yields fewer tokens than {str(self.config.output)!r} already "
+                               f"holds; it must not change between runs")
+            background.finish()
+        except BaseException:
+            background.abort()
+            raise
+        finally:
+            bar.close()
+        exhausted = budget is None or done < budget
+        writer.close(complete=True, corpus_exhausted=exhausted)
+        return exhausted
+
+
+def prepare(config: HarvestConfig) -> Run:
+    """Load the models and check everything that can be checked before the store is touched."""
+    check_data(config.data)
+    device = resolve_device(config.device)
+    models = [load_model(spec, device, config.dtype) for spec in config.models]
+    check_same_vocabulary(models)
+    tokenizer = models[0].tokenizer
+    packing = Packing.for_tokenizer(tokenizer, resolve_context_length(config, models))
+    catchers = []
+    try:
+        for loaded in models:
+            layers = parse_layers(config.layers, n_layers(loaded.model)) if config.layers else []
+            sites = resolve_sites(loaded.model, loaded.spec.alias, config.sites, layers)
+            catchers.append(Catcher(loaded.model, sites))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        documents = read_documents(config.data, config.text_field, config.split)
+        batch_iter = batches(windows(documents, tokenizer, packing), config.batch_size, pad_id)
+        first = next(batch_iter, None)
+        if first is None:
+            raise BadInput(f"--data {config.data!r} holds no text")
+        sources = probe_sources(models, catchers, first, device)
+        st.validate_source_names(sources)
+    except BaseException:
+        for catcher in catchers:
+            catcher.close()
+        raise
+    special = [] if config.keep_special_tokens else sorted(set(tokenizer.all_special_ids))
+    return Run(config, models, catchers, device, packing, itertools.chain([first], batch_iter), sources,
+               resolve_store_dtype(config, models), special)
+
+
+def open_writer(run: Run, state: str) -> st.StoreWriter:
+    config = run.config
+    if state == "resume":
+        if st.open_store(config.output).sources != run.sources:
+            raise BadInput(f"store {str(config.output)!r} holds other sources than these models give; "
+                           f"pass --overwrite to start again")
+        return st.StoreWriter(config.output, run.sources, resume=True)
+    if config.output.exists():
+        files.remove(config.output)  # --overwrite, now that the inputs are known to be good
+    meta = {"tokenizer": config.identity()["models"][0]["id"], "context_length": run.packing.context_length,
+            "dataset": describe_data(config.data), "packing": run.packing.to_json(),
+            "special_tokens_stored": config.keep_special_tokens, "harvest": config.identity()}
+    return st.StoreWriter(config.output, run.sources, meta, dtype=run.store_dtype,
+                          chunk_rows=config.chunk_rows, codec=config.codec)
+
+
+def harvest(config: HarvestConfig) -> Path:
+    """Write the store at config.output and return its path."""
+    state = existing_store_state(config)
+    if state == "done":
+        console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+        return config.output
+    run = prepare(config)
+    try:
+        writer = open_writer(run, state)
+        try:
+            exhausted = run.stream(writer)
+        except BadInput:
+            if state == "new":  # e.g. a bad record deep in the corpus: leave nothing behind
+                files.remove(config.output)
+            raise
+    finally:
+        run.close()
+    if exhausted and config.tokens is not None:
+        console.warn(f"the corpus holds only {writer.n_tokens} tokens to store, fewer than --tokens "
+                     f"{config.tokens}; stored them all")
+    return config.output
