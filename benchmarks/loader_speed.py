@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    tr.keep_freed_memory()  # as xc train does on CPU
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="xc-loader-"))
     store = work / f"store-{args.codec}.zarr"

@@ -87,9 +87,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", default="dense,dense-bf16,xc-fp32,xc-bf16",
                         help="comma-separated: dense, dense-bf16, xc-fp32, xc-bf16, xc-bf16-dense-egrad")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's defaults (xc train tunes them on CPU; see xcli.train.keep_freed_memory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if not args.system_malloc:
+        tr.keep_freed_memory()  # as `xc train` does on CPU; it speeds up both sides
     variants = args.variants.split(",")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
           f"{args.sources} sources x d={args.d}, F={args.latents}, k={args.k}, batch {args.batch}; "
