@@ -59,8 +59,9 @@ def main():
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from xcli import amplify as amp
+    from xcli.models import quiet_transformers
 
-    amp._quiet_transformers()
+    quiet_transformers()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         (before_path, after_path), tok = build(Path(tmp), args.layers, args.width, args.vocab,

@@ -17,6 +17,8 @@ from xcli import amplify as amp
 from xcli.cli import cli
 from xcli.crosscoder import Crosscoder, save
 from xcli.errors import BadInput
+from xcli.models import ModelSpec, quiet_transformers
+from xcli.sites import hook_input, hook_output, resolve_site
 from xcli.store import Source
 
 PROMPTS = ("the cat sees", "a big red dog walks on the road", "one")
@@ -26,7 +28,7 @@ STOP_WORD = "two"  # an extra EOS, so that completions end at different steps
 def load(path):
     from transformers import AutoModelForCausalLM
 
-    amp._quiet_transformers()
+    quiet_transformers()
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
 
 
@@ -191,15 +193,15 @@ def test_sites_are_the_models_own_hidden_states(tiny, family):
     handles = []
     for layer in (0, 1, 2):
         for site in ("resid_pre", "resid_post", "mlp_out", "attn_out"):
-            where = amp.resolve_site(model, site, layer)
+            where = resolve_site(model, site, layer)
             key = (site, layer)
-            if where.before:
+            if where.catch_input:
                 handles.append(where.module.register_forward_pre_hook(
-                    lambda m, a, k, key=key: seen.__setitem__(key, amp._get_hidden(a, k, None, True)),
+                    lambda m, a, k, key=key: seen.__setitem__(key, hook_input(a, k)),
                     with_kwargs=True))
             else:
                 handles.append(where.module.register_forward_hook(
-                    lambda m, a, o, key=key: seen.__setitem__(key, amp._get_hidden(a, None, o, False))))
+                    lambda m, a, o, key=key: seen.__setitem__(key, hook_output(o))))
     with torch.no_grad():
         hidden = model(**tok(["the cat sees a dog"], return_tensors="pt"), output_hidden_states=True).hidden_states
     for h in handles:
@@ -210,7 +212,7 @@ def test_sites_are_the_models_own_hidden_states(tiny, family):
             assert torch.allclose(seen[("resid_post", layer)], hidden[layer + 1])
         assert seen[("mlp_out", layer)].shape == seen[("attn_out", layer)].shape == hidden[0].shape
     with pytest.raises(BadInput, match="layers 0-2"):
-        amp.resolve_site(model, "resid_post", 3)
+        resolve_site(model, "resid_post", 3)
 
 
 def checkpoint(path, sources, F=12, arch="relu", scales=None, orthonormal=False, k=None, seed=0):
@@ -238,7 +240,7 @@ def test_scale_adds_exactly_S_times_decoder_row_over_input_scale_at_each_site(ti
     sources = gpt2_sources() + [Source("other.resid_post.1", "other", "resid_post", 1, 32)]
     cc = checkpoint(tmp_path / "x.safetensors", sources)
     model, tok = load(tiny["gpt2"]), tokenizer(tiny["gpt2"])
-    mine = amp.sources_of_model(cc, amp.ModelSpec.parse(f"m={tiny['gpt2']}"), "m=...")
+    mine = amp.sources_of_model(cc, ModelSpec.parse(f"m={tiny['gpt2']}"), "m=...")
     assert [s.name for s in mine] == [s.name for s in sources[:3]]
     latents, values = [3, 7], torch.tensor([0.0, 2.5, -4.0])
     steering = amp.Steering(model, cc, mine, latents, "scale")
@@ -247,12 +249,12 @@ def test_scale_adds_exactly_S_times_decoder_row_over_input_scale_at_each_site(ti
     def record(name, site, phase):
         def grab(hidden):
             deltas.setdefault(name, {})[phase] = hidden.clone()
-        if site.before:
+        if site.catch_input:
             return site.module.register_forward_pre_hook(
-                lambda m, a, k: grab(amp._get_hidden(a, k, None, True)), with_kwargs=True)
-        return site.module.register_forward_hook(lambda m, a, o: grab(amp._get_hidden(a, None, o, False)))
+                lambda m, a, k: grab(hook_input(a, k)), with_kwargs=True)
+        return site.module.register_forward_hook(lambda m, a, o: grab(hook_output(o)))
 
-    sites = {s.name: amp.resolve_site(model, s.site, s.layer) for s in mine}
+    sites = {s.name: resolve_site(model, s.site, s.layer) for s in mine}
     handles = [record(n, site, "in") for n, site in sites.items()]  # runs before the steering hooks
     enc = tok(["the cat sees a dog"] * 3, return_tensors="pt")
     with steering, torch.no_grad():
@@ -274,7 +276,7 @@ def test_clamp_sets_the_latent_to_V_when_reencoded(tiny, tmp_path):
     model, tok = load(tiny["gpt2"]), tokenizer(tiny["gpt2"])
     steering = amp.Steering(model, cc, sources, [5], "clamp")
     after = {}
-    block = amp.resolve_site(model, "resid_post", 1).module
+    block = resolve_site(model, "resid_post", 1).module
     enc = tok(["the cat sees a dog", "one two"], return_tensors="pt", padding=True)
     with torch.no_grad():
         plain = cc.encode({sources[0].name: model(**enc, output_hidden_states=True).hidden_states[2]})

@@ -42,8 +42,9 @@ def test_ranks_read_disjoint_chunks_and_their_shares_make_the_one_process_batche
         assert all(share.after == whole.after and share.rows == whole.rows == len(rows) for share in shares)
         mine = [share.data["a"][:, 0].numpy() for share in shares]
         assert sorted(np.concatenate(mine)) == sorted(rows)  # the shares add up to the one-process batch
-        for share in mine:  # each in the one-process order
-            np.testing.assert_array_equal(share, rows[np.isin(rows, share)])
+        for share, rows_of_rank in zip(shares, mine):  # each in the one-process order, at its places
+            np.testing.assert_array_equal(rows_of_rank, rows[np.isin(rows, rows_of_rank)])
+            np.testing.assert_array_equal(rows_of_rank, rows[share.index])
         empty_shares += sum(len(m) == 0 for m in mine)
         if whole.after.epoch == 1 and epoch_end is None:  # in the first epoch, the ranks read disjoint chunks
             epoch_end = [sorted(reads[r]) for r in range(world)]

@@ -22,7 +22,8 @@ from xcli.cli import cli
 from xcli.corpus import Packing
 from xcli.errors import BadInput
 from xcli.harvest import HarvestConfig, harvest
-from xcli.models import ModelSpec, parse_layers
+from xcli.models import ModelSpec
+from xcli.sites import parse_layers
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

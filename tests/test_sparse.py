@@ -194,3 +194,28 @@ def test_training_on_the_sparse_path_matches_the_dense_path(arch, tmp_path, monk
         outputs[path] = load_file(tr.train(cfg))
     for key, value in outputs["dense"].items():
         torch.testing.assert_close(outputs["sparse"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_factorized_crosscoders_get_the_same_factor_gradients_on_both_paths(arch):
+    from xcli import fmx
+    layers = [Source(f"m.resid.{layer}", "m", "resid", layer, 5) for layer in range(3)]
+    torch.manual_seed(0)
+    m = fmx.FmxCrosscoder(layers, 16, arch, 3, factorization="tr", ranks=(2, 3, 4))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(1)
+    x = {s.name: torch.randn(9, s.d, generator=g) for s in layers}
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[::4] = True
+    grads = []
+    for use_sparse in (False, True):
+        m.sparse_path = use_sparse
+        m.zero_grad()
+        parts = tr.loss_parts(m.train(), x, l1=0.0, dead=dead, k_aux=3)
+        parts.loss.backward()
+        grads.append({name: p.grad.clone() for name, p in m.named_parameters()})
+    assert any(name.startswith("enc.") for name in grads[0])
+    for name, value in grads[0].items():
+        torch.testing.assert_close(grads[1][name], value, rtol=1e-4, atol=1e-5, msg=name)

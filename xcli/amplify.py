@@ -31,12 +31,11 @@ from torch import Tensor
 
 from xcli import console
 from xcli.errors import BadInput
+from xcli.models import ModelSpec, check_dtype, context_limit, fast_dtype, load_causal_lm, load_tokenizer, \
+    resolve_device, text_config
+from xcli.sites import SITES, hook_site, resolve_site
 
 Z95 = 1.959963984540054  # standard normal quantile at 0.975
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NAMED_SITES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-ATTN_NAMES = ("attn", "self_attn", "attention", "self_attention")
-MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -81,8 +80,7 @@ def _check_common(prompts, count, device, dtype):
             re.compile(count)
         except re.error as e:
             raise BadInput(f"--count {count!r} is not a valid regular expression ({e})") from e
-    if dtype not in ("auto", *DTYPES):
-        raise BadInput(f"--dtype {dtype!r} is not known; use auto, {', '.join(DTYPES)}")
+    check_dtype(dtype)
     resolve_device(device)
 
 
@@ -146,108 +144,7 @@ class SteerConfig:
         return "scale" if self.scales else "clamp"
 
 
-# -- loading, offline ----------------------------------------------------------------------------
-
-class ModelSpec(NamedTuple):
-    alias: str | None
-    path: str
-    revision: str | None
-
-    @classmethod
-    def parse(cls, spec: str, allow_alias: bool = True) -> "ModelSpec":
-        alias, rest = None, spec
-        if allow_alias and "=" in spec and not Path(spec).exists():
-            alias, rest = spec.split("=", 1)
-        revision = None
-        if "@" in rest and not Path(rest).exists():
-            rest, revision = rest.rsplit("@", 1)
-        if not rest:
-            raise BadInput(f"model {spec!r} names no path or id; use [ALIAS=]ID_OR_PATH[@REVISION]")
-        return cls(alias or None, rest, revision or None)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise BadInput(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: CUDA is not available on this machine; use cpu or auto")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return DTYPES[dtype]
-
-
-def _not_local(spec: ModelSpec, what: str) -> BadInput:
-    return BadInput(f"{what} {spec.path!r} is not a local folder and is not in the local Hugging Face cache "
-                    f"(xc never downloads and uses no network); download it first or pass a folder")
-
-
-def _quiet_transformers():
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def load_tokenizer(spec: ModelSpec):
-    from transformers import AutoTokenizer
-
-    _quiet_transformers()
-    try:
-        return AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, local_files_only=True)
-    except (OSError, ValueError) as e:
-        if not Path(spec.path).exists():
-            raise _not_local(spec, "model") from e
-        raise BadInput(f"model {spec.path!r} has no tokenizer xc can load ({e})") from e
-
-
-def has_causal_lm_head(config) -> bool:
-    """Judged by the saved architecture (BertForMaskedLM is not causal even though the
-    bert model type has a causal variant), or by the model type when none is saved."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
-
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    architectures = getattr(config, "architectures", None)
-    if not architectures:
-        return config.model_type in CAUSAL
-    classes = set()
-    for value in CAUSAL.values():
-        classes.update([value] if isinstance(value, str) else value)
-    return any(a in classes for a in architectures)
-
-
-def load_causal_lm(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
-    """A causal LM from a local folder or the local HF cache, in eval mode; refuse encoders."""
-    import transformers
-    from packaging.version import Version
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    _quiet_transformers()
-    try:
-        config = AutoConfig.from_pretrained(spec.path, revision=spec.revision, local_files_only=True)
-    except (OSError, ValueError) as e:
-        if not Path(spec.path).exists():
-            raise _not_local(spec, "model") from e
-        raise BadInput(f"{spec.path!r} is not a Hugging Face model folder xc can read ({e})") from e
-    if not has_causal_lm_head(config):
-        kind = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
-        raise BadInput(f"model {spec.path!r} ({kind}) has no causal language-model head; "
-                       f"amplify needs a decoder-only model such as GPT-2, Llama or Pythia")
-    # transformers renamed torch_dtype to dtype in 4.56.
-    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(spec.path, revision=spec.revision, local_files_only=True,
-                                                 **{key: dtype})
-    return model.to(device).eval()
-
+# -- tokenizers and prompts -------------------------------------------------------------------------
 
 def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
     vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
@@ -364,23 +261,9 @@ class _Runner:
         return out.logits[:, -1].float()  # (B, V)
 
 
-def _text_config(model):
-    """The language model's config (multimodal models nest it)."""
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-
-def _context_length(model) -> int | None:
-    config = _text_config(model)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def _encode_prompts(tokenizer, prompts, max_new_tokens, models) -> list[list[int]]:
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    limit = min([c for c in map(_context_length, models) if c] or [0]) or None
+    limit = min([c for c in map(context_limit, models) if c] or [0]) or None
     for i, ids in enumerate(encoded):
         if not ids:
             raise BadInput(f"prompt {i} ({prompts[i]!r}) is empty after tokenisation and the tokenizer adds no BOS")
@@ -478,8 +361,9 @@ def _warn_greedy(sampling: Sampling):
 def amplify(cfg: AmplifyConfig) -> Iterator[dict]:
     """Load both models offline, check they share a tokenizer, then run `amplify_models`."""
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    before_spec, after_spec = ModelSpec.parse(cfg.before, False), ModelSpec.parse(cfg.after, False)
+    dtype = fast_dtype(cfg.dtype, device)
+    before_spec = ModelSpec.parse(cfg.before, allow_alias=False)
+    after_spec = ModelSpec.parse(cfg.after, allow_alias=False)
     tokenizer = load_tokenizer(after_spec)
     check_same_tokenizer(load_tokenizer(before_spec), tokenizer, f"--before {cfg.before!r}",
                          f"--after {cfg.after!r}")
@@ -519,68 +403,6 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-# -- sites: where a source lives in a model ----------------------------------------------------------
-# TODO(merge): xcli/harvest.py resolves the same sites; unify the two helpers.
-
-def find_blocks(model) -> torch.nn.ModuleList:
-    """The list of transformer blocks: the shortest-named ModuleList with one entry per layer."""
-    config = _text_config(model)
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    candidates = [(name.count("."), name, m) for name, m in model.named_modules()
-                  if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
-    if not candidates:
-        raise BadInput(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}; "
-                       f"name the site by module path instead")
-    return min(candidates, key=lambda c: c[:2])[2]
-
-
-def _child(block, names, site, layer):
-    for name in names:
-        if hasattr(block, name):
-            return getattr(block, name)
-    raise BadInput(f"site {site!r} at layer {layer}: the block has none of the submodules {', '.join(names)}")
-
-
-class Site(NamedTuple):
-    module: torch.nn.Module
-    before: bool
-    """True: the module's input (a pre-hook), False: its output."""
-
-
-def resolve_site(model, site: str, layer: int | None) -> Site:
-    """resid_post L = output of block L, resid_pre L = its input, mlp_out/attn_out = that sublayer's
-    output; any other site is a module path whose output is used."""
-    if site not in NAMED_SITES:
-        try:
-            return Site(model.get_submodule(site), False)
-        except AttributeError as e:
-            raise BadInput(f"site {site!r} is neither one of {', '.join(NAMED_SITES)} nor a module of the model") \
-                from e
-    blocks = find_blocks(model)
-    if layer is None or not 0 <= layer < len(blocks):
-        raise BadInput(f"layer {layer} of site {site!r} is out of range; the model has layers 0-{len(blocks) - 1}")
-    block = blocks[layer]
-    if site == "resid_post":
-        return Site(block, False)
-    if site == "resid_pre":
-        return Site(block, True)
-    return Site(_child(block, MLP_NAMES if site == "mlp_out" else ATTN_NAMES, site, layer), False)
-
-
-def _get_hidden(args, kwargs, output, before: bool) -> Tensor:
-    if before:
-        return args[0] if args else kwargs["hidden_states"]
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_hidden(args, kwargs, output, before: bool, new: Tensor):
-    if before:
-        if args:
-            return (new, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": new}
-    return (new, *output[1:]) if isinstance(output, tuple) else new
-
-
 # -- steering ----------------------------------------------------------------------------------------
 
 def sources_of_model(crosscoder, spec: ModelSpec, given: str) -> list:
@@ -590,11 +412,11 @@ def sources_of_model(crosscoder, spec: ModelSpec, given: str) -> list:
     equals the path or id as written, or names the same existing folder.
     """
     def belongs(source) -> bool:
-        if spec.alias is not None:
+        if spec.alias_given:
             return source.model == spec.alias
-        if source.model == spec.path:
+        if source.model == spec.id:
             return True
-        a, b = Path(source.model), Path(spec.path)
+        a, b = Path(source.model), Path(spec.id)
         return a.exists() and b.exists() and a.resolve() == b.resolve()
 
     mine = [s for s in crosscoder.sources if belongs(s)]
@@ -635,11 +457,7 @@ class Steering:
     def __enter__(self):
         self._handles.append(self.model.register_forward_pre_hook(self._reset))
         for name, site in self.sites.items():
-            if site.before:
-                hook = self._pre_hook(name)
-                self._handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                self._handles.append(site.module.register_forward_hook(self._post_hook(name)))
+            self._handles.append(hook_site(site, lambda hidden, name=name: self.edit(name, hidden)))
         return self
 
     def __exit__(self, *exc):
@@ -649,20 +467,6 @@ class Steering:
 
     def _reset(self, module, args):
         self._seen, self._f = {}, None
-
-    def _pre_hook(self, name):
-        def hook(module, args, kwargs):
-            hidden = _get_hidden(args, kwargs, None, True)
-            new = self.edit(name, hidden)
-            return None if new is hidden else _replace_hidden(args, kwargs, None, True, new)
-        return hook
-
-    def _post_hook(self, name):
-        def hook(module, args, output):
-            hidden = _get_hidden(args, None, output, False)
-            new = self.edit(name, hidden)
-            return None if new is hidden else _replace_hidden(args, None, output, False, new)
-        return hook
 
     def edit(self, name: str, hidden: Tensor) -> Tensor:
         """The activation at source `name` (B, T, d) after steering."""
@@ -694,7 +498,7 @@ def steer(cfg: SteerConfig) -> Iterator[dict]:
     from xcli.crosscoder import load as load_checkpoint
 
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = fast_dtype(cfg.dtype, device)
     spec = ModelSpec.parse(cfg.model)
     crosscoder = load_checkpoint(cfg.checkpoint, device)
     check_latents(crosscoder, cfg.latents)
@@ -717,9 +521,9 @@ def steer_model(model, tokenizer, crosscoder, sources, cfg: SteerConfig) -> Iter
     `sources` are the crosscoder's sources that live in `model` (see `sources_of_model`).
     """
     check_latents(crosscoder, cfg.latents)
-    width = getattr(_text_config(model), "hidden_size", None)
+    width = getattr(text_config(model), "hidden_size", None)
     for s in sources:
-        if s.site in NAMED_SITES and width and width != s.d:
+        if s.site in SITES and width and width != s.d:
             raise BadInput(f"source {s.name} has width {s.d} but the model's residual stream has {width}; "
                            f"the checkpoint was not trained on this model")
     _warn_greedy(cfg.sampling)

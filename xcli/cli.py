@@ -76,6 +76,21 @@ def common_options(f):
     return f
 
 
+def device_option(what: str):
+    """--device, one meaning for every command that runs torch (checked by xcli.models.resolve_device)."""
+    return click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                        help=f"Where {what}: auto picks the first CUDA GPU if there is one, else the CPU.")
+
+
+def compute_options(what: str, dtypes: tuple[str, ...], dtype_default: str, dtype_help: str):
+    """--device and --dtype; the dtype choices and what auto means differ by command."""
+    def decorate(f):
+        f = click.option("--dtype", type=click.Choice(dtypes), default=dtype_default, show_default=True,
+                         help=dtype_help)(f)
+        return device_option(what)(f)
+    return decorate
+
+
 @click.group("xc", cls=XcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="xc")
 @common_options
@@ -146,7 +161,7 @@ def not_built(name: str, issue: str):
               help="Neuronpedia user id written as creatorId. Activations are shown only for ids listed in the "
                    "instance's PUBLIC_ACTIVATIONS_USER_IDS; the default is one of them.")
 @click.option("--creator-name", default="xc", show_default=True, help="creatorName of the release and source set.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option("the crosscoder runs over the store")
 @click.option("--resume", is_flag=True, help="Continue an unfinished export in DIR: finished batches are skipped.")
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
 @click.option("--check", "check_dir", metavar="DIR", help="Validate the export in DIR against Neuronpedia's "
@@ -242,8 +257,7 @@ def _band(value: str) -> tuple[float, float]:
               help="Cross-layer: a layer is in a latent's span when it holds at least this share of "
               "the latent's decoder norm.")
 @click.option("--max-tokens", type=int, help="With --store: use only the first N tokens.")
-@click.option("--device", default="auto", show_default=True,
-              help="Torch device for the store pass: auto (cuda when available), cpu, cuda, cuda:1, ...")
+@device_option("the store pass runs")
 @click.option("--plot", "plot_dir", metavar="DIR", help="Also draw figures into DIR (created if missing): "
               "relative_norm.png, cosine_shared.png, layer_profiles.png (cross-layer), latent_scaling.png "
               "(with --store). Needs matplotlib: pip install 'xcli[plot]'.")
@@ -281,13 +295,14 @@ def classify_command(checkpoint, store, models, exclusive_share, shared_band, de
     """
     from xcli import classify as cl
     from xcli.crosscoder import load
+    from xcli.models import resolve_device
     from xcli.files import atomic_path, check_output, read_path_argument
     from xcli.store import open_store
 
     config = cl.ClassifyConfig(
         models=_pair(models, "--models"), exclusive_share=exclusive_share, shared_band=_band(shared_band),
         dead_frequency=dead_frequency, nu_epsilon=nu_epsilon, nu_r=nu_r, span_share=span_share,
-        max_tokens=max_tokens, device=_device(device))
+        max_tokens=max_tokens, device=str(resolve_device(device)))
     if max_tokens is not None and not store:
         raise BadInput("--max-tokens applies to the store pass; give --store STORE as well")
     if output:
@@ -315,21 +330,6 @@ def classify_command(checkpoint, store, models, exclusive_share, shared_band, de
         cl.print_summary(result, sys.stderr)
     if output:
         click.echo(output)
-
-
-def _device(value: str) -> str:
-    import torch
-
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise BadInput(f"--device {value!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {value!r}: CUDA is not available on this machine; use cpu")
-    return value
-
 
 
 @cli.command("amplify")
@@ -373,10 +373,9 @@ def _device(value: str) -> str:
               "\"match\" to each line, then one summary line per value with matches, n, rate and a 95%% "
               "Wilson interval; the same summary goes to stderr.")
 @click.option("--token-ids", is_flag=True, help="Also print the generated token ids (EOS included).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Model weights; auto is bfloat16 on a GPU that supports it, else float32. "
-              "Logits are combined in float32.")
+@compute_options("the models run", ("auto", "float32", "bfloat16", "float16"), "auto",
+                 "Model weights; auto is bfloat16 on a GPU that supports it, else float32. "
+                 "Logits are combined in float32.")
 @common_options
 def amplify_command(before, after, alphas, model, checkpoint, latents, scales, clamps, prompt_texts,
                     prompts_file, n_samples, max_new_tokens, temperature, top_p, seed, batch_size, count,
@@ -431,6 +430,8 @@ def amplify_command(before, after, alphas, model, checkpoint, latents, scales, c
 # Literal copies of xcli.crosscoder.ARCHS and xcli.train.DTYPES, so that `xc --help`
 # does not import torch; tests/test_train.py checks that they agree.
 ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("auto", "float32", "bfloat16")
+# The same for xcli.fmx.FMX_ARCHS and FACTORIZATIONS (checked in tests/test_fmx.py).
+FMX_ARCHS, FACTORIZATIONS = ("fmx", "fmx-topk", "fmx-relu"), ("tr", "cp")
 
 
 class Count(click.ParamType):
@@ -453,6 +454,16 @@ class Count(click.ParamType):
         return int(number)
 
 
+def rank_list(ctx, param, value):
+    """'8,8,8' -> (8, 8, 8)."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(r) for r in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of whole numbers (e.g. 16 or 16,8,16)")
+
+
 def source_list(ctx, param, value):
     """'a,b' -> ("a", "b"); an empty value stays an empty tuple, which the config rejects."""
     if value is None:
@@ -465,6 +476,7 @@ def source_list(ctx, param, value):
   xc train base.zarr chat.zarr -o diff.safetensors --latents 16384 --log metrics.jsonl
   xc train acts.zarr -o sae.safetensors --sources base.resid_post.6 --arch relu --l1 2
   xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
+  xc train layers.zarr -o fmx.safetensors --arch fmx --k 64 --ranks 32
   xc harvest ... | xc train - -o xc.safetensors
   xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9
   torchrun --nproc-per-node 8 -m xcli train acts.zarr -o xc.safetensors --batch-size 32K""")
@@ -479,15 +491,30 @@ def source_list(ctx, param, value):
 @click.option("--write", callback=source_list, metavar="NAMES",
               help="Comma-separated sources the decoder reconstructs. Default: all training sources. "
                    "Reading layer n and writing layer n+1 makes a transcoder.")
-@click.option("--arch", type=click.Choice(ARCHS), default="batchtopk", show_default=True,
+@click.option("--arch", type=click.Choice(ARCHS + FMX_ARCHS), default="batchtopk", show_default=True,
               help="relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; "
-                   "batchtopk: the k*B best per batch, with a learned threshold at inference.")
+                   "batchtopk: the k*B best per batch, with a learned threshold at inference. "
+                   "fmx: a factorized masked crosscoder (fmxcoder) over layers of one model, selecting with "
+                   "batchtopk; fmx-topk and fmx-relu select with topk and relu. See --factorization, --ranks, "
+                   "--mask-prob.")
 @click.option("--latents", type=int, help="Dictionary size F.")
 @click.option("--expansion", type=float,
               help="Dictionary size as a multiple of the widest source's width (default 16).")
 @click.option("--k", type=int, help="Active latents per token, for topk and batchtopk (default 32).")
 @click.option("--l1", type=float, help="Sparsity penalty lambda for relu (default 2.0); it warms up over the "
                                        "first 5% of steps.")
+@click.option("--factorization", type=click.Choice(FACTORIZATIONS),
+              help="fmx: how encoder and decoder (layer x activation x latent) tensors are factorized: tr, a "
+                   "tensor ring, W[l,a,i] = trace(G_layer[l] G_act[a] G_latent[i]); cp, a CP decomposition, "
+                   "W[l,a,i] = sum_r layer[l,r] act[a,r] latent[i,r]. Default: tr.")
+@click.option("--ranks", callback=rank_list, metavar="R[,R2,R3]",
+              help="fmx: the ranks, R1,R2,R3 for tr (one number sets all three) or R for cp. Default: "
+                   "ceil(sqrt(L*d)) each for tr and L*d for cp (L layers of width d), so the joint rank is not "
+                   "limited; lower ranks share more across layers but reconstruct worse.")
+@click.option("--mask-prob", type=float,
+              help="Stochastic layer masking: in training, zero each read source's encoder input per token with "
+                   "this probability, while the loss still reconstructs the clean activations. Default: 0.05 "
+                   "for fmx archs, 0 otherwise.")
 @click.option("--batch-size", type=Count(), default=4096, show_default=True, help="Tokens per step.")
 @click.option("--tokens", type=Count(),
               help="Training tokens, e.g. 50M (rounded up to whole batches; several epochs when it exceeds "
@@ -509,11 +536,10 @@ def source_list(ctx, param, value):
 @click.option("--shuffle-buffer", type=Count(), default=65536, show_default=True,
               help="Rows shuffled together in memory (whole chunks); memory use grows with it, not with the store.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the data order.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, or auto (cuda when available).")
-@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
-              help="Compute dtype of the encoder matmul; weights and Adam state stay float32. auto: bfloat16 "
-                   "on CUDA GPUs with bf16 and on CPUs with AMX or AVX512-BF16, else float32. The choice is "
-                   "recorded, and --resume must use the same one.")
+@compute_options("training runs", DTYPES, "auto",
+                 "Compute dtype of the encoder matmul; weights and Adam state stay float32. auto: bfloat16 "
+                 "on CUDA GPUs with bf16 and on CPUs with AMX or AVX512-BF16, else float32. The choice is "
+                 "recorded, and --resume must use the same one.")
 @click.option("--log", "--log-file", "log", type=click.Path(dir_okay=False),
               help="Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, lr, tokens/s; "
                    "and held-out evaluations. Under torchrun, spell it --log-file (torchrun claims --log).")
@@ -605,15 +631,13 @@ Examples:
                    "corpus. A corpus with fewer tokens is stored whole, with a warning.")
 @click.option("-b", "--batch-size", type=int, default=8, show_default=True, metavar="N",
               help="Windows per forward pass.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Dtype the models compute in; auto keeps the dtype they were saved in.")
+@compute_options("the models run", ("auto", "float32", "float16", "bfloat16"), "auto",
+                 "Dtype the models compute in; auto keeps the dtype they were saved in.")
 @click.option("--store-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
               show_default=True,
               help="Dtype of the stored activations. auto: bfloat16 when a model computes in bfloat16 "
                    "(stored losslessly as its bits), else float16. Values beyond the float16 range stop the "
                    "run with an error; they are never stored as inf.")
-@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
-              help="Where the models run; auto picks the first GPU if there is one.")
 @click.option("--keep-special-tokens", is_flag=True,
               help="Also store rows of BOS, EOS and other special tokens (their large norms can dominate "
                    "training). Padding is never stored.")
@@ -675,6 +699,154 @@ def info_command(store, as_json):
     for s in summary["sources"]:
         layer = "-" if s["layer"] is None else s["layer"]
         click.echo(f"  {s['name']:<{width}}  {s['model']:<12} {s['site']:<12} {layer:>5} {s['d']:>6}")
+
+
+@cli.command("eval", epilog="""\b
+  xc eval xc.safetensors acts.zarr
+  xc eval xc.safetensors acts.zarr --splice --windows 128
+  xc eval xc.safetensors acts.zarr --model base=./gpt2 --model chat=./gpt2-chat
+  xc eval xc.safetensors acts.zarr --model base=./gpt2 --data eval.txt
+  xc eval xc.safetensors fresh.zarr --all-rows
+  xc eval toy.safetensors toy.zarr --truth toy.zarr.truth.safetensors
+  xc train acts.zarr -o xc.safetensors | xc eval - acts.zarr""")
+@click.argument("checkpoint", metavar="CHECKPOINT|-")
+@click.argument("stores", nargs=-1, required=True, metavar="STORE...")
+@click.option("--all-rows", is_flag=True, help="Evaluate on every row of the stores. Default: the rows `xc train` "
+              "held out (its --eval-fraction chunks); that needs the stores it was trained on.")
+@click.option("--truth", type=click.Path(dir_okay=False), metavar="TRUTH",
+              help="Planted truth of a synthetic store (STORE.truth.safetensors, from `xc synth`): adds the mean "
+                   "max cosine similarity, the fraction of planted features recovered, both by kind and by layer "
+                   "span, the reverse MMCS over latents that fire, and (two or more models) how often `xc classify` "
+                   "gives a feature's best latent the class of the planted feature.")
+@click.option("--threshold", type=float, default=0.9, show_default=True,
+              help="With --truth: a planted feature is recovered when a latent's decoder has a cosine above this "
+                   "(all sources concatenated, raw units).")
+@click.option("--splice", is_flag=True, help="Measure the spliced-in next-token loss of each model, with the models "
+              "the store's harvest recorded (local folders or the local Hugging Face cache; never downloaded).")
+@click.option("--model", "models", multiple=True, metavar="ALIAS=PATH",
+              help="A model to splice into (implies --splice); ALIAS is the model name in the checkpoint's sources. "
+                   "Repeat for each model. Every model the crosscoder reads from is needed.")
+@click.option("--data", type=click.Path(dir_okay=False), metavar="TEXT",
+              help="Measure the spliced-in loss on this text file (one sequence per line) instead of the store's "
+                   "token windows.")
+@click.option("--windows", type=int, default=64, show_default=True,
+              help="Token windows (sequences) the spliced-in loss is measured on, at most; spread evenly over the "
+                   "evaluated rows.")
+@click.option("--window-batch", type=int, default=4, show_default=True,
+              help="Windows per forward pass. Each holds B x T x vocabulary log-probabilities three times: lower "
+                   "it for large vocabularies.")
+@click.option("--batch-size", type=Count(), default=4096, show_default=True,
+              help="Rows per batch for FVU, L0 and dead latents.")
+@compute_options("the crosscoder and the models run", ("auto", "float32", "bfloat16", "float16"), "auto",
+                 "Language-model weights for the spliced-in loss; auto is bfloat16 on a GPU that supports it, "
+                 "else float32. The crosscoder runs in float32.")
+@click.option("--allow-incomplete", is_flag=True, help="Accept a store whose harvest has not finished.")
+@common_options
+def eval_command(checkpoint, stores, all_rows, truth, threshold, splice, models, data, windows, window_batch,
+                 batch_size, device, dtype, allow_incomplete):
+    """Measure a crosscoder: reconstruction, sparsity, spliced-in loss, planted-feature recovery.
+
+    Prints one JSON object: "rows" ("held-out" or "all"), "tokens", "fvu" per written source,
+    "fvu_total" (normalised units, as in training), "l0" (mean nonzero latents per token),
+    "l0_quantiles" (0.01 ... 0.99), "dead_fraction" (latents that never fire on these rows;
+    BatchTopK uses its threshold).
+
+    With --splice or --model, "splice" holds per model: "ce_clean", "ce_spliced" (that model's
+    written sources replaced by the reconstruction during the forward pass, at every position the
+    store holds, i.e. not BOS), "ce_ablated" (replaced by zeros), "ce_score" = (ce_ablated -
+    ce_spliced) / (ce_ablated - ce_clean), "kl_spliced", "kl_ablated" (KL from the clean
+    next-token distribution) and "kl_score" = (kl_ablated - kl_spliced) / kl_ablated, averaged
+    over the predictions made at spliced, evaluated positions. The crosscoder encodes the clean
+    activations of every model it reads. A score is null when its denominator is 0.
+
+    CHECKPOINT may be '-' to read its path from stdin.
+    """
+    from xcli.evaluate import EvalConfig, evaluate
+
+    if checkpoint == "-" and "-" in stores:
+        raise BadInput("only one argument can be '-' (read from stdin)")
+    stores = tuple(read_path_argument(s) for s in stores)
+    report = evaluate(EvalConfig(checkpoint=read_path_argument(checkpoint), stores=stores, all_rows=all_rows,
+                                 truth=truth, threshold=threshold, models=tuple(models), splice=splice, data=data,
+                                 windows=windows, window_batch=window_batch, batch_size=batch_size, device=device,
+                                 dtype=dtype, allow_incomplete=allow_incomplete))
+    click.echo(json.dumps(report))
+
+
+def number_pair(separator: str, cast):
+    """'1-4' or '0.5,1.5' -> a tuple of two numbers."""
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        parts = value.split(separator)
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            return tuple(cast(p) for p in parts)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not two numbers written {param.metavar}") from None
+    return convert
+
+
+@cli.command("synth", epilog="""\b
+  xc synth diff -o toy.zarr                       # a preset: diff, layers or diff-layers
+  xc synth -o toy.zarr --models base,chat --shared 64 --exclusive 16 --scaled 8 --scale 0.3
+  xc synth -o deep.zarr --models m --layers 8 --span 1-8 --drift 10 --exclusive 0
+  xc synth spec.json -o toy.zarr --seed 3 --tokens 1M
+  xc synth diff -o toy.zarr | xc train - -o toy.safetensors --k 4""")
+@click.argument("spec", required=False, metavar="[PRESET|SPEC.json]")
+@click.option("-o", "--output", required=True, type=click.Path(), metavar="STORE",
+              help="The store to write; the truth goes beside it as STORE.truth.safetensors.")
+@click.option("--models", callback=source_list, metavar="NAMES",
+              help="Comma-separated model names (default a,b); sources are MODEL.synthetic.LAYER.")
+@click.option("--layers", type=int, help="Layers per model (default 1).")
+@click.option("--width", type=int, help="Width of every source (default 32).")
+@click.option("--shared", type=int, help="Features present in every model with equal norm (default 48).")
+@click.option("--exclusive", type=int, help="Features present in one model only, per model (default 16).")
+@click.option("--scaled", type=int, help="Features present in every model with norm --scale in one of them, "
+              "per model (default 0).")
+@click.option("--scale", type=float, help="Norm of a scaled feature in its model; 1 in the others (default 0.3).")
+@click.option("--model-angle", type=float, help="Degrees between a feature's directions in any two models "
+              "(default 0: the same direction).")
+@click.option("--span", callback=number_pair("-", int), metavar="MIN-MAX",
+              help="Layers a feature spans, a contiguous range of uniform length in MIN..MAX (default 1-LAYERS).")
+@click.option("--drift", type=float, help="Degrees a feature's direction turns per layer inside its span "
+              "(default 0).")
+@click.option("--active", type=float, help="Expected number of features firing per token (default 4).")
+@click.option("--frequencies", metavar="DIST", help="Firing probabilities: uniform (default), exponential:LAMBDA "
+              "(p_g ~ LAMBDA^g) or zipf:S (p_g ~ 1/(g+1)^S), in a random order over the features.")
+@click.option("--magnitude", callback=number_pair(",", float), metavar="LOW,HIGH",
+              help="A firing feature's coefficient is uniform in [LOW, HIGH] (default 0.5,1.5).")
+@click.option("--correlation", type=float, help="Features in groups of --group-size fire together through a "
+              "Gaussian copula of this correlation; each keeps its firing probability (default 0).")
+@click.option("--group-size", type=int, help="Features per correlated group (default 4).")
+@click.option("--noise", type=float, help="Standard deviation of Gaussian noise on every coordinate (default 0).")
+@click.option("--tokens", type=Count(), help="Rows to write (default 65536).")
+@click.option("--seed", type=int, help="Everything random derives from it (default 0).")
+@click.option("--chunk-rows", type=Count(), default=STORE_CHUNK_ROWS, show_default=True, help="Rows per Zarr chunk.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Storage dtype of the activations.")
+@click.option("--codec", type=click.Choice(STORE_CODECS), default=STORE_CODEC, show_default=True,
+              help="Compression of the activation chunks.")
+@click.option("--overwrite", is_flag=True, help="Replace STORE and its truth if they exist.")
+@common_options
+def synth_command(spec, output, chunk_rows, dtype, codec, overwrite, **fields):
+    """Write a synthetic activation store with a planted dictionary, and the truth beside it.
+
+    Rows are x_s = sum_g c_g u_g^s (+ noise) for every source s (one layer of one model):
+    the coefficients c_g are common to all sources, the directions u_g^s are planted. SPEC is
+    a preset (diff: two models with shared, exclusive and scaled features; layers: one model,
+    six layers, features spanning 1-6 layers with drifting directions; diff-layers: both) or a
+    JSON file of the same fields as the options (e.g. {"models": ["a", "b"], "shared": 64});
+    options override it. The store is an ordinary activation store (train, classify and export
+    read it); `xc eval --truth STORE.truth.safetensors` scores a crosscoder against the truth.
+    Prints the store path.
+    """
+    from xcli.synth import generate, load_spec
+
+    spec_obj = load_spec(spec, **fields)
+    generate(spec_obj, output, chunk_rows=chunk_rows, dtype=dtype, codec=codec, overwrite=overwrite)
+    click.echo(str(output))
 
 
 def main():

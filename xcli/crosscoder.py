@@ -61,11 +61,17 @@ class SparseOutput(NamedTuple):
     compute_dtype: torch.dtype
     min_score: Tensor | None
     """BatchTopK in training: the smallest kept selection score (what the threshold tracks)."""
+    encoder: list[Tensor]
+    """The encoder weights used, per read source (d_s, F)."""
+    decoder: list[Tensor]
+    """The decoder weights used, per written source (F, d_s)."""
 
 
 class Crosscoder(nn.Module):
     sparse_path = True
     """Train TopK/BatchTopK on the sparse path (xcli.sparse); False: the dense reference."""
+    factorized = False
+    """True in subclasses that compute W_enc / W_dec from factors (xcli/fmx.py) instead of holding them."""
 
     def __init__(self, sources: list[Source], n_latents: int, arch: str = "batchtopk", k: int | None = None,
                  read: list[str] | None = None, write: list[str] | None = None):
@@ -86,8 +92,9 @@ class Crosscoder(nn.Module):
         self.read, self.write = read, write
         d = {s.name: s.d for s in sources}
         # ParameterLists, not dicts: source names contain dots, which module keys cannot.
-        self.W_enc = nn.ParameterList([nn.Parameter(torch.zeros(d[n], n_latents)) for n in read])
-        self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(n_latents, d[n])) for n in write])
+        if not self.factorized:
+            self.W_enc = nn.ParameterList([nn.Parameter(torch.zeros(d[n], n_latents)) for n in read])
+            self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(n_latents, d[n])) for n in write])
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.b_dec = nn.ParameterList([nn.Parameter(torch.zeros(d[n])) for n in write])
         self.register_buffer("input_scale", torch.ones(len(sources)))
@@ -188,11 +195,12 @@ class Crosscoder(nn.Module):
             raise ValueError("forward_sparse is for topk and batchtopk; relu latents are dense")
         device = self.b_enc.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
-        xs = [x[name].to(w.dtype) * self.scale(name) for name, w in zip(self.read, self.W_enc)]
+        enc, dec = list(self.W_enc), list(self.W_dec)  # once: computed from factors in xcli.fmx
+        xs = [x[name].to(w.dtype) * self.scale(name) for name, w in zip(self.read, enc)]
         min_score = None
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            mm = sparse.encoder_matmul(xs, list(self.W_enc), dtype)  # (B, F)
-            norms = self.decoder_norms().sum(dim=1)
+            mm = sparse.encoder_matmul(xs, enc, dtype)  # (B, F)
+            norms = torch.stack([w.norm(dim=1) for w in dec], dim=1).sum(dim=1)
             # pre * norms in one pass over (B, F), in the matmul's dtype; <= 0 where ReLU gives 0
             score = torch.addcmul((self.b_enc * norms).to(mm.dtype), mm, norms.to(mm.dtype))
             if self.arch == "topk":
@@ -203,10 +211,10 @@ class Crosscoder(nn.Module):
                 pairs = sparse.select_above(score, self.threshold)
             del score
             pre_at = pairs.gather(mm).float() + self.b_enc[pairs.cols]
-        values = sparse.encoder_values(pairs, pre_at, xs, self.b_enc, list(self.W_enc), dtype)
-        decoded = sparse.decode(pairs, values, list(self.W_dec))
+        values = sparse.encoder_values(pairs, pre_at, xs, self.b_enc, enc, dtype)
+        decoded = sparse.decode(pairs, values, dec)
         recon = {name: y + b for name, y, b in zip(self.write, decoded, self.b_dec)}
-        return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score)
+        return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec)
 
     def sparse_aux_reconstruction(self, out: SparseOutput, dead: Tensor, k_aux: int) -> dict[str, Tensor]:
         """AuxK on the sparse path: the decoded (no bias) top k_aux ReLU pre-activations among dead latents."""
@@ -217,8 +225,8 @@ class Crosscoder(nn.Module):
             pairs = sparse.Pairs.per_row(dead_latents[pre_dead.topk(k_aux, dim=1, sorted=False).indices],
                                          self.n_latents)
             pre_at = pairs.gather(out.encoder_out).float() + self.b_enc[pairs.cols]
-        values = sparse.encoder_values(pairs, pre_at, out.inputs, self.b_enc, list(self.W_enc), out.compute_dtype)
-        return dict(zip(self.write, sparse.decode(pairs, values, list(self.W_dec))))
+        values = sparse.encoder_values(pairs, pre_at, out.inputs, self.b_enc, out.encoder, out.compute_dtype)
+        return dict(zip(self.write, sparse.decode(pairs, values, out.decoder)))
 
     def normalise(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: v * self.scale(name) for name, v in x.items()}
@@ -249,6 +257,10 @@ class Crosscoder(nn.Module):
         """Move the inference threshold toward one batch's minimum: an exponential moving average."""
         self.threshold.mul_(decay).add_((1 - decay) * batch_min.to(self.threshold.dtype))
 
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """Tensors a subclass saves beside the ones every reader knows (xcli/fmx.py: its factors)."""
+        return {}
+
     # -- description -----------------------------------------------------------------
     def describe(self) -> dict:
         return {
@@ -275,6 +287,7 @@ def checkpoint_tensors(model: Crosscoder) -> dict[str, Tensor]:
         tensors[f"input_scale.{s.name}"] = model.scale(s.name)
     if model.arch == "batchtopk":
         tensors["threshold"] = model.threshold
+    tensors.update(model.extra_tensors())
     return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
 
 

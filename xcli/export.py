@@ -32,6 +32,7 @@ from xcli import crosscoder as cc
 from xcli import dashboards as db
 from xcli import neuronpedia as npd
 from xcli.errors import BadInput
+from xcli.models import resolve_device
 from xcli.store import ActivationStore, Source, open_store
 from xcli.version import __version__
 
@@ -100,8 +101,7 @@ class ExportConfig:
             raise BadInput(f"--creator-id {self.creator_id!r} is not a Neuronpedia user id (letters and digits)")
         if not self.creator_name.strip():
             raise BadInput("--creator-name must not be empty")
-        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
-            raise BadInput(f"--device {self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+        resolve_device(self.device)
         if self.resume and self.overwrite:
             raise BadInput("--resume and --overwrite exclude each other: continue the export, or replace it")
 
@@ -267,14 +267,6 @@ def read_classes(path: Path, n_latents: int) -> dict[int, dict]:
             raise BadInput(f"--classes {str(path)!r} line {n}: 'class' must be a string")
         out[latent] = {k: v for k, v in row.items() if k != "latent"}
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {name!r} is not available on this machine (no CUDA)")
-    return torch.device(name)
 
 
 # -- the sources of a Neuronpedia export ---------------------------------------------

@@ -5,7 +5,7 @@
     harvest(config)  # -> Path("acts.zarr")
 
 Every model sees the same token windows (xcli.corpus) and its activations are
-caught by forward hooks (xcli.models). Rows of special tokens and padding are
+caught by forward hooks (xcli.sites). Rows of special tokens and padding are
 dropped (unless asked), the rest are converted to the storage dtype on the
 device, checked for overflow and handed to a writer thread, so that compression
 and disk writes overlap the next forward pass. The store (xcli.store) commits
@@ -28,8 +28,8 @@ from xcli import console, files
 from xcli import store as st
 from xcli.corpus import Batch, Packing, batches, check_data, describe_data, read_documents, windows
 from xcli.errors import BadInput, XcError
-from xcli.models import DTYPES, SITES, Catcher, LoadedModel, ModelSpec, load_model, n_layers, parse_layers, \
-    resolve_sites
+from xcli.models import LoadedModel, ModelSpec, check_dtype, context_limit, load_model, n_layers, resolve_device
+from xcli.sites import SITES, Catcher, parse_layers, resolve_sites
 
 DEFAULT_CONTEXT_LENGTH = 1024
 STORAGE_TORCH = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -104,14 +104,13 @@ class HarvestConfig:
                 raise BadInput(f"--{name.replace('_', '-')} must be a positive integer, not {value!r}")
         if self.context_length is not None and self.context_length < 2:
             raise BadInput(f"--context-length must be at least 2, not {self.context_length}")
-        choices = {"dtype": ("auto", *DTYPES), "store_dtype": ("auto", *st.STORAGE_DTYPES), "codec": st.CODECS}
+        check_dtype(self.dtype)
+        choices = {"store_dtype": ("auto", *st.STORAGE_DTYPES), "codec": st.CODECS}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not valid; "
                                f"use one of {', '.join(valid)}")
-        if not (self.device in ("auto", "cpu", "cuda") or
-                self.device.startswith("cuda:") and self.device[5:].isdigit()):
-            raise BadInput(f"--device {self.device!r} is not valid; use auto, cpu, cuda or cuda:N")
+        resolve_device(self.device)
         if self.resume and self.overwrite:
             raise BadInput("--resume and --overwrite exclude each other: continue the store, or replace it")
 
@@ -128,17 +127,6 @@ class HarvestConfig:
             "data": describe_data(self.data),
             **{name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in fields},
         }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count()
-        index = int(name[5:]) if ":" in name else 0
-        if index >= count:
-            raise BadInput(f"--device {name!r} is not available: this machine has {count} CUDA device(s)")
-    return torch.device(name)
 
 
 def existing_store_state(config: HarvestConfig) -> str:
@@ -184,17 +172,8 @@ def check_same_vocabulary(models: list[LoadedModel]) -> None:
                            f"crosscoding several models needs identical vocabularies")
 
 
-def model_context_limit(loaded: LoadedModel) -> int | None:
-    config = loaded.model.config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("max_position_embeddings", "n_positions"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None
-
-
 def resolve_context_length(config: HarvestConfig, models: list[LoadedModel]) -> int:
-    limits = [(m.spec.alias, limit) for m in models if (limit := model_context_limit(m))]
+    limits = [(m.spec.alias, limit) for m in models if (limit := context_limit(m.model))]
     if config.context_length is None:
         return min([DEFAULT_CONTEXT_LENGTH, *(limit for _, limit in limits)])
     for alias, limit in limits:

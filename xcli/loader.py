@@ -155,6 +155,8 @@ class Batch:
     """The position just after this batch (the next epoch's start if it ended an epoch)."""
     rows: int
     """Rows of the whole batch, over all ranks (this rank holds the share its chunks supply)."""
+    index: np.ndarray | None = None
+    """Data-parallel: the places of this rank's rows in the whole batch (None in one process)."""
 
 
 class BatchStream:
@@ -226,13 +228,13 @@ class BatchStream:
                 last_window = index == len(windows) - 1
                 while loaded - start >= self.batch_size or (last_window and loaded > start):
                     stop = min(start + self.batch_size, loaded)
-                    batch, pieces = take_rows(pieces, stop)
+                    places, batch, pieces = take_rows(pieces, stop)
                     if batch is None:  # none of this batch's rows came from this rank's chunks
                         batch = {n: np.empty((0, self.stores.by_source[n].source(n).d),
                                              dtype=self.stores.stored_dtype(n)) for n in self.names}
                     ended = stop == self.rows_per_epoch
                     yield Batch(self._tensors(batch), Position(epoch + 1, 0) if ended else Position(epoch, stop),
-                                stop - start)
+                                stop - start, places - start if self.world > 1 else None)
                     start = stop
             epoch, skip = epoch + 1, 0
 
@@ -251,17 +253,20 @@ def as_tensor(rows: np.ndarray) -> torch.Tensor:
 
 
 def take_rows(pieces: list[tuple[np.ndarray, dict[str, np.ndarray]]], stop: int):
-    """Split the rows placed before `stop` off a list of (places, rows) blocks: (batch, remaining pieces)."""
-    taken, rest = [], []
+    """Split the rows placed before `stop` off a list of (places, rows) blocks:
+    (their places, the rows or None if there are none, the remaining pieces)."""
+    taken, where, rest = [], [], []
     for places, data in pieces:
         cut = int(np.searchsorted(places, stop))
         if cut:
             taken.append({n: a[:cut] for n, a in data.items()})
+            where.append(places[:cut])
         if cut < len(places):
             rest.append((places[cut:], {n: a[cut:] for n, a in data.items()}))
+    places = np.concatenate(where) if where else np.zeros(0, dtype=np.int64)
     if len(taken) <= 1:
-        return (taken[0] if taken else None), rest
-    return {n: np.concatenate([t[n] for t in taken]) for n in taken[0]}, rest
+        return places, (taken[0] if taken else None), rest
+    return places, {n: np.concatenate([t[n] for t in taken]) for n in taken[0]}, rest
 
 
 class Prefetcher:

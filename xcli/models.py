@@ -1,20 +1,13 @@
-"""Hugging Face models, offline: parse a model argument, load it, and catch activations.
+"""Hugging Face models, offline: parse a model argument, pick a device and dtype, load the model.
 
 A model argument is `[ALIAS=]ID_OR_PATH[@REVISION]`. It resolves to a local folder
 (a path, or a snapshot in the local Hugging Face cache); nothing here uses the
-network. Activations are caught with forward hooks at *sites*:
-
-    resid_post  output of block L (HF hidden_states[L+1], except the last block,
-                whose hidden_states entry has the final norm applied)
-    resid_pre   input of block L (HF hidden_states[L])
-    attn_out    what the attention sublayer of block L adds to the residual stream
-    mlp_out     what the MLP sublayer of block L adds to the residual stream
-    MODULE.PATH the output of any module; `{layer}` in the path is replaced by each layer
+network. Where activations live inside a loaded model is xcli.sites.
 """
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,24 +15,26 @@ from torch import nn
 
 from xcli.errors import BadInput
 
-SITES = ("resid_post", "resid_pre", "attn_out", "mlp_out")
 ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One `--model` argument: a short alias, a local path or hub id, and an optional revision."""
+    """One model argument: a short alias, a local path or hub id, and an optional revision."""
 
     alias: str
     id: str
     revision: str | None = None
+    alias_given: bool = field(default=True, compare=False)
+    """False when the alias was made from the path (no `ALIAS=` in the argument)."""
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str, allow_alias: bool = True) -> "ModelSpec":
         alias, rest = None, text
         head, sep, tail = text.partition("=")
-        if sep and ALIAS.match(head):
+        if allow_alias and sep and ALIAS.match(head) and not Path(text).exists():
             alias, rest = head, tail
         revision = None
         if "@" in rest and not Path(rest).exists():
@@ -48,13 +43,62 @@ class ModelSpec:
                 raise BadInput(f"model {text!r} has an empty revision after '@'")
         if not rest:
             raise BadInput(f"model {text!r} names no model; use [ALIAS=]ID_OR_PATH[@REVISION]")
-        if alias is None:  # a readable default: the last path component, made safe
-            alias = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(rest.rstrip("/")).name).strip("-") or "model"
-        return cls(alias=alias, id=rest, revision=revision)
+        if alias is not None:
+            return cls(alias, rest, revision)
+        # A readable default: the last path component, made safe.
+        made = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(rest.rstrip("/")).name).strip("-") or "model"
+        return cls(made, rest, revision, alias_given=False)
 
     def __str__(self) -> str:
         return f"{self.alias}={self.id}" + (f"@{self.revision}" if self.revision else "")
 
+
+# -- device and dtype ------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (the first CUDA GPU if there is one, else the CPU), `cpu`, `cuda` or `cuda:N`; checked here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BadInput(f"--device {name!r} is not a device; use {DEVICES}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {name!r} is not supported; use {DEVICES}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BadInput(f"--device {name!r} is not available: no CUDA device is on this machine; use cpu or auto")
+        if (device.index or 0) >= count:
+            raise BadInput(f"--device {name!r} is not available: this machine has {count} CUDA device(s)")
+    return device
+
+
+def check_dtype(name: str) -> None:
+    if name not in ("auto", *DTYPES):
+        raise BadInput(f"--dtype {name!r} is not valid; use one of auto, {', '.join(DTYPES)}")
+
+
+def fast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return DTYPES[name]
+
+
+def saved_dtype(name: str, folder: Path) -> torch.dtype:
+    """`auto` is the dtype the checkpoint was saved in (float32 when it names none we use)."""
+    if name != "auto":
+        return DTYPES[name]
+    config = read_config(folder)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    return dtype if dtype in DTYPES.values() else torch.float32
+
+
+# -- offline resolution ----------------------------------------------------------------------------
 
 def looks_like_path(model_id: str) -> bool:
     """Hub ids are NAME or ORG/NAME; anything else is meant as a path."""
@@ -62,45 +106,40 @@ def looks_like_path(model_id: str) -> bool:
 
 
 def resolve_folder(spec: ModelSpec) -> tuple[Path, str | None]:
-    """The local folder holding the model, and the commit it was resolved to (hub cache only)."""
+    """The local model folder and the commit it was resolved to (hub cache only); never the network."""
     path = Path(spec.id).expanduser()
     if path.is_dir():
         if spec.revision:
             raise BadInput(f"model {spec.id!r} is a local folder; '@{spec.revision}' applies only to hub ids")
-        return path.resolve(), None
-    if path.exists():
+        folder, revision = path.resolve(), None
+    elif path.exists():
         raise BadInput(f"model path {spec.id!r} is not a folder; give the folder a model was saved in")
-    if looks_like_path(spec.id):
+    elif looks_like_path(spec.id):
         raise BadInput(f"model path {spec.id!r} does not exist")
-    from huggingface_hub import snapshot_download
+    else:
+        from huggingface_hub import snapshot_download
 
-    try:
-        folder = Path(snapshot_download(spec.id, revision=spec.revision, local_files_only=True))
-    except Exception:  # LocalEntryNotFoundError, or an id that is not even a valid repo name
-        at = f"@{spec.revision}" if spec.revision else ""
-        raise BadInput(f"model {spec.id + at!r} was not found locally (not a folder, not in the Hugging Face "
-                       f"cache); xc uses no network: download it first or give a local path") from None
-    return folder, folder.name
-
-
-@dataclass
-class LoadedModel:
-    spec: ModelSpec
-    model: nn.Module
-    tokenizer: object
-    folder: Path
-    revision: str | None
-    dtype: torch.dtype
+        try:
+            folder = Path(snapshot_download(spec.id, revision=spec.revision, local_files_only=True))
+        except Exception:  # LocalEntryNotFoundError, or an id that is not even a valid repo name
+            at = f"@{spec.revision}" if spec.revision else ""
+            raise BadInput(f"model {spec.id + at!r} was not found locally: it is not a folder and not in the "
+                           f"local Hugging Face cache; xc uses no network: download it first or give a local "
+                           f"path") from None
+        revision = folder.name
+    if not (folder / "config.json").exists():
+        raise BadInput(f"model {spec.id!r} is not a Hugging Face model folder (no config.json in {str(folder)!r})")
+    return folder, revision
 
 
-def checkpoint_dtype(folder: Path) -> torch.dtype:
+def read_config(folder: Path):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype)
-    return dtype if dtype in DTYPES.values() else torch.float32
+    quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{str(folder)!r} is not a Hugging Face model folder xc can read ({e})") from e
 
 
 def quiet_transformers() -> None:
@@ -113,209 +152,98 @@ def quiet_transformers() -> None:
     disable_progress_bars()
 
 
-def load_model(spec: ModelSpec, device: torch.device, dtype: str = "auto") -> LoadedModel:
-    """Load the base model (no LM head: harvest never needs logits) and its tokenizer, offline."""
-    from transformers import AutoModel, AutoTokenizer
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    import transformers
+    from packaging.version import Version
 
-    folder, revision = resolve_folder(spec)
-    if not (folder / "config.json").exists():
-        raise BadInput(f"model {spec.id!r} is not a Hugging Face model folder (no config.json in {str(folder)!r})")
+    # transformers renamed torch_dtype to dtype in 4.56.
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+def load_tokenizer(spec: ModelSpec, folder: Path | None = None):
+    from transformers import AutoTokenizer
+
+    folder = folder or resolve_folder(spec)[0]
     quiet_transformers()
-    torch_dtype = checkpoint_dtype(folder) if dtype == "auto" else DTYPES[dtype]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:
         raise BadInput(f"model {spec.id!r} has no usable tokenizer in {str(folder)!r} ({type(e).__name__})") from e
-    model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch_dtype)
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: nn.Module
+    tokenizer: object
+    folder: Path
+    revision: str | None
+    dtype: torch.dtype
+
+
+def load_model(spec: ModelSpec, device: torch.device, dtype: str = "auto") -> LoadedModel:
+    """The base model (no LM head: harvest never needs logits) and its tokenizer; dtype `auto` as saved."""
+    from transformers import AutoModel
+
+    folder, revision = resolve_folder(spec)
+    torch_dtype = saved_dtype(dtype, folder)
+    tokenizer = load_tokenizer(spec, folder)
+    model = AutoModel.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(torch_dtype))
     model.config.use_cache = False  # no KV cache: one forward per window
     model.to(device).eval().requires_grad_(False)
     return LoadedModel(spec, model, tokenizer, folder, revision, torch_dtype)
 
 
+def has_causal_lm_head(config) -> bool:
+    """Judged by the saved architecture (BertForMaskedLM is not causal even though the
+    bert model type has a causal variant), or by the model type when none is saved."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    architectures = getattr(config, "architectures", None)
+    if not architectures:
+        return config.model_type in CAUSAL
+    classes = set()
+    for value in CAUSAL.values():
+        classes.update([value] if isinstance(value, str) else value)
+    return any(a in classes for a in architectures)
+
+
+def load_causal_lm(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    """A causal LM (with its head, for logits) in eval mode; encoders are refused."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = resolve_folder(spec)
+    config = read_config(folder)
+    if not has_causal_lm_head(config):
+        kind = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+        raise BadInput(f"model {spec.id!r} ({kind}) has no causal language-model head; "
+                       f"amplify needs a decoder-only model such as GPT-2, Llama or Pythia")
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(dtype))
+    return model.to(device).eval()
+
+
+# -- what the config says --------------------------------------------------------------------------
+
 def text_config(model: nn.Module):
+    """The language model's config (multimodal models nest it)."""
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks: the first ModuleList as long as the layer count."""
-    n = text_config(model).num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise BadInput(f"cannot find the {n} transformer blocks of {type(model).__name__}; "
-                   f"give the site as a module path")
-
-
 def n_layers(model: nn.Module) -> int:
-    return text_config(model).num_hidden_layers
+    config = text_config(model)
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
 
 
-def parse_layers(spec: str, n: int | None = None) -> list[int]:
-    """`6`, `4-8` (inclusive), `0,3,6`, `0,4-6` or `all`; checked against n layers when n is given."""
-    spec = str(spec).strip()
-    valid = "use e.g. 6, 4-8, 0,3,6 or all"
-    if spec == "all":
-        if n is None:
-            return []
-        return list(range(n))
-    layers = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not match:
-            raise BadInput(f"--layers {spec!r} is not a layer list; {valid}")
-        lo, hi = int(match[1]), int(match[2] if match[2] is not None else match[1])
-        if hi < lo:
-            raise BadInput(f"--layers range {part.strip()!r} runs backwards; write it as {hi}-{lo}")
-        layers += [x for x in range(lo, hi + 1) if x not in layers]
-    if n is not None:
-        for layer in layers:
-            if layer >= n:
-                raise BadInput(f"layer {layer} is out of range: the model has {n} layers, so use 0-{n - 1}")
-    return sorted(layers)
-
-
-def find_module(model: nn.Module, path: str) -> nn.Module:
-    """A submodule by dotted path; the CausalLM prefix (transformer., model., ...) is optional."""
-    prefix = getattr(model, "base_model_prefix", "")
-    candidates = [path]
-    if prefix and path.startswith(prefix + "."):
-        candidates.append(path[len(prefix) + 1:])
-    for candidate in candidates:
-        try:
-            return model.get_submodule(candidate)
-        except AttributeError:
-            continue
-    example = next((n for n, m in model.named_modules() if n and isinstance(m, nn.Linear)), "")
-    raise BadInput(f"site {path!r} is not a named site ({', '.join(SITES)}) nor a module of "
-                   f"{type(model).__name__} (module paths look like {example!r})")
-
-
-def _child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
-    for name in names:
-        child = getattr(module, name, None)
-        if isinstance(child, nn.Module):
-            return child
+def context_limit(model: nn.Module) -> int | None:
+    """Positions the model accepts, when its config says."""
+    config = text_config(model)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
     return None
-
-
-def sublayer(block: nn.Module, site: str) -> nn.Module | None:
-    """The module whose output is what a sublayer adds to the residual stream."""
-    if hasattr(block, "post_feedforward_layernorm"):
-        # Gemma-2/3 style: each sublayer's output is normed before it is added.
-        return block.post_attention_layernorm if site == "attn_out" else block.post_feedforward_layernorm
-    attention = _child(block, ("attn", "self_attn", "attention", "self_attention"))
-    if hasattr(block, "intermediate") and hasattr(block, "output"):
-        # BERT style (post-norm): the dense projection before "add & LayerNorm".
-        out = attention.output if site == "attn_out" and attention is not None else block.output
-        return getattr(out, "dense", None)
-    if site == "attn_out":
-        return attention
-    return _child(block, ("mlp", "feed_forward", "ffn", "block_sparse_moe"))
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where one source is caught: a module and whether we want its input or its output."""
-
-    name: str
-    site: str
-    layer: int | None
-    module: nn.Module
-    catch_input: bool = False
-
-
-def resolve_sites(model: nn.Module, alias: str, sites: tuple[str, ...], layers: list[int]) -> list[Site]:
-    """One Site per (site, layer): named sites use the blocks; module paths are looked up."""
-    out = []
-    for site in sites:
-        if site in SITES:
-            block_list = blocks(model)
-            for layer in layers:
-                block = block_list[layer]
-                if site in ("resid_post", "resid_pre"):
-                    module = block
-                else:
-                    module = sublayer(block, site)
-                    if module is None:
-                        raise BadInput(f"site {site!r} is not known for {type(block).__name__}; "
-                                       f"give a module path instead (see the model's module names)")
-                out.append(Site(f"{alias}.{site}.{layer}", site, layer, module, catch_input=site == "resid_pre"))
-        elif "{layer}" in site:
-            for layer in layers:
-                path = site.replace("{layer}", str(layer))
-                out.append(Site(f"{alias}.{path}", site, layer, find_module(model, path)))
-        else:
-            out.append(Site(f"{alias}.{site}", site, None, find_module(model, site)))
-    return out
-
-
-class StopForward(Exception):
-    """Raised by the last hook: the remaining blocks are not needed."""
-
-
-def _first_tensor(value):
-    if hasattr(value, "to_tuple"):
-        value = value.to_tuple()
-    if isinstance(value, (tuple, list)):
-        value = value[0] if value else None
-    return value
-
-
-class Catcher:
-    """Forward hooks on one model that keep the activations of its sites for one forward pass.
-
-    When every site has fired the forward pass is stopped, so layers after the
-    last site are never computed.
-    """
-
-    def __init__(self, model: nn.Module, sites: list[Site]):
-        self.model, self.sites, self.caught, self.active = model, sites, {}, False
-        self.handles = []
-        for site in sites:
-            if site.catch_input:
-                hook = self.model_input_hook(site.name)
-                self.handles.append(site.module.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                self.handles.append(site.module.register_forward_hook(self.output_hook(site.name)))
-
-    def _keep(self, name, value):
-        if not self.active:  # the model is run by someone else
-            return
-        self.caught[name] = _first_tensor(value)
-        if len(self.caught) == len(self.sites):
-            raise StopForward
-
-    def output_hook(self, name):
-        return lambda module, args, output: self._keep(name, output)
-
-    def model_input_hook(self, name):
-        def hook(module, args, kwargs):
-            self._keep(name, kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
-        return hook
-
-    @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Activations (batch, tokens, d) of every site, by source name."""
-        self.caught, self.active = {}, True
-        try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask)
-        except StopForward:
-            pass
-        finally:
-            self.active = False
-        missing = [s.name for s in self.sites if s.name not in self.caught]
-        if missing:
-            raise BadInput(f"site(s) {', '.join(missing)} never ran during the forward pass; choose modules "
-                           f"that the model calls")
-        for name, value in self.caught.items():
-            if not (isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[:2] == input_ids.shape):
-                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise BadInput(f"site {name!r} gives {shape}, not (batch, tokens, width) activations; "
-                               f"choose another module")
-        caught, self.caught = self.caught, {}
-        return caught
-
-    def close(self):
-        for handle in self.handles:
-            handle.remove()

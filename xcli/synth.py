@@ -1,23 +1,36 @@
-"""Synthetic activation stores with a planted dictionary, to check that training recovers it.
+"""Synthetic activation stores with a planted dictionary: ground truth for crosscoders (`xc synth`).
 
-Each source s (think: one model, or one layer) holds token rows
+Each source s (one layer of one "model") holds token rows
 
-    x_s = sum_g c_g u_g^s + noise,      c_g = Bernoulli(p_g) * Uniform(low, high)
+    x_s = sum_g c_g u_g^s + noise,      c_g = fires_g * Uniform(low, high)
 
-where the coefficients c_g are shared by all sources (one "concept" fires in every
-model at once) and u_g^s is feature g's direction in source s: a random unit
-vector, or zero where the feature is absent. Features are *shared* (a direction in
-every source) or *exclusive* to one source. This is the toy model of Sharkey et al.
-(2022) extended to several sources (methods.md 5.4-5.5).
+The coefficients c_g are shared by all sources (one "concept" fires in every model
+and layer at once) and u_g^s is feature g's direction in source s, zero where the
+feature is absent. This is the toy model of Sharkey et al. (2022) extended to
+several models and layers (methods.md 5.4-5.5):
 
-`make_store` writes an ordinary activation store plus the planted truth beside it
-(`<store>.truth.safetensors`); `match` scores a trained crosscoder against the truth.
-Everything is seeded: the same arguments give the same bytes.
+- kinds: *shared* (present in every model with norm 1), *exclusive* to one model,
+  or *scaled* (present in every model, with norm `scale` in one of them);
+- a shared feature's directions in two models are `model_angle` degrees apart;
+- each feature spans a contiguous range of layers, and its direction turns by
+  `drift` degrees per layer inside it (cosine cos(drift) between neighbours);
+- firing probabilities are uniform, exponentially decaying or Zipf-like, scaled so
+  that `active` features fire per token on average; with `correlation` > 0,
+  features in groups of `group_size` fire together through a Gaussian copula
+  (each feature keeps its own firing probability exactly).
+
+`generate(spec, path)` writes an ordinary activation store plus the planted truth
+beside it (`<store>.truth.safetensors`); `match` scores a trained crosscoder against
+the truth. `make_store` is the older two-source, one-layer form. Everything is
+seeded: the same arguments give the same bytes.
 """
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -26,10 +39,11 @@ from safetensors.numpy import save_file
 
 from xcli.errors import BadInput
 from xcli.files import atomic_path, check_output
-from xcli.store import Source, StoreWriter, validate_source_names
+from xcli.store import SOURCE_NAME, Source, StoreWriter, validate_source_names
 
-TRUTH_FORMAT = "planted-dictionary"
+TRUTH_FORMAT, TRUTH_VERSION = "planted-dictionary", 2
 BLOCK_ROWS = 4096  # rows generated per random stream; fixed so the data do not depend on chunk_rows
+SEQUENCE_ROWS = 128  # rows per pretend "sequence" in the token arrays
 
 
 @dataclass(frozen=True)
@@ -39,37 +53,358 @@ class PlantedDictionary:
     names: tuple[str, ...]
     """Source names, in store order."""
     kinds: tuple[str, ...]
-    """Per feature: "shared", or "exclusive:<source>"."""
+    """Per feature: "shared", "exclusive:<model>" or "scaled:<model>" (its norm is `scale` there)."""
     decoders: dict[str, np.ndarray]
-    """Per source, (G, d_s) feature directions in raw units: unit rows, zero where absent."""
+    """Per source, (G, d_s) feature directions in raw units: norm 1 (or the scale), zero where absent."""
     frequency: np.ndarray
     """(G,) probability that a feature fires on a token."""
+    models: tuple[str, ...] | None = None
+    """Per source, the model it belongs to (default: the source name)."""
+    layers: tuple[int | None, ...] | None = None
+    """Per source, its layer (default: None)."""
+    spans: np.ndarray | None = None
+    """(G, 2) first and last layer of each feature, or None for one-layer truths."""
 
     @property
     def n_features(self) -> int:
         return len(self.kinds)
 
+    @property
+    def source_models(self) -> tuple[str, ...]:
+        return self.models or self.names
+
+    @property
+    def model_names(self) -> list[str]:
+        """Models in order of first appearance."""
+        return list(dict.fromkeys(self.source_models))
+
+    def span_lengths(self) -> np.ndarray:
+        """(G,) number of layers each feature spans (1 without spans)."""
+        if self.spans is None:
+            return np.ones(self.n_features, dtype=np.int64)
+        return self.spans[:, 1] - self.spans[:, 0] + 1
+
+    def model_norms(self, scales: dict[str, float] | None = None) -> np.ndarray:
+        """(G, n_models) norm of each feature's directions over the sources of each model,
+        concatenated; with `scales` (source -> input scale) in a crosscoder's normalised units."""
+        scales = scales or {}
+        out = np.zeros((self.n_features, len(self.model_names)))
+        for name, model in zip(self.names, self.source_models):
+            rows = self.decoders[name].astype(np.float64) * scales.get(name, 1.0)
+            out[:, self.model_names.index(model)] += (rows ** 2).sum(1)
+        return np.sqrt(out)
+
     def save(self, path) -> Path:
-        meta = {"format": TRUTH_FORMAT, "version": 1, "sources": list(self.names), "kinds": list(self.kinds)}
+        meta = {"format": TRUTH_FORMAT, "version": TRUTH_VERSION, "sources": list(self.names),
+                "kinds": list(self.kinds), "models": list(self.source_models),
+                "layers": list(self.layers) if self.layers else [None] * len(self.names)}
         tensors = {f"decoder.{n}": np.ascontiguousarray(self.decoders[n], dtype=np.float32) for n in self.names}
         tensors["frequency"] = self.frequency.astype(np.float64)
+        if self.spans is not None:
+            tensors["spans"] = np.ascontiguousarray(self.spans, dtype=np.int64)
         with atomic_path(path, overwrite=True) as tmp:
             save_file(tensors, str(tmp), metadata={"xc": json.dumps(meta)})
         return Path(path)
 
     @classmethod
     def load(cls, path) -> "PlantedDictionary":
-        with safe_open(str(path), framework="np") as f:
-            meta = json.loads(f.metadata()["xc"])
-            decoders = {n: f.get_tensor(f"decoder.{n}") for n in meta["sources"]}
-            frequency = f.get_tensor("frequency")
-        return cls(tuple(meta["sources"]), tuple(meta["kinds"]), decoders, frequency)
+        path = Path(path)
+        if not path.is_file():
+            raise BadInput(f"truth file {str(path)!r} does not exist (xc synth writes it as <store>.truth.safetensors)")
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = json.loads((f.metadata() or {})["xc"])
+                decoders = {n: f.get_tensor(f"decoder.{n}") for n in meta["sources"]}
+                frequency = f.get_tensor("frequency")
+                spans = f.get_tensor("spans") if "spans" in f.keys() else None
+        except Exception as e:
+            raise BadInput(f"{str(path)!r} is not a planted-dictionary truth file ({type(e).__name__})") from e
+        if meta.get("format") != TRUTH_FORMAT or int(meta.get("version", 0)) > TRUTH_VERSION:
+            raise BadInput(f"{str(path)!r} has format {meta.get('format')!r} version {meta.get('version')!r}; "
+                           f"this xc reads {TRUTH_FORMAT!r} up to version {TRUTH_VERSION}")
+        layers = meta.get("layers")
+        return cls(tuple(meta["sources"]), tuple(meta["kinds"]), decoders, frequency,
+                   tuple(meta["models"]) if meta.get("models") else None,
+                   tuple(layers) if layers else None, spans)
 
 
 def truth_path(store_path) -> Path:
-    """Where `make_store` puts the planted truth of a store."""
+    """Where the planted truth of a synthetic store lives."""
     return Path(f"{store_path}.truth.safetensors")
 
+
+# -- the general generator ----------------------------------------------------------------------
+
+def frequency_weights(frequencies: str, n: int) -> np.ndarray:
+    """Unnormalised firing weights of features 0..n-1 for a --frequencies value."""
+    kind, _, value = frequencies.partition(":")
+    g = np.arange(n, dtype=np.float64)
+    try:
+        if kind == "uniform" and not value:
+            return np.ones(n)
+        if kind == "exponential" and 0 < float(value) <= 1:
+            return float(value) ** g
+        if kind == "zipf" and float(value) >= 0:
+            return (g + 1) ** -float(value)
+    except ValueError:
+        pass
+    raise BadInput(f"--frequencies {frequencies!r} is not valid; use uniform, exponential:LAMBDA "
+                   f"(0 < LAMBDA <= 1) or zipf:S (S >= 0)")
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """What `xc synth` plants. Counts of exclusive and scaled features are per model."""
+
+    models: tuple[str, ...] = ("a", "b")
+    """Model names; sources are named <model>.synthetic.<layer>."""
+    layers: int = 1
+    """Layers per model."""
+    width: int = 32
+    """Width (d) of every source."""
+    shared: int = 48
+    """Features present in every model with equal norm."""
+    exclusive: int = 16
+    """Features present in one model only, per model."""
+    scaled: int = 0
+    """Features present in every model whose norm is `scale` in one model, per model."""
+    scale: float = 0.3
+    """Norm of a scaled feature in its model (1 in the others)."""
+    model_angle: float = 0.0
+    """Degrees between a shared or scaled feature's directions in any two models."""
+    span: tuple[int, int] | None = None
+    """(min, max) layers a feature spans, drawn uniformly; default (1, layers)."""
+    drift: float = 0.0
+    """Degrees a feature's direction turns from one layer to the next inside its span."""
+    active: float = 4.0
+    """Expected number of features firing per token."""
+    frequencies: str = "uniform"
+    """Firing probabilities: uniform, exponential:LAMBDA (p_g ~ LAMBDA**g) or zipf:S (p_g ~ 1/(g+1)**S),
+    assigned to features in a random order."""
+    magnitude: tuple[float, float] = (0.5, 1.5)
+    """(low, high) of the uniform coefficient of a firing feature."""
+    correlation: float = 0.0
+    """Correlation of the Gaussian copula that makes features of one group fire together (0: independent)."""
+    group_size: int = 4
+    """Features per correlated group."""
+    noise: float = 0.0
+    """Standard deviation of Gaussian noise added to every coordinate."""
+    tokens: int = 65536
+    """Rows to write."""
+    seed: int = 0
+    """Everything random derives from it."""
+
+    def __post_init__(self):
+        models = tuple(self.models)
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "magnitude", tuple(float(x) for x in self.magnitude))
+        span = tuple(int(x) for x in self.span) if self.span is not None else (1, self.layers)
+        object.__setattr__(self, "span", span)
+        if not models:
+            raise BadInput("--models names no model; give one or more names, separated by commas")
+        if len(set(models)) != len(models):
+            raise BadInput(f"--models {','.join(models)!r} repeats a name")
+        for m in models:
+            if not SOURCE_NAME.match(m):
+                raise BadInput(f"model name {m!r} is not valid; use letters, digits, '_', '.' and '-'")
+        for name in ("layers", "width", "tokens", "group_size"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        for name in ("shared", "exclusive", "scaled"):
+            if getattr(self, name) < 0:
+                raise BadInput(f"--{name} {getattr(self, name)} must be 0 or more")
+        if self.n_features == 0:
+            raise BadInput("the spec plants no feature; give --shared, --exclusive or --scaled above 0")
+        if self.scaled and len(models) < 2:
+            raise BadInput("--scaled features change norm between models; they need two or more --models")
+        if not 0 <= self.scale <= 1 or (self.scaled and self.scale == 1):
+            raise BadInput(f"--scale {self.scale} must be in [0, 1)")
+        if not 0 <= self.model_angle <= 90:
+            raise BadInput(f"--model-angle {self.model_angle} must be between 0 and 90 degrees")
+        if not 0 <= self.drift <= 90:
+            raise BadInput(f"--drift {self.drift} must be between 0 and 90 degrees per layer")
+        if not 1 <= span[0] <= span[1] <= self.layers:
+            raise BadInput(f"--span {span[0]}-{span[1]} must satisfy 1 <= MIN <= MAX <= --layers ({self.layers})")
+        if self.width < len(models) + 2 and (self.model_angle or self.drift):
+            raise BadInput(f"--width {self.width} is too small for --model-angle/--drift with {len(models)} models; "
+                           f"use at least {len(models) + 2}")
+        low, high = self.magnitude
+        if not 0 <= low <= high or high <= 0:
+            raise BadInput(f"--magnitude {low},{high} must be LOW,HIGH with 0 <= LOW <= HIGH and HIGH > 0")
+        if not 0 <= self.correlation < 1:
+            raise BadInput(f"--correlation {self.correlation} must be in [0, 1)")
+        if self.noise < 0:
+            raise BadInput(f"--noise {self.noise} must be 0 or more")
+        weights = frequency_weights(self.frequencies, self.n_features)  # checks the syntax
+        if not 0 < self.active or self.active * weights.max() / weights.sum() > 1:
+            limit = weights.sum() / weights.max()
+            raise BadInput(f"--active {self.active} must be positive and at most {limit:.4g} with "
+                           f"--frequencies {self.frequencies} and {self.n_features} features "
+                           f"(the most frequent feature would fire on more than every token)")
+
+    @property
+    def n_features(self) -> int:
+        return self.shared + len(self.models) * (self.exclusive + self.scaled)
+
+    def source_names(self) -> list[str]:
+        return [f"{m}.synthetic.{layer}" for m in self.models for layer in range(self.layers)]
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+PRESETS = {
+    # Two models, one layer: shared, exclusive and scale-changed features (model diffing).
+    "diff": SynthSpec(models=("a", "b"), width=32, shared=48, exclusive=16, scaled=8, scale=0.3, active=4.0),
+    # One model, six layers: features spanning 1-6 layers, turning 15 degrees per layer.
+    "layers": SynthSpec(models=("m",), layers=6, width=24, shared=96, exclusive=0, span=(1, 6), drift=15.0,
+                        active=4.0),
+    # Two models of four layers: diffing and depth at once, with correlated, Zipf-like firing.
+    "diff-layers": SynthSpec(models=("a", "b"), layers=4, width=24, shared=48, exclusive=12, span=(1, 4),
+                             drift=10.0, model_angle=10.0, active=4.0, frequencies="zipf:0.5",
+                             correlation=0.3),
+}
+
+
+def load_spec(spec: str | None, **overrides) -> SynthSpec:
+    """A preset name or a JSON file of SynthSpec fields (or None: the defaults), with overrides
+    (None values are ignored)."""
+    fields = {f.name for f in dataclasses.fields(SynthSpec)}
+    if spec is None:
+        base = {}
+    elif spec in PRESETS:
+        base = PRESETS[spec].to_json()
+    elif Path(spec).is_file():
+        try:
+            base = json.loads(Path(spec).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"spec {spec!r} is not a JSON file ({e})") from None
+        if not isinstance(base, dict):
+            raise BadInput(f"spec {spec!r} must hold a JSON object of fields")
+        unknown = sorted(set(base) - fields)
+        if unknown:
+            raise BadInput(f"spec {spec!r} has unknown field {unknown[0]!r}; fields are: {', '.join(sorted(fields))}")
+    else:
+        raise BadInput(f"spec {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file")
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("models", "magnitude", "span"):
+        if isinstance(base.get(key), list):
+            base[key] = tuple(base[key])
+    try:
+        return SynthSpec(**base)
+    except TypeError as e:
+        raise BadInput(f"spec {spec!r} has a field of the wrong type ({e})") from None
+
+
+def plant_spec(spec: SynthSpec, rng: np.random.Generator) -> PlantedDictionary:
+    """Draw kinds, layer spans, directions and firing probabilities for `spec`."""
+    models, G, L = spec.models, spec.n_features, spec.layers
+    kinds = (["shared"] * spec.shared + [f"exclusive:{m}" for m in models for _ in range(spec.exclusive)]
+             + [f"scaled:{m}" for m in models for _ in range(spec.scaled)])
+    amplitude = np.zeros((G, len(models)))  # norm of each feature in each model
+    for g, kind in enumerate(kinds):
+        label, _, owner = kind.partition(":")
+        if label == "exclusive":
+            amplitude[g, models.index(owner)] = 1.0
+        else:
+            amplitude[g] = 1.0
+            if label == "scaled":
+                amplitude[g, models.index(owner)] = spec.scale
+    # Per feature, orthonormal vectors: a common direction u, one offset per model, one drift direction.
+    basis, _ = np.linalg.qr(rng.standard_normal((G, spec.width, min(spec.width, len(models) + 2))))
+    u, offsets = basis[:, :, 0], basis[:, :, 1:len(models) + 1]
+    drift_dir = basis[:, :, -1] if basis.shape[2] == len(models) + 2 else np.zeros_like(u)
+    # At angle a from u, with orthonormal offsets, two models' directions have cosine cos(a)^2.
+    a = math.acos(math.sqrt(math.cos(math.radians(spec.model_angle))))
+    lengths = rng.integers(spec.span[0], spec.span[1] + 1, G)
+    starts = rng.integers(0, L - lengths + 1)
+    spans = np.stack([starts, starts + lengths - 1], axis=1)
+    names, decoders, source_models, source_layers = [], {}, [], []
+    delta = math.radians(spec.drift)
+    for k, m in enumerate(models):
+        base = math.cos(a) * u + math.sin(a) * offsets[:, :, k] if spec.model_angle else u
+        for layer in range(L):
+            steps = np.clip(layer - starts, 0, None)[:, None]
+            direction = np.cos(delta * steps) * base + np.sin(delta * steps) * drift_dir
+            inside = (spans[:, 0] <= layer) & (layer <= spans[:, 1])
+            name = f"{m}.synthetic.{layer}"
+            names.append(name)
+            decoders[name] = direction * (amplitude[:, k] * inside)[:, None]
+            source_models.append(m)
+            source_layers.append(layer)
+    weights = rng.permutation(frequency_weights(spec.frequencies, G))
+    frequency = weights / weights.sum() * spec.active
+    return PlantedDictionary(tuple(names), tuple(kinds), decoders, frequency, tuple(source_models),
+                             tuple(source_layers), spans if L > 1 else None)
+
+
+def generate(spec: SynthSpec, path, *, chunk_rows: int = 4096, dtype: str = "float32", codec: str = "none",
+             overwrite: bool = False) -> PlantedDictionary:
+    """Write the store `path` for `spec` and its truth beside it (`truth_path(path)`); return the truth."""
+    if chunk_rows < 1:
+        raise BadInput(f"--chunk-rows {chunk_rows} must be at least 1")
+    path = check_output(path, overwrite)
+    check_output(truth_path(path), overwrite)
+    truth = plant_spec(spec, np.random.default_rng([spec.seed, 0]))
+    sources = [Source(n, m, "synthetic", layer, spec.width)
+               for n, m, layer in zip(truth.names, truth.source_models, truth.layers)]
+    groups = np.random.default_rng([spec.seed, 2]).permutation(spec.n_features) // spec.group_size
+    meta = {"dataset": "synthetic", "synthetic": {**spec.to_json(), "truth": truth_path(path).name}}
+    write_store(path, truth, sources, meta, spec.tokens, spec.seed, spec.magnitude, spec.noise,
+                spec.correlation, groups, chunk_rows, dtype, codec, overwrite)
+    return truth
+
+
+# -- sampling and writing ------------------------------------------------------------------------
+
+def sample(truth: PlantedDictionary, rows: int, magnitude: tuple[float, float], noise: float,
+           rng: np.random.Generator, correlation: float = 0.0,
+           groups: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Coefficients (rows, G) and the activations of every source.
+
+    With correlation rho > 0, feature g fires when z_g < Phi^-1(p_g), where
+    z_g = sqrt(rho) y_group(g) + sqrt(1 - rho) e_g with y, e standard normal: a Gaussian
+    copula, so that each feature still fires with probability p_g.
+    """
+    G = truth.n_features
+    if correlation > 0:
+        shared = rng.standard_normal((rows, int(groups.max()) + 1))[:, groups]
+        z = math.sqrt(correlation) * shared + math.sqrt(1 - correlation) * rng.standard_normal((rows, G))
+        normal = NormalDist()
+        cut = np.array([normal.inv_cdf(p) if 0 < p < 1 else (math.inf if p >= 1 else -math.inf)
+                        for p in truth.frequency])
+        fires = z < cut
+    else:
+        fires = rng.random((rows, G)) < truth.frequency
+    coefficients = fires * rng.uniform(magnitude[0], magnitude[1], (rows, G))
+    acts = {}
+    for name in truth.names:
+        x = coefficients @ truth.decoders[name]
+        if noise:
+            x += noise * rng.standard_normal(x.shape)
+        acts[name] = x.astype(np.float32)
+    return coefficients, acts
+
+
+def write_store(path, truth: PlantedDictionary, sources: list[Source], meta: dict, n_tokens: int, seed: int,
+                magnitude, noise: float, correlation: float, groups, chunk_rows: int, dtype: str, codec: str,
+                overwrite: bool) -> None:
+    """Sample `n_tokens` rows block by block and write the store, then the truth."""
+    with atomic_path(path, overwrite) as tmp:
+        writer = StoreWriter(tmp, sources, meta, dtype=dtype, chunk_rows=chunk_rows, codec=codec)
+        for block, start in enumerate(range(0, n_tokens, BLOCK_ROWS)):
+            rows = min(BLOCK_ROWS, n_tokens - start)
+            coefficients, acts = sample(truth, rows, magnitude, noise, np.random.default_rng([seed, 1, block]),
+                                        correlation, groups)
+            row = np.arange(start, start + rows)
+            # Token id: 1 + the strongest feature of the row (0 when none fires), handy for dashboards.
+            tokens = np.where(coefficients.max(axis=1) > 0, coefficients.argmax(axis=1) + 1, 0)
+            writer.append(acts, tokens=tokens, sequence=row // SEQUENCE_ROWS, position=row % SEQUENCE_ROWS)
+        writer.close(complete=True)
+    truth.save(truth_path(path))
+
+
+# -- the original two-source form ------------------------------------------------------------------
 
 def plant(names, d: dict[str, int], n_shared: int, n_exclusive: int, active: float, decay: float,
           rng: np.random.Generator) -> PlantedDictionary:
@@ -87,31 +422,19 @@ def plant(names, d: dict[str, int], n_shared: int, n_exclusive: int, active: flo
     return PlantedDictionary(tuple(names), tuple(kinds), decoders, frequency)
 
 
-def sample(truth: PlantedDictionary, rows: int, magnitude: tuple[float, float], noise: float,
-           rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Coefficients (rows, G) and the activations of every source."""
-    fires = rng.random((rows, truth.n_features)) < truth.frequency
-    coefficients = fires * rng.uniform(magnitude[0], magnitude[1], (rows, truth.n_features))
-    acts = {}
-    for name in truth.names:
-        x = coefficients @ truth.decoders[name]
-        if noise:
-            x += noise * rng.standard_normal(x.shape)
-        acts[name] = x.astype(np.float32)
-    return coefficients, acts
-
-
 def make_store(path, *, n_tokens: int = 16384, sources=("a", "b"), d: int | dict[str, int] = 16,
                n_shared: int = 16, n_exclusive: int = 8, active: float = 3.0,
                magnitude: tuple[float, float] = (0.5, 1.5), noise: float = 0.0, decay: float = 1.0,
                seed: int = 0, chunk_rows: int = 1024, dtype: str = "float32", codec: str = "none",
                overwrite: bool = False) -> PlantedDictionary:
-    """Write a synthetic activation store with a planted dictionary; return the truth.
+    """Write a synthetic store with one layer per source and independent directions per source.
+
+    Each source is its own model (Source(name, model=name, site="synthetic")).
 
     Args:
         path: the store folder to create; the truth goes to `truth_path(path)`.
         n_tokens: rows to write.
-        sources: source names (at least one); each becomes Source(name, model=name, site="synthetic").
+        sources: source names (at least one).
         d: width of every source, or a dict name -> width.
         n_shared: features with a direction in every source.
         n_exclusive: features exclusive to each source (per source).
@@ -142,19 +465,12 @@ def make_store(path, *, n_tokens: int = 16384, sources=("a", "b"), d: int | dict
     meta = {"dataset": "synthetic", "synthetic": {
         "seed": seed, "n_shared": n_shared, "n_exclusive": n_exclusive, "active": active,
         "magnitude": list(magnitude), "noise": noise, "decay": decay, "truth": truth_path(path).name}}
-    with atomic_path(path, overwrite) as tmp:
-        writer = StoreWriter(tmp, store_sources, meta, dtype=dtype, chunk_rows=chunk_rows, codec=codec)
-        for block, start in enumerate(range(0, n_tokens, BLOCK_ROWS)):
-            rows = min(BLOCK_ROWS, n_tokens - start)
-            coefficients, acts = sample(truth, rows, magnitude, noise, np.random.default_rng([seed, 1, block]))
-            row = np.arange(start, start + rows)
-            # Token id: 1 + the strongest feature of the row (0 when none fires), handy for dashboards.
-            tokens = np.where(coefficients.max(axis=1) > 0, coefficients.argmax(axis=1) + 1, 0)
-            writer.append(acts, tokens=tokens, sequence=row // 128, position=row % 128)
-        writer.close(complete=True)
-    truth.save(truth_path(path))
+    write_store(path, truth, store_sources, meta, n_tokens, seed, magnitude, noise, 0.0, None, chunk_rows,
+                dtype, codec, overwrite)
     return truth
 
+
+# -- scoring a crosscoder against the truth --------------------------------------------------------
 
 @dataclass(frozen=True)
 class FeatureMatch:
@@ -166,6 +482,8 @@ class FeatureMatch:
     """(G,) index of that best latent."""
     share: np.ndarray
     """(G, n_sources) that latent's decoder norm in each source over the sum (normalised units)."""
+    reverse: np.ndarray | None = None
+    """(F,) best cosine between each latent's decoder and a planted feature."""
 
     def recovered(self, threshold: float = 0.9) -> float:
         """Fraction of planted features with a latent of cosine above `threshold`."""
@@ -180,7 +498,8 @@ def match(truth: PlantedDictionary, model) -> FeatureMatch:
     normalised units, as classification does.
     """
     if set(model.write) != set(truth.names):
-        raise BadInput(f"the crosscoder writes {model.write}, the truth has sources {list(truth.names)}")
+        raise BadInput(f"the crosscoder writes {model.write}, the truth has sources {list(truth.names)}; "
+                       f"compare a crosscoder that writes every source of the synthetic store")
     with torch.no_grad():
         raw = np.concatenate([(model.decoder_weight(n) / model.scale(n)).float().cpu().numpy()
                               for n in truth.names], axis=1)
@@ -191,4 +510,4 @@ def match(truth: PlantedDictionary, model) -> FeatureMatch:
     cos = planted @ learned.T  # (G, F)
     best = cos.argmax(axis=1)
     share = norms[best] / np.maximum(norms[best].sum(axis=1, keepdims=True), 1e-12)
-    return FeatureMatch(cos[np.arange(len(best)), best], best, share)
+    return FeatureMatch(cos[np.arange(len(best)), best], best, share, cos.max(axis=0))

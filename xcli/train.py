@@ -35,18 +35,21 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from xcli import console
+from xcli import console, fmx
 from xcli.crosscoder import ARCHS, Crosscoder, read_metadata, save
 from xcli.distributed import SINGLE, Comm, local_device, process_group
 from xcli.errors import BadInput, XcError
+from xcli.evaluate import reconstruction
 from xcli.files import atomic_path, check_output, remove
-from xcli.loader import BatchStream, Position, StoreSet, eval_batches, split_chunks
+from xcli.loader import BatchStream, Position, StoreSet, split_chunks
+from xcli.models import resolve_device
 
 DTYPES = ("auto", "float32", "bfloat16")
 AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
 L1_WARMUP_FRACTION = 0.05    # λ rises linearly over the first 5% of steps (Kissane et al.)
 THRESHOLD_DECAY = 0.999      # BatchTopK threshold EMA decay (science-of-finetuning/dictionary_learning)
 STATE_VERSION = 1
+TRAIN_ARCHS = ARCHS + fmx.FMX_ARCHS
 # Fields that do not change the weights: a resumed run may differ in these.
 RUN_CONTROL = ("stores", "output", "device", "log", "log_every", "checkpoint_every", "resume", "overwrite",
                "allow_incomplete")
@@ -67,7 +70,8 @@ class TrainConfig:
     write: tuple[str, ...] | None = None
     """Sources the decoder writes; default all sources."""
     arch: str = "batchtopk"
-    """relu (L1 penalty), topk (k per token) or batchtopk (k·B per batch, threshold at inference)."""
+    """relu (L1 penalty), topk (k per token) or batchtopk (k·B per batch, threshold at inference);
+    fmx, fmx-topk, fmx-relu: a factorized masked crosscoder (xcli/fmx.py) selecting with batchtopk, topk, relu."""
     latents: int | None = None
     """Dictionary size F."""
     expansion: float | None = None
@@ -111,6 +115,18 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     allow_incomplete: bool = False
+    factorization: str | None = None
+    """fmx archs: "tr" (tensor ring, default) or "cp"."""
+    ranks: tuple[int, ...] | None = None
+    """fmx archs: (R1, R2, R3) for tr, (R,) for cp; default from the source width (fmx.default_ranks)."""
+    mask_prob: float | None = None
+    """Stochastic layer masking: probability of zeroing each (token, read source) encoder input in
+    training; default 0.05 for fmx archs, 0 otherwise."""
+
+    @property
+    def activation(self) -> str:
+        """relu, topk or batchtopk."""
+        return fmx.activation_of(self.arch)
 
     def __post_init__(self):
         def positive(name, value, zero_ok=False):
@@ -119,8 +135,8 @@ class TrainConfig:
 
         if not self.stores:
             raise BadInput("give at least one activation store")
-        if self.arch not in ARCHS:
-            raise BadInput(f"--arch {self.arch!r} is not known; use one of {', '.join(ARCHS)}")
+        if self.arch not in TRAIN_ARCHS:
+            raise BadInput(f"--arch {self.arch!r} is not known; use one of {', '.join(TRAIN_ARCHS)}")
         if self.dtype not in DTYPES:
             raise BadInput(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         for label, names in (("--sources", self.sources), ("--read", self.read), ("--write", self.write)):
@@ -130,9 +146,9 @@ class TrainConfig:
             raise BadInput("--latents and --expansion both set the dictionary size; give one of them")
         if self.tokens is not None and self.steps is not None:
             raise BadInput("--tokens and --steps both set the length of training; give one of them")
-        if self.k is not None and self.arch == "relu":
+        if self.k is not None and self.activation == "relu":
             raise BadInput("--k applies to --arch topk and batchtopk; relu uses --l1")
-        if self.l1 is not None and self.arch != "relu":
+        if self.l1 is not None and self.activation != "relu":
             raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses --k")
         for name in ("latents", "expansion", "k", "batch_size", "tokens", "steps", "lr", "dead_tokens",
                      "shuffle_buffer", "log_every", "checkpoint_every"):
@@ -145,28 +161,13 @@ class TrainConfig:
             raise BadInput(f"--eval-fraction {self.eval_fraction} must be at least 0 and below 1")
         if self.resume and self.overwrite:
             raise BadInput("--resume continues a run and --overwrite starts over; give one of them")
-        check_device(self.device)
+        fmx.check_options(self.arch, self.factorization, self.ranks, self.mask_prob)
+        resolve_device(self.device)
 
     def hyperparameters(self) -> dict:
         """The fields that determine the weights (recorded in the checkpoint, compared on resume)."""
         return {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
-
-
-def check_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: no CUDA device is available here; use --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise BadInput(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices")
-    if parsed.type not in ("cpu", "cuda"):
-        raise BadInput(f"--device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
-    return parsed
 
 
 # -- resolving defaults against the stores ------------------------------------------------
@@ -207,7 +208,7 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
     widths = {s.name: s.d for s in stores.sources}
 
     latents = cfg.latents or max(1, round((cfg.expansion or 16) * max(widths[n] for n in sources)))
-    k = None if cfg.arch == "relu" else (cfg.k or 32)
+    k = None if cfg.activation == "relu" else (cfg.k or 32)
     if k is not None and k >= latents:
         raise BadInput(f"--k {k} must be below the number of latents ({latents}); lower --k or raise --latents")
     train_chunks, _ = split_chunks(stores.n_chunks, cfg.eval_fraction)
@@ -218,11 +219,13 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
         raise BadInput(f"--warmup {warmup} is longer than the {steps} steps of this run")
     return dataclasses.replace(
         cfg, sources=tuple(sources), read=tuple(read), write=tuple(write), latents=latents, expansion=None,
-        k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.arch == "relu" else None,
+        k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.activation == "relu" else None,
         k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, sum(widths[n] for n in write) // 2),
         steps=steps, tokens=None, warmup=warmup,
-        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(check_device(cfg.device)),
-        dtype=resolve_dtype(cfg.dtype, check_device(cfg.device)))
+        lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(resolve_device(cfg.device)),
+        dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)),
+        **fmx.resolve_options(cfg.arch, cfg.factorization, cfg.ranks, cfg.mask_prob,
+                              [s for s in stores.sources if s.name in sources], read))
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -288,24 +291,27 @@ class LossParts(NamedTuple):
 
 
 def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor, k_aux: int,
-               batch_rows: int | None = None, comm: Comm = SINGLE) -> LossParts:
+               x_in: dict[str, Tensor] | None = None, batch_rows: int | None = None,
+               comm: Comm = SINGLE) -> LossParts:
     """The training loss of one batch of raw activations (topk and batchtopk on the sparse path
-    unless `model.sparse_path` is False).
+    unless `model.sparse_path` is False). x_in: what the encoder reads instead of x (layer
+    masking); the targets are always x.
 
     Data-parallel, x is this rank's share of a batch of `batch_rows` rows: every part is this
     rank's share of the whole batch's value (they add up over the ranks), so that the summed
     gradients are those of the one-process loss."""
+    x_in = x if x_in is None else x_in
     target = model.normalise({n: x[n] for n in model.write})
     local = target[model.write[0]].shape[0]
     batch = batch_rows or local
     if model.arch != "relu" and model.sparse_path:
-        out = model.forward_sparse(x, batch_rows=batch, comm=comm)
+        out = model.forward_sparse(x_in, batch_rows=batch, comm=comm)
         reconstruction, min_score = out.reconstruction, out.min_score
         nonzero = (out.values != 0).float()
         l0, fired = nonzero.sum() / batch, out.pairs.sum_by_latent(nonzero) > 0
         decode_aux = lambda: model.sparse_aux_reconstruction(out, dead, k_aux)  # noqa: E731
     else:
-        out = model(x)
+        out = model(x_in)
         reconstruction, f = out.reconstruction, out.latents
         l0, fired = (f != 0).sum() / batch, (f != 0).any(0)
         min_score = model.batch_threshold(f) if model.arch == "batchtopk" else None
@@ -344,50 +350,21 @@ class TrainingLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, l1, dead, k_aux, batch_rows=None, comm=SINGLE) -> LossParts:
-        return loss_parts(self.model, x, l1, dead, k_aux, batch_rows, comm)
+    def forward(self, x, l1, dead, k_aux, x_in=None, batch_rows=None, comm=SINGLE) -> LossParts:
+        return loss_parts(self.model, x, l1, dead, k_aux, x_in, batch_rows, comm)
 
 
 # -- evaluation -----------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate(model: Crosscoder, stores: StoreSet, eval_chunks, batch_size: int, device: torch.device,
              dtype: str) -> dict | None:
     """FVU per source and in total, L0 and dead fraction on the held-out rows, as consumers see
-    the model (eval mode: BatchTopK uses its threshold). FVU uses the held-out mean."""
-    if len(eval_chunks) == 0:
+    the model (eval mode: BatchTopK uses its threshold); see xcli.evaluate.reconstruction."""
+    result = reconstruction(model, stores, eval_chunks, batch_size, device, dtype)
+    if result is None:
         return None
-    was_training = model.training
-    model.eval()
-    n, nonzero = 0, 0.0
-    fired = torch.zeros(model.n_latents, dtype=torch.bool, device=device)
-    err = {s: 0.0 for s in model.write}
-    total = {s: torch.zeros(model.decoder_bias(s).shape[0], dtype=torch.float64, device=device) for s in model.write}
-    square = {s: 0.0 for s in model.write}
-    for batch in eval_batches(stores, [s.name for s in model.sources], eval_chunks, batch_size):
-        x = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, dtype):
-            if model.arch != "relu" and model.sparse_path:
-                out = model.forward_sparse(x)
-                recon, active = out.reconstruction, (out.values != 0).float()
-                nonzero += float(active.sum())
-                fired |= out.pairs.sum_by_latent(active) > 0
-            else:
-                f = model.encode(x)
-                recon = model.decode_normalised(f)
-                nonzero += float((f != 0).sum())
-                fired |= (f != 0).any(0)
-        target = model.normalise({s: x[s] for s in model.write})
-        for s in model.write:
-            err[s] += float((target[s] - recon[s].float()).double().pow(2).sum())
-            total[s] += target[s].double().sum(0)
-            square[s] += float(target[s].double().pow(2).sum())
-        n += target[model.write[0]].shape[0]
-    model.train(was_training)
-    var = {s: square[s] - float(total[s].pow(2).sum()) / n for s in model.write}
-    return {"tokens": n, "fvu": {s: err[s] / var[s] if var[s] > 0 else float("nan") for s in model.write},
-            "fvu_total": sum(err.values()) / sum(var.values()) if sum(var.values()) > 0 else float("nan"),
-            "l0": nonzero / n, "dead_fraction": 1 - float(fired.float().mean())}
+    return {"tokens": result.tokens, "fvu": result.fvu, "fvu_total": result.fvu_total, "l0": result.l0,
+            "dead_fraction": 1 - float(result.fired.mean())}
 
 
 def autocast(device: torch.device, dtype: str):
@@ -476,7 +453,11 @@ def write_checkpoint(model: Crosscoder, cfg: TrainConfig, stores: StoreSet, stat
 
 def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
     sources = [s for s in stores.sources if s.name in cfg.sources]
-    model = Crosscoder(sources, cfg.latents, cfg.arch, cfg.k, list(cfg.read), list(cfg.write))
+    if fmx.is_fmx(cfg.arch):
+        model = fmx.FmxCrosscoder(sources, cfg.latents, cfg.activation, cfg.k, list(cfg.read), list(cfg.write),
+                                  cfg.factorization, cfg.ranks)
+    else:
+        model = Crosscoder(sources, cfg.latents, cfg.arch, cfg.k, list(cfg.read), list(cfg.write))
     means = {}
     for i, source in enumerate(sources):
         stats = stores.stats(source.name)
@@ -674,7 +655,8 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         if not comm.main:
             return
         if with_eval:  # skipped when saving on Ctrl-C, so that stopping is quick
-            state.last_eval = evaluate(model, stores, eval_chunks, cfg.batch_size, device, cfg.dtype)
+            # in float32, as consumers (xcli.load, xc eval) run the model, whatever --dtype trained it
+            state.last_eval = evaluate(model, stores, eval_chunks, cfg.batch_size, device, "float32")
             if state.last_eval:
                 emit({"kind": "eval", "step": state.step, "tokens": state.tokens, **state.last_eval})
         if not complete:
@@ -688,7 +670,7 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
             while state.step < cfg.steps:
                 batch = next(batches)
                 x = {n: t.to(device, non_blocking=True).float() for n, t in batch.data.items()}
-                parts = train_step(model, opt, x, state, cfg, last_saved, loss_fn, batch.rows, comm)
+                parts = train_step(model, opt, x, state, cfg, last_saved, loss_fn, batch.rows, comm, batch.index)
                 state.position = batch.after
                 metrics.add(parts)
                 bar.update(1)
@@ -698,9 +680,9 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
                     record = {"kind": "train", "step": state.step, "tokens": state.tokens,
                               "epoch": state.tokens / stream.rows_per_epoch, **state.last_train,
                               "lr": lr_at(state.step - 1, cfg)}
-                    if cfg.arch == "relu":
+                    if cfg.activation == "relu":
                         record["l1"] = l1_at(state.step - 1, cfg)
-                    if cfg.arch == "batchtopk":
+                    if cfg.activation == "batchtopk":
                         record["threshold"] = float(model.threshold)
                     emit(record)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}")
@@ -732,17 +714,25 @@ def no_buffer_sync() -> dict:
 
 def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, cfg: TrainConfig,
                last_saved: int | None, loss_fn: Callable[..., LossParts] | None = None,
-               batch_rows: int | None = None, comm: Comm = SINGLE) -> LossParts:
+               batch_rows: int | None = None, comm: Comm = SINGLE, index=None) -> LossParts:
     """One optimiser step on one batch; updates the step count, dead-latent counters and threshold.
 
-    Data-parallel, x is this rank's share of a batch of `batch_rows` rows and `loss_fn` the
-    DDP-wrapped TrainingLoss; the ranks agree on which latents fired and on stopping."""
+    Data-parallel, x is this rank's share of a batch of `batch_rows` rows (at places `index`
+    of the whole batch) and `loss_fn` the DDP-wrapped TrainingLoss; the ranks agree on which
+    latents fired and on stopping."""
     loss_fn = loss_fn or TrainingLoss(model)
     for group in opt.param_groups:
         group["lr"] = lr_at(state.step, cfg)
     dead = state.since_fired >= cfg.dead_tokens
+    x_in = None
+    if cfg.mask_prob:  # stochastic layer masking (xcli/fmx.py): the encoder reads x_in, the loss targets x
+        rows = batch_rows or x[model.read[0]].shape[0]
+        keep = fmx.layer_keep(rows, len(model.read), cfg.mask_prob, cfg.seed, state.step)
+        if index is not None:  # data-parallel: this rank's rows of the whole batch's mask
+            keep = keep[torch.as_tensor(index)]
+        x_in = fmx.mask_layers(x, model.read, keep)
     with autocast(next(model.parameters()).device, cfg.dtype):
-        parts = loss_fn(x, l1_at(state.step, cfg), dead, cfg.k_aux, batch_rows, comm)
+        parts = loss_fn(x, l1_at(state.step, cfg), dead, cfg.k_aux, x_in, batch_rows, comm)
     opt.zero_grad(set_to_none=True)
     (parts.loss * comm.world).backward()  # DDP averages over ranks; the parts already add up to the batch loss
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
@@ -756,7 +746,7 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
     with torch.no_grad():
         rows = batch_rows or parts.tokens
         state.since_fired = torch.where(fired, 0, state.since_fired + rows)
-        if cfg.arch == "batchtopk" and state.step >= cfg.warmup:
+        if cfg.activation == "batchtopk" and state.step >= cfg.warmup:
             state.threshold_updates += 1
             model.update_threshold(parts.min_score, threshold_decay(state.threshold_updates))
     state.step += 1

@@ -1,0 +1,306 @@
+"""How good is a crosscoder? (`xc eval`)
+
+    from xcli.evaluate import EvalConfig, evaluate
+    report = evaluate(EvalConfig(checkpoint="xc.safetensors", stores=("acts.zarr",)))
+
+On the store's held-out rows (the chunks `xc train` held out, found from the
+checkpoint's eval fraction) or on all rows of a store:
+
+    FVU_s          = sum_x ||x_s - x̂_s||^2 / sum_x ||x_s - mean_s||^2     per written source
+    FVU_total      = the same sums over all written sources, in normalised units
+    L0             = mean number of nonzero latents per token, with quantiles
+    dead_fraction  = latents that never fire on these rows (BatchTopK uses its threshold)
+    coherence      = mean functional coherence of the latents that fire, when the
+                     crosscoder reads two or more layers (xcli.coherence; fmxcoders)
+
+With models, the spliced-in next-token loss of each model (xcli.splice): CE clean,
+with the reconstruction spliced in, with the activations zero-ablated, and
+
+    CE score = (CE_ablate - CE_spliced) / (CE_ablate - CE_clean)
+    KL score = (KL_ablate - KL_spliced) / KL_ablate
+
+(SAELens' definitions; methods.md 5.2). With a planted truth (`xc synth`): the mean
+max cosine similarity of the planted features (MMCS), the fraction recovered
+(cosine > 0.9), the same by kind and by layer span, and the reverse MMCS over
+the latents that fire.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xcli import console
+from xcli.coherence import functional_coherence
+from xcli.crosscoder import Crosscoder, load
+from xcli.errors import BadInput
+from xcli.latent_stats import coherence_layers
+from xcli.loader import StoreSet, eval_batches, split_chunks
+
+L0_QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    checkpoint: str
+    """The crosscoder checkpoint (.safetensors)."""
+    stores: tuple[str, ...]
+    """Activation stores holding the checkpoint's sources (rows lined up, as for `xc train`)."""
+    all_rows: bool = False
+    """Evaluate on every row of the stores instead of the rows `xc train` held out."""
+    truth: str | None = None
+    """A planted truth (<store>.truth.safetensors from `xc synth`) to score recovery against."""
+    threshold: float = 0.9
+    """A planted feature is recovered when some latent's decoder has a cosine above this."""
+    models: tuple[str, ...] = ()
+    """ALIAS=PATH of models to splice into; implies splice."""
+    splice: bool = False
+    """Measure the spliced-in loss; models default to those the store's harvest recorded."""
+    data: str | None = None
+    """A text file, one sequence per line, to measure the spliced-in loss on instead of the store's windows."""
+    windows: int = 64
+    """Token windows (sequences) the spliced-in loss is measured on, at most."""
+    batch_size: int = 4096
+    """Rows per batch for the reconstruction metrics."""
+    window_batch: int = 4
+    """Windows per forward pass for the spliced-in loss."""
+    device: str = "auto"
+    dtype: str = "auto"
+    """Compute dtype of the language models; the crosscoder runs in float32."""
+    allow_incomplete: bool = False
+
+    def __post_init__(self):
+        if not self.stores:
+            raise BadInput("give at least one activation store")
+        if not 0 < self.threshold < 1:
+            raise BadInput(f"--threshold {self.threshold} must be between 0 and 1")
+        for name in ("windows", "batch_size", "window_batch"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if self.data is not None and not (self.splice or self.models):
+            raise BadInput("--data is text for the spliced-in loss; add --splice or --model ALIAS=PATH")
+
+
+# -- reconstruction -------------------------------------------------------------------------------
+
+@dataclass
+class Reconstruction:
+    tokens: int
+    fvu: dict[str, float]
+    fvu_total: float
+    l0: float
+    l0_histogram: np.ndarray
+    """(F + 1,) number of tokens with 0, 1, ..., F nonzero latents."""
+    fired: np.ndarray
+    """(F,) whether each latent fired on some row."""
+
+    def summary(self) -> dict:
+        return {"tokens": self.tokens, "fvu": self.fvu, "fvu_total": self.fvu_total, "l0": self.l0,
+                "l0_quantiles": {str(q): histogram_quantile(self.l0_histogram, q) for q in L0_QUANTILES},
+                "dead_fraction": 1 - float(self.fired.mean())}
+
+
+def histogram_quantile(histogram: np.ndarray, q: float) -> int:
+    """The q-quantile of integer values given their histogram: the smallest v with
+    P(value <= v) >= q (numpy's "inverted_cdf")."""
+    cumulative = np.cumsum(histogram)
+    return int(np.searchsorted(cumulative, q * cumulative[-1] - 1e-9 * cumulative[-1]))
+
+
+@torch.no_grad()
+def reconstruction(model: Crosscoder, stores: StoreSet, chunks, batch_size: int, device: torch.device,
+                   dtype: str = "float32") -> Reconstruction | None:
+    """FVU per source and in total, L0 and the latents that fire on the rows of `chunks`,
+    as consumers see the model (eval mode: BatchTopK uses its threshold). FVU uses the mean
+    of these rows; sums are float64."""
+    if len(chunks) == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    n, nonzero = 0, 0.0
+    fired = torch.zeros(model.n_latents, dtype=torch.bool, device=device)
+    histogram = torch.zeros(model.n_latents + 1, dtype=torch.int64, device=device)
+    err = {s: 0.0 for s in model.write}
+    total = {s: torch.zeros(model.decoder_bias(s).shape[0], dtype=torch.float64, device=device) for s in model.write}
+    square = {s: 0.0 for s in model.write}
+    for batch in eval_batches(stores, [s.name for s in model.sources], chunks, batch_size):
+        x = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            f = model.encode(x)
+            recon = model.decode_normalised(f)
+        target = model.normalise({s: x[s] for s in model.write})
+        for s in model.write:
+            err[s] += float((target[s] - recon[s].float()).double().pow(2).sum())
+            total[s] += target[s].double().sum(0)
+            square[s] += float(target[s].double().pow(2).sum())
+        active = f != 0
+        nonzero += float(active.sum())
+        fired |= active.any(0)
+        histogram += torch.bincount(active.sum(1), minlength=model.n_latents + 1)
+        n += f.shape[0]
+    model.train(was_training)
+    var = {s: square[s] - float(total[s].pow(2).sum()) / n for s in model.write}
+    return Reconstruction(
+        tokens=n, fvu={s: err[s] / var[s] if var[s] > 0 else float("nan") for s in model.write},
+        fvu_total=sum(err.values()) / sum(var.values()) if sum(var.values()) > 0 else float("nan"),
+        l0=nonzero / n, l0_histogram=histogram.cpu().numpy(), fired=fired.cpu().numpy())
+
+
+# -- the scores -------------------------------------------------------------------------------------
+
+def ce_score(ce_ablate: float, ce_spliced: float, ce_clean: float) -> float | None:
+    """(CE_ablate - CE_spliced) / (CE_ablate - CE_clean): 1 = as good as clean, 0 = as bad as
+    ablating. None when ablation does not change the loss (the score is undefined)."""
+    denominator = ce_ablate - ce_clean
+    return (ce_ablate - ce_spliced) / denominator if denominator != 0 else None
+
+
+def kl_score(kl_ablate: float, kl_spliced: float) -> float | None:
+    """(KL_ablate - KL_spliced) / KL_ablate, KL measured against the clean model; None when KL_ablate is 0."""
+    return (kl_ablate - kl_spliced) / kl_ablate if kl_ablate != 0 else None
+
+
+# -- ground truth -------------------------------------------------------------------------------------
+
+def truth_metrics(model: Crosscoder, truth, threshold: float = 0.9, fired: np.ndarray | None = None) -> dict:
+    """Recovery of a planted dictionary: MMCS, fraction with cosine > threshold, both by kind and by
+    layer span, and the reverse MMCS over latents that fire (all latents when `fired` is None)."""
+    from xcli.synth import match
+
+    found = match(truth, model)
+    live = np.ones(model.n_latents, dtype=bool) if fired is None else np.asarray(fired, dtype=bool)
+
+    def summary(rows: np.ndarray) -> dict:
+        return {"features": int(rows.sum()), "mmcs": float(found.cosine[rows].mean()),
+                "recovered": float((found.cosine[rows] > threshold).mean())}
+
+    kinds = np.array(truth.kinds)
+    lengths = truth.span_lengths()
+    out = {"features": truth.n_features, "threshold": threshold, "mmcs": float(found.cosine.mean()),
+           "recovered": found.recovered(threshold),
+           "reverse_mmcs": float(found.reverse[live].mean()) if live.any() else None,
+           "by_kind": {k: summary(kinds == k) for k in dict.fromkeys(truth.kinds)},
+           "by_span": {str(n): summary(lengths == n) for n in sorted(set(lengths.tolist()))}}
+    out["classification"] = classification_accuracy(model, truth, found.latent)
+    return out
+
+
+def planted_classes(model: Crosscoder, truth, config=None) -> list[str]:
+    """The class `xc classify` would give each planted feature if a latent held exactly its planted
+    directions: its rule applied to the planted decoder norms in the crosscoder's normalised units."""
+    from xcli.classify import ClassifyConfig, assign_classes, model_groups, relative_norm
+
+    config = config or ClassifyConfig()
+    models = [g.model for g in model_groups(model)]
+    scales = {name: float(model.scale(name)) for name in model.write}
+    planted = truth.model_norms(scales)[:, [truth.model_names.index(m) for m in models]]
+    shares = planted / planted.sum(1, keepdims=True)
+    rel = relative_norm(planted[:, 0], planted[:, 1]) if len(models) == 2 else None
+    return assign_classes(shares, models, np.zeros(truth.n_features, dtype=bool), config, rel)
+
+
+def classification_accuracy(model: Crosscoder, truth, latents: np.ndarray) -> dict | None:
+    """How often `xc classify` (decoder norms, default thresholds) gives the latent that best matches
+    each planted feature the class of the planted feature; None for a one-model crosscoder."""
+    from xcli.classify import classify
+
+    result = classify(model)
+    if len(result.models) < 2:
+        return None
+    if sorted(result.models) != sorted(truth.model_names):
+        raise BadInput(f"the crosscoder's models {result.models} are not the truth's {truth.model_names}")
+    expected = np.array(planted_classes(model, truth, result.config))
+    learned = np.array([result.classes[i] for i in latents])
+    kinds = np.array(truth.kinds)
+    return {"accuracy": float((learned == expected).mean()),
+            "by_kind": {k: float((learned == expected)[kinds == k].mean()) for k in dict.fromkeys(truth.kinds)},
+            "expected": {c: int((expected == c).sum()) for c in dict.fromkeys(expected.tolist())},
+            "thresholds": {"exclusive_share": result.config.exclusive_share,
+                           "shared_band": list(result.config.shared_band)}}
+
+
+# -- the command ----------------------------------------------------------------------------------------
+
+def eval_rows(model: Crosscoder, stores: StoreSet, all_rows: bool) -> tuple[np.ndarray, str]:
+    """The chunks to evaluate on: the checkpoint's held-out chunks of these stores, or all of them."""
+    if all_rows:
+        return np.arange(stores.n_chunks), "all"
+    meta = getattr(model, "metadata", {}) or {}
+    recorded = meta.get("store")
+    fraction = (meta.get("hyperparameters") or {}).get("eval_fraction")
+    if not recorded or fraction is None:
+        raise BadInput("the checkpoint does not record the store it was trained on and its --eval-fraction, "
+                       "so its held-out rows are unknown; pass --all-rows to evaluate on every row")
+    if fraction <= 0:
+        raise BadInput("the checkpoint was trained with --eval-fraction 0 and held out no rows; "
+                       "pass --all-rows (on a store it was not trained on) instead")
+    rows = {s["n_tokens"] for s in recorded}
+    digests = {s.get("tokens_sha256") for s in recorded}
+    if rows != {stores.n_tokens} or digests != {stores.tokens_sha256}:
+        raise BadInput(f"these stores ({stores.n_tokens} rows) are not the ones the checkpoint was trained on "
+                       f"({', '.join(repr(s['path']) for s in recorded)}: {sorted(rows)} rows, other tokens), so "
+                       f"they have no held-out rows; pass --all-rows to evaluate on every row")
+    paths = {str(Path(s.path).resolve()) for s in stores.stores}
+    if paths != {s["path"] for s in recorded}:
+        console.warn("the stores hold the same tokens as the training stores but live elsewhere; held-out rows "
+                     "are the chunks training held out, assuming the same chunk size")
+    _, held = split_chunks(stores.n_chunks, fraction)
+    return held, "held-out"
+
+
+def check_sources(model: Crosscoder, stores: StoreSet) -> None:
+    widths = {s.name: s.d for s in stores.sources}
+    for source in model.sources:
+        if source.name not in widths:
+            raise BadInput(f"the checkpoint's source {source.name!r} is in none of the stores; they hold: "
+                           f"{', '.join(widths)}")
+        if widths[source.name] != source.d:
+            raise BadInput(f"source {source.name!r} has width {widths[source.name]} in the store but "
+                           f"{source.d} in the checkpoint")
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Everything `xc eval` prints, as one JSON-ready dict (NaN becomes None)."""
+    from xcli.models import resolve_device
+
+    device = resolve_device(cfg.device)
+    model = load(cfg.checkpoint, device)
+    stores = StoreSet(cfg.stores, allow_incomplete=cfg.allow_incomplete)
+    check_sources(model, stores)
+    truth = None
+    if cfg.truth is not None:
+        from xcli.synth import PlantedDictionary
+
+        truth = PlantedDictionary.load(cfg.truth)
+    chunks, which = eval_rows(model, stores, cfg.all_rows)
+    console.info(f"evaluating on {which} rows: {len(chunks)} of {stores.n_chunks} chunks")
+    result = reconstruction(model, stores, chunks, cfg.batch_size, device)
+    report = {"checkpoint": str(cfg.checkpoint), "stores": [str(s.path) for s in stores.stores], "rows": which,
+              **result.summary()}
+    if coherence_layers(model) is not None:
+        coherence = functional_coherence(model, eval_batches(stores, model.read, chunks, cfg.batch_size))
+        report["coherence"] = {"mean": coherence.mean(), "layers": coherence.layers}
+    if cfg.splice or cfg.models:
+        from xcli.splice import SpliceConfig, spliced_loss
+
+        report["splice"] = spliced_loss(model, stores, chunks, SpliceConfig(
+            models=cfg.models, data=cfg.data, windows=cfg.windows, window_batch=cfg.window_batch,
+            device=str(device), dtype=cfg.dtype))
+    if truth is not None:
+        report["truth"] = truth_metrics(model, truth, cfg.threshold, result.fired)
+    return json_ready(report)
+
+
+def json_ready(value):
+    """Floats that JSON can hold: NaN and infinities become None; numpy scalars become Python ones."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
