@@ -140,9 +140,9 @@ def test_masking_zeroes_exactly_the_chosen_inputs_and_never_the_targets(monkeypa
     seen = {}
     real_loss_parts = tr.loss_parts
 
-    def spy(model, x_target, l1, dead, k_aux, x_in=None):
+    def spy(model, x_target, l1, dead, k_aux, x_in=None, *rest):
         seen["target"], seen["input"] = x_target, x_in
-        return real_loss_parts(model, x_target, l1, dead, k_aux, x_in)
+        return real_loss_parts(model, x_target, l1, dead, k_aux, x_in, *rest)
 
     monkeypatch.setattr(tr, "loss_parts", spy)
     state = tr.TrainState(step=4, since_fired=torch.zeros(7, dtype=torch.int64))

@@ -231,6 +231,21 @@ def test_loader_restarted_at_a_position_continues_the_same_stream(tmp_path):
             np.testing.assert_array_equal(next(prefetched).data["a"][:, 0].numpy(), rows)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_loader_hands_over_rows_as_stored_which_widen_exactly(tmp_path, dtype):
+    from xcli.store import open_store
+    sources = [Source("a", "a", "test", 0, 6)]
+    values = np.random.default_rng(0).standard_normal((300, 6)).astype(np.float32)
+    writer = StoreWriter(tmp_path / "s.zarr", sources, chunk_rows=100, dtype=dtype)
+    writer.append({"a": values}, tokens=np.zeros(300, dtype=np.int64))
+    writer.close()
+    stores = StoreSet([tmp_path / "s.zarr"])
+    stored = open_store(tmp_path / "s.zarr").read("a", 0, 300)  # widened by the store
+    batch = next(BatchStream(stores, ["a"], np.arange(3), 300, seed=0, shuffle_rows=300).batches())
+    assert batch.data["a"].dtype == getattr(torch, dtype)
+    assert sorted(map(tuple, batch.data["a"].float().numpy())) == sorted(map(tuple, stored))
+
+
 def test_prefetcher_hands_errors_to_the_consumer():
     from xcli.loader import Prefetcher
 

@@ -429,7 +429,7 @@ def amplify_command(before, after, alphas, model, checkpoint, latents, scales, c
 
 # Literal copies of xcli.crosscoder.ARCHS and xcli.train.DTYPES, so that `xc --help`
 # does not import torch; tests/test_train.py checks that they agree.
-ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("float32", "bfloat16")
+ARCHS, DTYPES = ("relu", "topk", "batchtopk"), ("auto", "float32", "bfloat16")
 # The same for xcli.fmx.FMX_ARCHS and FACTORIZATIONS (checked in tests/test_fmx.py).
 FMX_ARCHS, FACTORIZATIONS = ("fmx", "fmx-topk", "fmx-relu"), ("tr", "cp")
 
@@ -478,7 +478,8 @@ def source_list(ctx, param, value):
   xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
   xc train layers.zarr -o fmx.safetensors --arch fmx --k 64 --ranks 32
   xc harvest ... | xc train - -o xc.safetensors
-  xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9""")
+  xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9
+  torchrun --nproc-per-node 8 -m xcli train acts.zarr -o xc.safetensors --batch-size 32K""")
 @click.argument("stores", nargs=-1, required=True, metavar="STORE...")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The checkpoint to write (.safetensors; format in xc-checkpoint(5)).")
@@ -535,11 +536,13 @@ def source_list(ctx, param, value):
 @click.option("--shuffle-buffer", type=Count(), default=65536, show_default=True,
               help="Rows shuffled together in memory (whole chunks); memory use grows with it, not with the store.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and the data order.")
-@compute_options("training runs", DTYPES, "float32",
-                 "Compute dtype of the forward pass; weights and Adam state stay float32.")
-@click.option("--log", type=click.Path(dir_okay=False),
+@compute_options("training runs", DTYPES, "auto",
+                 "Compute dtype of the encoder matmul; weights and Adam state stay float32. auto: bfloat16 "
+                 "on CUDA GPUs with bf16 and on CPUs with AMX or AVX512-BF16, else float32. The choice is "
+                 "recorded, and --resume must use the same one.")
+@click.option("--log", "--log-file", "log", type=click.Path(dir_okay=False),
               help="Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, lr, tokens/s; "
-                   "and held-out evaluations.")
+                   "and held-out evaluations. Under torchrun, spell it --log-file (torchrun claims --log).")
 @click.option("--log-every", type=int, default=100, show_default=True, help="Steps between metrics lines.")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True,
               help="Steps between checkpoints (with evaluation, and the training state that --resume uses).")
@@ -566,6 +569,14 @@ def train_command(stores, **options):
     (OUTPUT.state.pt) are written atomically and held-out chunks are evaluated.
     After Ctrl-C (which saves first) or kill -9, rerun with --resume. A NaN or
     inf loss stops the run (exit 1) and keeps the last good checkpoint.
+
+    Several GPUs or nodes: start it with torchrun (torchrun --nproc-per-node N
+    -m xcli train ...). The ranks train data-parallel with DDP; --batch-size is
+    the batch of one step over all ranks, each rank reads a disjoint share of the
+    store's chunks, BatchTopK selects over the whole batch, and rank 0 writes the
+    checkpoint, state and log. The weights match a one-process run with the
+    same options up to float rounding, and --resume works with any number of
+    ranks.
     """
     from xcli.files import read_path_argument
     from xcli.train import TrainConfig, train
@@ -574,7 +585,8 @@ def train_command(stores, **options):
         raise BadInput("only one STORE can be '-' (read from stdin)")
     paths = tuple(read_path_argument(s) for s in stores)
     path = train(TrainConfig(stores=paths, **options))
-    click.echo(str(path))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, only rank 0 prints the path
+        click.echo(str(path))
 
 
 # Literal copies of xcli.store's codecs and defaults, so that `xc --help` does not import zarr;

@@ -27,6 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from xcli import sparse
+from xcli.distributed import SINGLE, Comm
 from xcli.errors import BadInput
 from xcli.files import atomic_path
 from xcli.store import Source
@@ -45,7 +47,29 @@ class ForwardOutput(NamedTuple):
     """Encoder output before the activation function, shape (B, F)."""
 
 
+class SparseOutput(NamedTuple):
+    pairs: sparse.Pairs
+    """The selected (token, latent) pairs."""
+    values: Tensor
+    """f at the pairs, (N,); differentiable in the encoder."""
+    reconstruction: dict[str, Tensor]
+    """Reconstruction of each written source in normalised units, shape (B, d_s)."""
+    encoder_out: Tensor
+    """Σ_s x_s @ W_enc^s without the bias, (B, F), in the compute dtype, without grad."""
+    inputs: list[Tensor]
+    """The read sources in normalised units (what the encoder multiplied)."""
+    compute_dtype: torch.dtype
+    min_score: Tensor | None
+    """BatchTopK in training: the smallest kept selection score (what the threshold tracks)."""
+    encoder: list[Tensor]
+    """The encoder weights used, per read source (d_s, F)."""
+    decoder: list[Tensor]
+    """The decoder weights used, per written source (F, d_s)."""
+
+
 class Crosscoder(nn.Module):
+    sparse_path = True
+    """Train TopK/BatchTopK on the sparse path (xcli.sparse); False: the dense reference."""
     factorized = False
     """True in subclasses that compute W_enc / W_dec from factors (xcli/fmx.py) instead of holding them."""
 
@@ -158,6 +182,51 @@ class Crosscoder(nn.Module):
         pre = self.pre_activations(x)
         f = self.activate(pre, batch_select)
         return ForwardOutput(f, self.decode_normalised(f), pre)
+
+    def forward_sparse(self, x: dict[str, Tensor], batch_select: bool | None = None, batch_rows: int | None = None,
+                       comm: Comm = SINGLE) -> SparseOutput:
+        """`forward` for topk and batchtopk without any dense (B, F) latent matrix after the selection:
+        the decoder gathers the selected rows, and the backward touches only the selected latents.
+
+        Under autocast (bf16) the encoder matmul runs in bf16; the rest stays in float32.
+        Data-parallel: x is this rank's share of a batch of `batch_rows` rows, and BatchTopK
+        selects over the whole batch through `comm`."""
+        if self.arch == "relu":
+            raise ValueError("forward_sparse is for topk and batchtopk; relu latents are dense")
+        device = self.b_enc.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+        enc, dec = list(self.W_enc), list(self.W_dec)  # once: computed from factors in xcli.fmx
+        xs = [x[name].to(w.dtype) * self.scale(name) for name, w in zip(self.read, enc)]
+        min_score = None
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            mm = sparse.encoder_matmul(xs, enc, dtype)  # (B, F)
+            norms = torch.stack([w.norm(dim=1) for w in dec], dim=1).sum(dim=1)
+            # pre * norms in one pass over (B, F), in the matmul's dtype; <= 0 where ReLU gives 0
+            score = torch.addcmul((self.b_enc * norms).to(mm.dtype), mm, norms.to(mm.dtype))
+            if self.arch == "topk":
+                pairs = sparse.select_topk(score, self.k)
+            elif batch_select if batch_select is not None else self.training:
+                pairs, min_score = sparse.select_batchtopk(score, self.k, batch_rows=batch_rows, comm=comm)
+            else:
+                pairs = sparse.select_above(score, self.threshold)
+            del score
+            pre_at = pairs.gather(mm).float() + self.b_enc[pairs.cols]
+        values = sparse.encoder_values(pairs, pre_at, xs, self.b_enc, enc, dtype)
+        decoded = sparse.decode(pairs, values, dec)
+        recon = {name: y + b for name, y, b in zip(self.write, decoded, self.b_dec)}
+        return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec)
+
+    def sparse_aux_reconstruction(self, out: SparseOutput, dead: Tensor, k_aux: int) -> dict[str, Tensor]:
+        """AuxK on the sparse path: the decoded (no bias) top k_aux ReLU pre-activations among dead latents."""
+        dead_latents = dead.nonzero().squeeze(1)
+        k_aux = min(k_aux, dead_latents.numel())
+        with torch.no_grad():
+            pre_dead = out.encoder_out[:, dead_latents].float() + self.b_enc[dead_latents]
+            pairs = sparse.Pairs.per_row(dead_latents[pre_dead.topk(k_aux, dim=1, sorted=False).indices],
+                                         self.n_latents)
+            pre_at = pairs.gather(out.encoder_out).float() + self.b_enc[pairs.cols]
+        values = sparse.encoder_values(pairs, pre_at, out.inputs, self.b_enc, out.encoder, out.compute_dtype)
+        return dict(zip(self.write, sparse.decode(pairs, values, out.decoder)))
 
     def normalise(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: v * self.scale(name) for name, v in x.items()}

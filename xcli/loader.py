@@ -100,6 +100,15 @@ class StoreSet:
         start, stop = self.chunk_range(index)
         return {n: self.by_source[n].read(n, start, stop) for n in names}
 
+    def read_chunk_stored(self, index: int, names: list[str]) -> dict[str, np.ndarray]:
+        """One chunk's rows as stored (float16, float32, or bfloat16 bits as uint16): half the bytes
+        of float32 to shuffle and to copy to a GPU, which widens them faster than numpy."""
+        start, stop = self.chunk_range(index)
+        return {n: self.by_source[n].arrays[n][start:stop] for n in names}
+
+    def stored_dtype(self, name: str) -> np.dtype:
+        return self.by_source[name].arrays[name].dtype
+
     def stats(self, name: str) -> dict:
         return self.by_source[name].stats(name)
 
@@ -140,18 +149,33 @@ class Position:
 @dataclass
 class Batch:
     data: dict[str, torch.Tensor]
-    """Source name -> (rows, d) float32 tensor (CPU; pinned when bound for CUDA)."""
+    """Source name -> (rows, d) tensor in the store's dtype (float16, bfloat16 or float32; widen with
+    .float() after moving it to the device), on the CPU, pinned when bound for CUDA: this rank's rows."""
     after: Position
     """The position just after this batch (the next epoch's start if it ended an epoch)."""
+    rows: int
+    """Rows of the whole batch, over all ranks (this rank holds the share its chunks supply)."""
+    index: np.ndarray | None = None
+    """Data-parallel: the places of this rank's rows in the whole batch (None in one process)."""
 
 
 class BatchStream:
-    """Training batches in a deterministic shuffled order, read ahead by a background thread."""
+    """Training batches in a deterministic shuffled order, read ahead by a background thread.
+
+    With `world` > 1 (data-parallel training) the batches are the same as in one
+    process, but rank r reads only the chunks at positions i ≡ r (mod world) of each
+    shuffle window and keeps only the rows of each batch that came from them: the
+    ranks read disjoint chunks, their shares of a batch add up to the one-process
+    batch, and the order does not depend on the number of ranks (a run can resume
+    on another number of GPUs).
+    """
 
     def __init__(self, stores: StoreSet, names: list[str], train_chunks: np.ndarray, batch_size: int,
-                 seed: int, shuffle_rows: int, prefetch: int = 4, pin_memory: bool = False):
+                 seed: int, shuffle_rows: int, prefetch: int = 4, pin_memory: bool = False,
+                 rank: int = 0, world: int = 1):
         self.stores, self.names, self.train_chunks = stores, list(names), np.asarray(train_chunks)
         self.batch_size, self.seed, self.prefetch, self.pin_memory = batch_size, seed, prefetch, pin_memory
+        self.rank, self.world = rank, world
         self.window = max(1, -(-shuffle_rows // stores.chunk_rows))  # whole chunks per shuffle window
         sizes = [stores.chunk_range(int(c)) for c in self.train_chunks]
         self.chunk_sizes = {int(c): stop - start for c, (start, stop) in zip(self.train_chunks, sizes)}
@@ -162,74 +186,87 @@ class BatchStream:
         order = chunk_order(self.train_chunks, self.seed, epoch)
         return [order[i:i + self.window] for i in range(0, len(order), self.window)]
 
-    def load_window(self, epoch: int, index: int, chunks: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows of a window's chunks in their shuffled order, written straight to their
-        final places (so the window is held once, plus one chunk in flight)."""
-        rows = sum(self.chunk_sizes[int(c)] for c in chunks)
-        perm = np.random.default_rng([self.seed, 2, epoch, index]).permutation(rows)
-        dest = np.empty(rows, dtype=np.int64)
-        dest[perm] = np.arange(rows)  # row j of the window goes to output position dest[j]
+    def load_window(self, epoch: int, index: int, chunks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """This rank's rows of a window, in the window's shuffled order, and their places in that
+        order (sorted). Rows go straight to their final places: the window is held once, plus one
+        chunk in flight."""
+        sizes = [self.chunk_sizes[int(c)] for c in chunks]
+        perm = np.random.default_rng([self.seed, 2, epoch, index]).permutation(sum(sizes))
+        dest = np.empty(len(perm), dtype=np.int64)
+        dest[perm] = np.arange(len(perm))  # row j of the window goes to place dest[j]
+        starts = np.cumsum([0, *sizes])
+        mine = [i for i in range(len(chunks)) if i % self.world == self.rank]
+        places = np.concatenate([dest[starts[i]:starts[i + 1]] for i in mine]) if mine else dest[:0]
+        slot = np.empty(len(places), dtype=np.int64)
+        slot[np.argsort(places, kind="stable")] = np.arange(len(places))  # where each local row goes
         width = {s.name: s.d for s in self.stores.sources}
-        out = {n: np.empty((rows, width[n]), dtype=np.float32) for n in self.names}
-        start = 0
-        for c in chunks:
-            data = self.stores.read_chunk(int(c), self.names)
-            size = self.chunk_sizes[int(c)]
+        out = {n: np.empty((len(places), width[n]), dtype=self.stores.stored_dtype(n)) for n in self.names}
+        done = 0
+        for i in mine:
+            data = self.stores.read_chunk_stored(int(chunks[i]), self.names)
             for n in self.names:
-                out[n][dest[start:start + size]] = data[n]
-            start += size
-        return out
+                out[n][slot[done:done + sizes[i]]] = data[n]
+            done += sizes[i]
+        return np.sort(places), out
 
     def batches(self, position: Position = Position()) -> Iterator[Batch]:
         """Batches from `position` on, forever (epoch after epoch); synchronous."""
         epoch, skip = position.epoch, position.row
         while True:
-            pieces, held, consumed = [], 0, 0
+            pieces, start, loaded = [], skip, 0  # start: place of the next batch's first row in the epoch
             windows = self.windows(epoch)
             for index, chunks in enumerate(windows):
                 rows = sum(self.chunk_sizes[int(c)] for c in chunks)
-                if consumed + rows <= skip:  # wholly before the resume point: not read at all
-                    consumed += rows
+                if loaded + rows <= skip:  # wholly before the resume point: not read at all
+                    loaded += rows
                     continue
-                data = self.load_window(epoch, index, chunks)
-                offset = max(0, skip - consumed)
-                consumed += rows
-                pieces.append({n: a[offset:] for n, a in data.items()})
-                held += rows - offset
+                places, data = self.load_window(epoch, index, chunks)
+                places += loaded
+                first = int(np.searchsorted(places, skip))
+                pieces.append((places[first:], {n: a[first:] for n, a in data.items()}))
+                loaded += rows
                 last_window = index == len(windows) - 1
-                while held >= self.batch_size or (last_window and held > 0):
-                    take = min(self.batch_size, held)
-                    batch, pieces = take_rows(pieces, take)
-                    held -= take
-                    row = consumed - held
-                    ended = row == self.rows_per_epoch
-                    yield Batch(self._tensors(batch), Position(epoch + 1, 0) if ended else Position(epoch, row))
+                while loaded - start >= self.batch_size or (last_window and loaded > start):
+                    stop = min(start + self.batch_size, loaded)
+                    places, batch, pieces = take_rows(pieces, stop)
+                    if batch is None:  # none of this batch's rows came from this rank's chunks
+                        batch = {n: np.empty((0, self.stores.by_source[n].source(n).d),
+                                             dtype=self.stores.stored_dtype(n)) for n in self.names}
+                    ended = stop == self.rows_per_epoch
+                    yield Batch(self._tensors(batch), Position(epoch + 1, 0) if ended else Position(epoch, stop),
+                                stop - start, places - start if self.world > 1 else None)
+                    start = stop
             epoch, skip = epoch + 1, 0
 
     def _tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in batch.items()}
+        tensors = {n: as_tensor(np.ascontiguousarray(a)) for n, a in batch.items()}
         return {n: t.pin_memory() for n, t in tensors.items()} if self.pin_memory else tensors
 
     def prefetched(self, position: Position = Position()) -> "Prefetcher":
         return Prefetcher(self.batches(position), self.prefetch)
 
 
-def take_rows(pieces: list[dict[str, np.ndarray]], rows: int):
-    """Split the first `rows` rows off a list of row blocks: (batch, remaining pieces)."""
-    taken, rest, need = [], list(pieces), rows
-    while need:
-        head = rest.pop(0)
-        size = len(next(iter(head.values())))
-        if size <= need:
-            taken.append(head)
-            need -= size
-        else:
-            taken.append({n: a[:need] for n, a in head.items()})
-            rest.insert(0, {n: a[need:] for n, a in head.items()})
-            need = 0
-    if len(taken) == 1:
-        return taken[0], rest
-    return {n: np.concatenate([t[n] for t in taken]) for n in taken[0]}, rest
+def as_tensor(rows: np.ndarray) -> torch.Tensor:
+    """Stored rows as a tensor without a copy; bfloat16 bits (uint16) become a bfloat16 tensor."""
+    tensor = torch.from_numpy(rows)
+    return tensor.view(torch.bfloat16) if rows.dtype == np.uint16 else tensor
+
+
+def take_rows(pieces: list[tuple[np.ndarray, dict[str, np.ndarray]]], stop: int):
+    """Split the rows placed before `stop` off a list of (places, rows) blocks:
+    (their places, the rows or None if there are none, the remaining pieces)."""
+    taken, where, rest = [], [], []
+    for places, data in pieces:
+        cut = int(np.searchsorted(places, stop))
+        if cut:
+            taken.append({n: a[:cut] for n, a in data.items()})
+            where.append(places[:cut])
+        if cut < len(places):
+            rest.append((places[cut:], {n: a[cut:] for n, a in data.items()}))
+    places = np.concatenate(where) if where else np.zeros(0, dtype=np.int64)
+    if len(taken) <= 1:
+        return places, (taken[0] if taken else None), rest
+    return places, {n: np.concatenate([t[n] for t in taken]) for n in taken[0]}, rest
 
 
 class Prefetcher:

@@ -19,7 +19,9 @@ dead-latent counters, threshold, loader position, RNG); `--resume` continues fro
 and ends with exactly the weights of an uninterrupted run.
 """
 
+import ctypes
 import dataclasses
+import inspect
 import json
 import math
 import signal
@@ -35,13 +37,14 @@ from torch import Tensor
 
 from xcli import console, fmx
 from xcli.crosscoder import ARCHS, Crosscoder, read_metadata, save
+from xcli.distributed import SINGLE, Comm, local_device, process_group
 from xcli.errors import BadInput, XcError
 from xcli.evaluate import reconstruction
 from xcli.files import atomic_path, check_output, remove
 from xcli.loader import BatchStream, Position, StoreSet, split_chunks
 from xcli.models import resolve_device
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
 L1_WARMUP_FRACTION = 0.05    # λ rises linearly over the first 5% of steps (Kissane et al.)
 THRESHOLD_DECAY = 0.999      # BatchTopK threshold EMA decay (science-of-finetuning/dictionary_learning)
@@ -102,8 +105,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda when available)."""
-    dtype: str = "float32"
-    """Compute dtype of the forward pass (weights and Adam stay float32)."""
+    dtype: str = "auto"
+    """Compute dtype of the encoder matmul (weights and Adam stay float32); auto: bfloat16 where the
+    device has fast bf16 matmuls (CUDA with bf16, CPUs with AMX or AVX512-BF16), else float32."""
     log: str | None = None
     """JSON-lines metrics file."""
     log_every: int = 100
@@ -219,8 +223,23 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
         k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, sum(widths[n] for n in write) // 2),
         steps=steps, tokens=None, warmup=warmup,
         lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(resolve_device(cfg.device)),
+        dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)),
         **fmx.resolve_options(cfg.arch, cfg.factorization, cfg.ranks, cfg.mask_prob,
                               [s for s in stores.sources if s.name in sources], read))
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native (and so faster than float32) on this device."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if fast_bf16(device) else "float32"
 
 
 # -- schedules (pure functions of the step) ------------------------------------------------
@@ -262,32 +281,77 @@ class LossParts(NamedTuple):
     """Per written source, the batch's summed squared error."""
     variance: dict[str, Tensor]
     """Per written source, the batch's summed squared deviation from its mean (FVU denominator)."""
-    latents: Tensor
-    """f, (B, F)."""
+    l0: Tensor
+    """Mean number of nonzero latents per token."""
+    fired: Tensor
+    """(F,) bool: latents nonzero for some token of the batch."""
+    min_score: Tensor | None
+    """BatchTopK: the smallest selection score kept in the batch (the inference threshold tracks it)."""
+    tokens: int
 
 
 def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor, k_aux: int,
-               x_in: dict[str, Tensor] | None = None) -> LossParts:
-    """The training loss of one batch of raw activations. x_in: what the encoder reads instead
-    of x (layer masking); the targets are always x."""
-    out = model(x if x_in is None else x_in)
+               x_in: dict[str, Tensor] | None = None, batch_rows: int | None = None,
+               comm: Comm = SINGLE) -> LossParts:
+    """The training loss of one batch of raw activations (topk and batchtopk on the sparse path
+    unless `model.sparse_path` is False). x_in: what the encoder reads instead of x (layer
+    masking); the targets are always x.
+
+    Data-parallel, x is this rank's share of a batch of `batch_rows` rows: every part is this
+    rank's share of the whole batch's value (they add up over the ranks), so that the summed
+    gradients are those of the one-process loss."""
+    x_in = x if x_in is None else x_in
     target = model.normalise({n: x[n] for n in model.write})
-    zero = torch.zeros((), device=out.latents.device)
+    local = target[model.write[0]].shape[0]
+    batch = batch_rows or local
+    if model.arch != "relu" and model.sparse_path:
+        out = model.forward_sparse(x_in, batch_rows=batch, comm=comm)
+        reconstruction, min_score = out.reconstruction, out.min_score
+        nonzero = (out.values != 0).float()
+        l0, fired = nonzero.sum() / batch, out.pairs.sum_by_latent(nonzero) > 0
+        decode_aux = lambda: model.sparse_aux_reconstruction(out, dead, k_aux)  # noqa: E731
+    else:
+        out = model(x_in)
+        reconstruction, f = out.reconstruction, out.latents
+        l0, fired = (f != 0).sum() / batch, (f != 0).any(0)
+        min_score = model.batch_threshold(f) if model.arch == "batchtopk" else None
+        decode_aux = lambda: model.decode_normalised(  # noqa: E731
+            model.aux_latents(out.pre_activations, dead, k_aux), bias=False)
+    zero = torch.zeros((), device=l0.device)
     residual, sq_err, variance = {}, {}, {}
     for name in model.write:
-        residual[name] = target[name] - out.reconstruction[name].float()
+        residual[name] = target[name] - reconstruction[name].float()
         sq_err[name] = residual[name].pow(2).sum()
-        variance[name] = (target[name] - target[name].mean(0)).pow(2).sum()
-    batch = out.latents.shape[0]
+        variance[name] = (target[name] - target[name].mean(0)).pow(2).sum() if local else zero
     recon = sum(sq_err.values()) / batch
-    sparsity = l1 * (out.latents.float() @ model.decoder_norms().sum(dim=1)).mean() if model.arch == "relu" else zero
+    sparsity = l1 * (f.float() @ model.decoder_norms().sum(dim=1)).sum() / batch if model.arch == "relu" else zero
     aux = zero
     if model.arch != "relu" and k_aux > 0 and bool(dead.any()):
-        aux_recon = model.decode_normalised(model.aux_latents(out.pre_activations, dead, k_aux), bias=False)
+        aux_recon = decode_aux()
         err = sum((residual[n].detach() - aux_recon[n].float()).pow(2).sum() for n in model.write)
-        scale = sum((residual[n] - residual[n].mean(0)).detach().pow(2).sum() for n in model.write)
+        # The residual's variance over the whole batch, from sums that add up over ranks.
+        sums = comm.sum(torch.cat([torch.cat([r.detach().double().sum(0), r.detach().double().pow(2).sum()[None]])
+                                   for r in residual.values()]))
+        scale, start = 0.0, 0
+        for r in residual.values():
+            d = r.shape[1]
+            scale = scale + sums[start + d] - sums[start:start + d].pow(2).sum() / batch
+            start += d + 1
+        scale = scale.float()
         aux = torch.where(scale > 0, err / scale.clamp_min(1e-30), zero)
-    return LossParts(recon + sparsity + AUX_WEIGHT * aux, recon, sparsity, aux, sq_err, variance, out.latents)
+    return LossParts(recon + sparsity + AUX_WEIGHT * aux, recon, sparsity, aux, sq_err, variance,
+                     l0, fired, min_score, local)
+
+
+class TrainingLoss(torch.nn.Module):
+    """loss_parts as a module, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: Crosscoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, l1, dead, k_aux, x_in=None, batch_rows=None, comm=SINGLE) -> LossParts:
+        return loss_parts(self.model, x, l1, dead, k_aux, x_in, batch_rows, comm)
 
 
 # -- evaluation -----------------------------------------------------------------------------
@@ -446,26 +510,32 @@ class Metrics:
 
     def add(self, parts: LossParts) -> None:
         values = {"loss": parts.loss, "recon": parts.recon, "sparsity": parts.sparsity, "aux": parts.aux,
-                  "l0": (parts.latents != 0).sum() / parts.latents.shape[0],
+                  "l0": parts.l0,
                   **{f"err.{k}": v for k, v in parts.sq_err.items()},
                   **{f"var.{k}": v for k, v in parts.variance.items()}}
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0) + value.detach().float()
         self.steps += 1
-        self.tokens += parts.latents.shape[0]
+        self.tokens += parts.tokens
 
-    def record(self, names: list[str]) -> dict:
-        avg = {k: float(v) for k, v in self.sums.items()}
+    def record(self, names: list[str], comm: Comm = SINGLE) -> dict:
+        """Averages since the last record; data-parallel, over all ranks (every rank must call it)."""
+        keys = sorted(self.sums)
+        totals = comm.sum(torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64) for k in keys] +
+                                      [torch.tensor(float(self.tokens), dtype=torch.float64)]).to(
+                                          self.sums["loss"].device))
+        avg = {k: float(v) for k, v in zip(keys, totals)}
+        tokens = float(totals[-1])
         fvu = {n: avg[f"err.{n}"] / avg[f"var.{n}"] if avg[f"var.{n}"] > 0 else float("nan") for n in names}
         var_total = sum(avg[f"var.{n}"] for n in names)
         record = {k: avg[k] / self.steps for k in ("loss", "recon", "sparsity", "aux", "l0")}
         record.update(fvu=fvu, fvu_total=sum(avg[f"err.{n}"] for n in names) / var_total if var_total else None,
-                      tokens_per_s=self.tokens / max(time.perf_counter() - self.started, 1e-9))
+                      tokens_per_s=tokens / max(time.perf_counter() - self.started, 1e-9))
         self.__init__()
         return record
 
 
-def prepare_outputs(cfg: TrainConfig, stores: StoreSet) -> bool:
+def prepare_outputs(cfg: TrainConfig, stores: StoreSet, main: bool = True) -> bool:
     """Check the output, state and log paths; return True when a finished run makes this a no-op."""
     out, state = Path(cfg.output), state_path(cfg.output)
     if state.exists() and not cfg.resume and not cfg.overwrite:
@@ -476,7 +546,8 @@ def prepare_outputs(cfg: TrainConfig, stores: StoreSet) -> bool:
         meta = read_metadata(out)
         if meta.get("training", {}).get("complete"):
             check_same_run(meta.get("hyperparameters", {}), cfg.hyperparameters(), out)
-            remove(state)  # left over when a run was killed just after its last checkpoint
+            if main:
+                remove(state)  # left over when a run was killed just after its last checkpoint
             return True
         if not state.exists():
             raise BadInput(f"--resume: {str(out)!r} has no training state beside it "
@@ -504,53 +575,93 @@ def open_log(cfg: TrainConfig, step: int):
     return path.open("a")
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS.
+
+    A CPU step allocates and frees tensors of tens of MB; glibc serves those with mmap
+    and unmaps them on free, so every step page-faults all of them in again (about 15k
+    faults a step at the benchmark shapes, 20% of its CPU time). PyTorch's CPU tuning
+    guide suggests jemalloc or tcmalloc for the same reason; this needs neither."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve blocks below 1 GiB from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
+    except (OSError, AttributeError):  # not glibc: leave the allocator alone
+        pass
+
+
 def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Path:
     """Train a crosscoder as `cfg` says and return the checkpoint path.
 
-    on_log receives every metrics record (the same dicts as the --log lines).
+    on_log receives every metrics record (the same dicts as the --log lines). Under
+    torchrun, every rank runs this: data-parallel, with rank 0 writing the files.
     """
     stores = StoreSet(cfg.stores, allow_incomplete=cfg.allow_incomplete)
     cfg = resolve(cfg, stores)
-    if prepare_outputs(cfg, stores):
+    if torch.device(cfg.device).type == "cpu":
+        keep_freed_memory()
+    with process_group(torch.device(cfg.device)) as comm:
+        quiet = console.settings.quiet
+        console.settings.quiet = quiet or not comm.main  # one rank speaks
+        try:
+            return run(cfg, stores, comm, on_log)
+        finally:
+            console.settings.quiet = quiet
+
+
+def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict], None] | None) -> Path:
+    """The training run of one process (one rank of a data-parallel run)."""
+    finished = prepare_outputs(cfg, stores, comm.main)
+    comm.barrier()  # every rank has checked the outputs before rank 0 starts writing
+    if finished:
         console.info(f"{cfg.output} is already trained ({cfg.steps} steps)")
         return Path(cfg.output)
-    device = torch.device(cfg.device)
+    device = local_device(torch.device(cfg.device))
     model = build_model(cfg, stores).to(device)
     opt = make_optimizer(model, cfg.lr)
+    loss_fn = TrainingLoss(model)
+    if comm.world > 1:  # gradients summed over ranks as they are produced
+        loss_fn = torch.nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[device] if device.type == "cuda" else None, **no_buffer_sync())
     state = TrainState(since_fired=torch.zeros(cfg.latents, dtype=torch.int64, device=device))
     last_saved = None
     if cfg.resume and state_path(cfg.output).exists():
         state = load_state(state_path(cfg.output), model, opt, cfg, stores, device)
         last_saved = state.step
         console.info(f"resuming at step {state.step} of {cfg.steps}")
-    elif cfg.overwrite:
+    elif cfg.overwrite and comm.main:
         remove(state_path(cfg.output))
     train_chunks, eval_chunks = split_chunks(stores.n_chunks, cfg.eval_fraction)
     names = [s.name for s in model.sources]
     stream = BatchStream(stores, names, train_chunks, cfg.batch_size, cfg.seed, cfg.shuffle_buffer,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", rank=comm.rank, world=comm.world)
     console.info(f"training a {cfg.arch} crosscoder: {cfg.latents} latents, reads {', '.join(cfg.read)}, "
                  f"writes {', '.join(cfg.write)}; {cfg.steps} steps of {cfg.batch_size} tokens "
-                 f"({stream.rows_per_epoch} training rows per epoch, {len(eval_chunks)} held-out chunks)")
-    log = open_log(cfg, state.step)
+                 f"({stream.rows_per_epoch} training rows per epoch, {len(eval_chunks)} held-out chunks)"
+                 + (f"; {comm.world} data-parallel ranks" if comm.world > 1 else ""))
+    log = open_log(cfg, state.step) if comm.main else None
 
     def emit(record: dict) -> None:
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
-        if on_log:
+        if on_log and comm.main:
             on_log(record)
 
     def checkpoint(complete: bool, with_eval: bool = True) -> None:
+        """Rank 0 evaluates and writes; the other ranks go on and wait for it at the next collective."""
         nonlocal last_saved
+        last_saved = state.step
+        if not comm.main:
+            return
         if with_eval:  # skipped when saving on Ctrl-C, so that stopping is quick
-            state.last_eval = evaluate(model, stores, eval_chunks, cfg.batch_size, device, cfg.dtype)
+            # in float32, as consumers (xcli.load, xc eval) run the model, whatever --dtype trained it
+            state.last_eval = evaluate(model, stores, eval_chunks, cfg.batch_size, device, "float32")
             if state.last_eval:
                 emit({"kind": "eval", "step": state.step, "tokens": state.tokens, **state.last_eval})
         if not complete:
             save_state(state_path(cfg.output), model, opt, cfg, stores, state)
         write_checkpoint(model, cfg, stores, state, complete)
-        last_saved = state.step
 
     metrics = Metrics()
     bar = console.progress(total=cfg.steps, initial=state.step, desc="train", unit="step")
@@ -558,13 +669,13 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Pat
         with stream.prefetched(state.position) as batches, deferred_interrupt() as interrupted:
             while state.step < cfg.steps:
                 batch = next(batches)
-                x = {n: t.to(device, non_blocking=True) for n, t in batch.data.items()}
-                parts = train_step(model, opt, x, state, cfg, last_saved)
+                x = {n: t.to(device, non_blocking=True).float() for n, t in batch.data.items()}
+                parts = train_step(model, opt, x, state, cfg, last_saved, loss_fn, batch.rows, comm, batch.index)
                 state.position = batch.after
                 metrics.add(parts)
                 bar.update(1)
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                    state.last_train = metrics.record(list(model.write))
+                    state.last_train = metrics.record(list(model.write), comm)
                     state.last_train["dead_fraction"] = float((state.since_fired >= cfg.dead_tokens).float().mean())
                     record = {"kind": "train", "step": state.step, "tokens": state.tokens,
                               "epoch": state.tokens / stream.rows_per_epoch, **state.last_train,
@@ -575,15 +686,19 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Pat
                         record["threshold"] = float(model.threshold)
                     emit(record)
                     bar.set_postfix(loss=f"{record['loss']:.4g}", l0=f"{record['l0']:.1f}")
+                stop = comm.any(interrupted.is_set(), device)  # every rank stops at the same step
                 if state.step < cfg.steps and state.step % cfg.checkpoint_every == 0:
                     checkpoint(complete=False)
-                elif state.step < cfg.steps and interrupted.is_set():
+                elif state.step < cfg.steps and stop:
                     checkpoint(complete=False, with_eval=False)
-                if interrupted.is_set() and state.step < cfg.steps:
+                if stop and state.step < cfg.steps:
+                    comm.barrier()  # under torchrun, a rank that exits makes the others stop: save first
                     console.warn(f"interrupted at step {state.step}; continue with --resume")
                     raise KeyboardInterrupt
         checkpoint(complete=True)
-        remove(state_path(cfg.output))
+        if comm.main:
+            remove(state_path(cfg.output))
+        comm.barrier()
     finally:
         bar.close()
         if log:
@@ -591,30 +706,49 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Pat
     return Path(cfg.output)
 
 
+def no_buffer_sync() -> dict:
+    """DDP need not copy the buffers (scales, threshold) every step: every rank updates them alike."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
 def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, cfg: TrainConfig,
-               last_saved: int | None) -> LossParts:
-    """One optimiser step on one batch; updates the step count, dead-latent counters and threshold."""
+               last_saved: int | None, loss_fn: Callable[..., LossParts] | None = None,
+               batch_rows: int | None = None, comm: Comm = SINGLE, index=None) -> LossParts:
+    """One optimiser step on one batch; updates the step count, dead-latent counters and threshold.
+
+    Data-parallel, x is this rank's share of a batch of `batch_rows` rows (at places `index`
+    of the whole batch) and `loss_fn` the DDP-wrapped TrainingLoss; the ranks agree on which
+    latents fired and on stopping."""
+    loss_fn = loss_fn or TrainingLoss(model)
     for group in opt.param_groups:
         group["lr"] = lr_at(state.step, cfg)
     dead = state.since_fired >= cfg.dead_tokens
     x_in = None
     if cfg.mask_prob:  # stochastic layer masking (xcli/fmx.py): the encoder reads x_in, the loss targets x
-        keep = fmx.layer_keep(x[model.read[0]].shape[0], len(model.read), cfg.mask_prob, cfg.seed, state.step)
+        rows = batch_rows or x[model.read[0]].shape[0]
+        keep = fmx.layer_keep(rows, len(model.read), cfg.mask_prob, cfg.seed, state.step)
+        if index is not None:  # data-parallel: this rank's rows of the whole batch's mask
+            keep = keep[torch.as_tensor(index)]
         x_in = fmx.mask_layers(x, model.read, keep)
-    with autocast(x[model.write[0]].device, cfg.dtype):
-        parts = loss_parts(model, x, l1_at(state.step, cfg), dead, cfg.k_aux, x_in)
+    with autocast(next(model.parameters()).device, cfg.dtype):
+        parts = loss_fn(x, l1_at(state.step, cfg), dead, cfg.k_aux, x_in, batch_rows, comm)
     opt.zero_grad(set_to_none=True)
-    parts.loss.backward()
+    (parts.loss * comm.world).backward()  # DDP averages over ranks; the parts already add up to the batch loss
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
-    if not bool(torch.isfinite(parts.loss) & torch.isfinite(grad_norm)):  # before Adam: weights stay good
+    finite, fired = torch.isfinite(parts.loss) & torch.isfinite(grad_norm), parts.fired
+    if comm.world > 1:
+        agreed = comm.sum(torch.cat([fired.float(), (~finite).float()[None]]))
+        fired, finite = agreed[:-1] > 0, agreed[-1] == 0
+    if not bool(finite):  # before Adam: weights stay good
         stop_on_nonfinite(parts.loss, grad_norm, state, cfg, last_saved)
     opt.step()
     with torch.no_grad():
-        rows = parts.latents.shape[0]
-        state.since_fired = torch.where((parts.latents != 0).any(0), 0, state.since_fired + rows)
+        rows = batch_rows or parts.tokens
+        state.since_fired = torch.where(fired, 0, state.since_fired + rows)
         if cfg.activation == "batchtopk" and state.step >= cfg.warmup:
             state.threshold_updates += 1
-            model.update_threshold(model.batch_threshold(parts.latents), threshold_decay(state.threshold_updates))
+            model.update_threshold(parts.min_score, threshold_decay(state.threshold_updates))
     state.step += 1
     state.tokens += rows
     return parts

@@ -1,0 +1,94 @@
+"""Data-parallel runs over torch.distributed, as torchrun launches them.
+
+    torchrun --nproc-per-node 8 -m xcli train acts.zarr -o xc.safetensors ...
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; `process_group`
+joins the group (NCCL for CUDA, gloo for CPU) and yields a `Comm`. Outside torchrun the
+same code runs with `Comm()`, whose collectives are the identity, so the training
+loop has one path for one process and for many.
+"""
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class Comm:
+    """The collectives a data-parallel training step needs; identities in a single process."""
+
+    def __init__(self):
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that logs, evaluates and writes files."""
+        return self.rank == 0
+
+    def sum(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def min(self, t: Tensor) -> Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+        if self.world == 1:
+            return bool(flag)
+        return bool(self.sum(torch.tensor([float(flag)], device=device)) > 0)
+
+    def cat(self, t: Tensor) -> Tensor:
+        """The 1-D tensors of all ranks (of any lengths), concatenated in rank order."""
+        if self.world == 1:
+            return t
+        sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([t.numel()], device=t.device))
+        longest = int(max(sizes))
+        padded = torch.cat([t, t.new_zeros(longest - t.numel())])
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:int(n)] for p, n in zip(parts, sizes)])
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+SINGLE = Comm.__new__(Comm)
+SINGLE.active, SINGLE.rank, SINGLE.world = False, 0, 1
+
+
+def launched() -> bool:
+    """Whether this process is one of several that torchrun (or SLURM via torchrun) started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def process_group(device: torch.device):
+    """Join torchrun's process group for the length of a run (a Comm of one process otherwise)."""
+    if not launched():
+        yield SINGLE
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(local_device(device))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Comm()
+    finally:
+        dist.destroy_process_group()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK for CUDA runs under torchrun, unless a GPU was named."""
+    if device.type == "cuda" and device.index is None and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
