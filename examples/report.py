@@ -149,7 +149,8 @@ def print_report(f: dict, n_latents: int) -> None:
     for x in f["exclusive_tuned"]:
         print_latent(x, trigger)
     if not f["exclusive_tuned"]:
-        print("  none")
+        print("  none: a crosscoder may write a fine-tune's change into a latent both models share;"
+              " the latents that changed most show it")
     print(f"\nThe {CHANGED_SHOWN} latents whose decoders differ most between the models "
           "(change = |d_tuned - d_base| / (|d_base| + |d_tuned|)):")
     for x in f["most_changed"]:
