@@ -158,8 +158,9 @@ def main():
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device, TFLOP/s")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
-    if args.quick:
-        args.d, args.latents, args.k, args.batches, args.steps, args.repeats = 64, "512,1024", 8, "256,512", 2, 2
+    if args.quick:  # new defaults; options given still win
+        parser.set_defaults(d=64, latents="512,1024", k=8, batches="256,512", steps=2, repeats=2)
+        args = parser.parse_args()
     device = torch.device(args.device)
     variants = args.variants.split(",")
     if device.type != "cuda" and "triton" in variants:
