@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -144,7 +145,8 @@ def profile_split(step, opt, device, steps=3):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (2 x 64, F 512/1024, k 8), to check the script")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes (2 x 64, F 512/1024, k 8): checks the script")
     parser.add_argument("--sources", type=int, default=2)
     parser.add_argument("--d", type=int, default=2304)
     parser.add_argument("--latents", default="16384,32768,65536")
@@ -183,7 +185,7 @@ def main():
         for batch in map(int, args.batches.split(",")):
             model, opt, cfg, state = make(args, n_latents, batch, device)
             x = {f"s{i}": torch.randn(batch, args.d, device=device) for i in range(args.sources)}
-            step = lambda: tr.train_step(model, opt, x, state, cfg, None)  # noqa: E731
+            step = partial(tr.train_step, model, opt, x, state, cfg, None)
             times = {v: [] for v in variants}
             for v in variants:  # warm-up: compilation, allocator, cuBLAS heuristics
                 with triton(v == "triton"):
@@ -208,7 +210,7 @@ def main():
                 with triton(variants[0] == "triton"):
                     parts = profile_split(step, opt, device)
                 split.append((n_latents, batch, variants[0], parts))
-            del model, opt, x, state
+            del model, opt, x, state, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print("\n| F | batch | kernels | ms/step | tokens/s | TFLOP/s counted | % of bf16 peak | GEMM alone TFLOP/s |")
@@ -226,9 +228,9 @@ def main():
             print(f"| {f} | {b} | {v} | {total * 1e3:.2f} | " + " | ".join(f"{s:.1f}" for s in shares)
                   + f" | {100 - sum(shares):.1f} |")
         if device.type == "cuda":
-            print("(kernel time attributed to the steps: "
-                  + ", ".join(f"{100 * parts['step'] / parts['kernels']:.0f}%" for *_, parts in split if parts["kernels"])
-                  + "; below 100%, some kernels ran outside a labelled range)")
+            shares = [f"{100 * p['step'] / p['kernels']:.0f}%" for *_, p in split if p["kernels"]]
+            print(f"(kernel time attributed to the steps: {', '.join(shares)}; "
+                  "below 100%, some kernels ran outside a labelled range)")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def test_embedding_bag_matches_pytorch_and_the_dense_product(kernels, dtype, d):
     torch.testing.assert_close(out.double(), exact, **TOLERANCE[dtype])
     pytorch = F.embedding_bag(index, table.float(), offsets, mode="sum", per_sample_weights=weights)
     torch.testing.assert_close(out.float(), pytorch, **TOLERANCE[dtype])
+    nothing = kernels.embedding_bag(index[:0].to(DEVICE), table.to(DEVICE), torch.zeros_like(offsets).to(DEVICE),
+                                    weights[:0].to(DEVICE))
+    assert nothing.shape == (11, d) and nothing.abs().max() == 0  # no items at all
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
