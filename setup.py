@@ -30,7 +30,10 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.7"],
         "data": ["datasets>=2.18"],
-        "test": ["pytest>=7", "tokenizers>=0.15"],
+        # triton: tests/test_kernels.py runs the CUDA kernels under Triton's interpreter on CPU (wheels
+        # for Linux only; CUDA builds of torch already pin their own triton, which satisfies this).
+        "test": ["pytest>=7", "tokenizers>=0.15",
+                 'triton; platform_system == "Linux" and platform_machine == "x86_64"'],
     },
     entry_points={"console_scripts": ["xc=xcli.cli:main"]},
     classifiers=[

@@ -11,6 +11,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import tiny_models  # noqa: E402
+import torch  # noqa: E402
+
+# Without a GPU, the Triton kernels (tests/test_kernels.py) run under Triton's interpreter, which
+# must be on before triton is imported and while kernels are decorated and launched.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,16 @@ N selected (token b, latent i) pairs, with v_n = f at pair n and g_s = dL/dx̂_s
     dW_enc^s[:, i]  = Σ_{n: i_n = i} dpre_n · x_s[b_n]                    embedding bag over latents
 
 so a training step costs one dense B×D×F matmul plus O(N·D), instead of five
-dense matmuls (Gao et al. 2024, appendix D.2; EleutherAI/sparsify). This is the
-PyTorch implementation, for CPU and CUDA; tests check it against the dense
-computation in `Crosscoder.forward`.
+dense matmuls (Gao et al. 2024, appendix D.2; EleutherAI/sparsify). The O(N·D)
+products go through `embedding_bag` and `sampled_dot`: Triton kernels
+(xcli/kernels.py) for CUDA tensors when triton imports and XC_DISABLE_TRITON=1 is
+not set, PyTorch otherwise (the CPU path and the reference). Tests check both
+against the dense computation in `Crosscoder.forward`.
 """
 
+import os
 import warnings
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,26 @@ ENCODER_GRAD = "sparse"
 """How dW_enc is formed: "sparse" (embedding bag over latents, O(N·D)) or "dense"
 (x^T @ scattered dpre, one more B×D×F matmul, in bf16 when the forward was). Sparse
 was faster on every CPU measured (benchmarks/train_speed.py --encoder-grad)."""
+
+
+@cache
+def _kernels():
+    try:
+        from xcli import kernels
+    except ImportError:  # no triton (CPU builds of torch)
+        return None
+    return kernels
+
+
+def use_triton(t: Tensor) -> bool:
+    return t.is_cuda and os.environ.get("XC_DISABLE_TRITON") != "1" and _kernels() is not None
+
+
+def embedding_bag(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """(len(offsets), d): row j = Σ over items m of bag j of weights_m · table[index_m]."""
+    if use_triton(table):
+        return _kernels().embedding_bag(index, table, offsets, weights)
+    return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights.to(table.dtype))
 
 
 class Pairs:
@@ -90,11 +113,17 @@ class Pairs:
     def bag_by_latent(self, table: Tensor, weights: Tensor) -> Tensor:
         """(F, d): row i = Σ_{n: i_n = i} weights_n · table[b_n]."""
         order, rows, offsets = self.by_latent
-        return F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights[order].to(table.dtype))
+        return embedding_bag(rows, table, offsets, weights[order])
 
     def gather(self, matrix: Tensor) -> Tensor:
         """(N,) entries of a (B, F) matrix at the pairs."""
         return matrix[self.rows, self.cols]
+
+    def sampled_dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """(N,) float32 (a @ b.T) at the pairs, for a (B, d) and b (F, d), without forming a @ b.T."""
+        if use_triton(a):
+            return _kernels().sampled_dot(self.rows, self.cols, a, b)
+        return torch.sparse.sampled_addmm(self.pattern.to(b.dtype), a, b.T, beta=0.0).values().float()
 
 
 # -- selection --------------------------------------------------------------------------
@@ -216,8 +245,7 @@ class _Decode(torch.autograd.Function):
     def forward(ctx, pairs: Pairs, values: Tensor, *weights: Tensor) -> tuple[Tensor, ...]:
         ctx.pairs = pairs
         ctx.save_for_backward(values, *weights)
-        return tuple(F.embedding_bag(pairs.cols, w, pairs.row_offsets, mode="sum",
-                                     per_sample_weights=values.to(w.dtype)) for w in weights)
+        return tuple(embedding_bag(pairs.cols, w, pairs.row_offsets, values) for w in weights)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -232,7 +260,7 @@ class _Decode(torch.autograd.Function):
                 continue
             g = g.to(w.dtype).contiguous()
             if dvalues is not None:  # dv_n = ⟨g[b_n], W[i_n]⟩, only at the pairs
-                dvalues += torch.sparse.sampled_addmm(pairs.pattern.to(w.dtype), g, w.T, beta=0.0).values()
+                dvalues += pairs.sampled_dot(g, w)
             dweights.append(pairs.bag_by_latent(g, values) if needed else None)
         return None, dvalues, *dweights
 
