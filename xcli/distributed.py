@@ -62,6 +62,22 @@ class Comm:
         if self.world > 1:
             dist.barrier()
 
+    def sum_gradient(self, t: Tensor) -> Tensor:
+        """t itself, but its gradient is summed over the ranks (model parallel: each rank
+        holds a part of the loss that depends on t; xcli/split.py)."""
+        return _SumGradient.apply(t, self) if self.world > 1 else t
+
+
+class _SumGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, comm: Comm) -> Tensor:
+        ctx.comm = comm
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.comm.sum(grad.contiguous()), None
+
 
 SINGLE = Comm.__new__(Comm)
 SINGLE.active, SINGLE.rank, SINGLE.world = False, 0, 1
