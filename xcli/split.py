@@ -43,8 +43,8 @@ def assign(widths: dict[str, int], read, write, world: int) -> list[list[str]]:
     parameter count (d_s once for the encoder if read, once for the decoder if written)."""
     names = list(widths)
     if world > len(names):
-        raise BadInput(f"--split-sources: {world} ranks but {len(names)} sources ({', '.join(names)}); "
-                       f"run at most {len(names)} ranks")
+        raise BadInput(f"--split-sources gives each of the {world} ranks at least one source, and there are "
+                       f"{len(names)} ({', '.join(names)}); use --nproc-per-node {len(names)} or fewer")
     cost = [widths[n] * ((n in read) + (n in write)) for n in names]
     prefix = [0]
     for c in cost:
@@ -89,28 +89,29 @@ def parameter_names(model: Crosscoder) -> list[str]:
 class SourceSplit:
     """This rank's share of a crosscoder split over sources, and the transfers to and from rank 0.
 
-    Tensors are named as in the checkpoint (`tensors`); sources, read and write describe the
-    whole crosscoder, and every rank walks its tensors in the same order."""
+    Tensors are named as in the checkpoint (`tensors`); the arguments after `device` describe
+    the whole crosscoder, and every rank walks its tensors in the same order."""
 
-    def __init__(self, comm: Comm, groups: list[list[str]], device: torch.device, sources, read, write):
+    def __init__(self, comm: Comm, groups: list[list[str]], device: torch.device, sources, n_latents: int,
+                 arch: str, k: int, read, write):
         self.comm, self.groups, self.device = comm, groups, device
-        self.sources, self.read, self.write = list(sources), list(read), list(write)
+        self.sources, self.n_latents, self.arch, self.k = list(sources), n_latents, arch, k
+        self.read, self.write = list(read), list(write)
         self.owner = {name: r for r, group in enumerate(groups) for name in group}
-        self.keys = (["encoder_bias", "threshold"] + [f"encoder.{n}" for n in read] + [f"decoder.{n}" for n in write]
-                     + [f"decoder_bias.{n}" for n in write] + [f"input_scale.{s.name}" for s in sources])
-        # a whole Crosscoder's parameters in the order of .parameters(): W_enc, W_dec, b_enc, b_dec
-        self.parameter_keys = ([f"encoder.{n}" for n in read] + [f"decoder.{n}" for n in write] + ["encoder_bias"]
-                               + [f"decoder_bias.{n}" for n in write])
+        with torch.device("meta"):  # the whole crosscoder's layout, without its memory
+            whole = Crosscoder(self.sources, n_latents, arch, k, self.read, self.write)
+        self.keys = list(tensors(whole))
+        self.parameter_keys = parameter_names(whole)  # the order of one Adam over the whole crosscoder
 
     @property
     def names(self) -> list[str]:
         """The sources this rank owns."""
         return self.groups[self.comm.rank]
 
-    def local_model(self, host: Crosscoder | None, n_latents: int, arch: str, k: int) -> Crosscoder:
+    def local_model(self, host: Crosscoder | None) -> Crosscoder:
         """This rank's crosscoder (its sources only) on the device, with the values of rank 0's host copy."""
         mine = self.names
-        model = Crosscoder([s for s in self.sources if s.name in mine], n_latents, arch, k,
+        model = Crosscoder([s for s in self.sources if s.name in mine], self.n_latents, self.arch, self.k,
                            [n for n in self.read if n in mine], [n for n in self.write if n in mine])
         model = model.to(self.device)
         model.split = self.comm

@@ -648,9 +648,9 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
     device = local_device(torch.device(cfg.device))
     sources, host, shard = [s for s in stores.sources if s.name in cfg.sources], None, None
     if groups:  # model parallel: this rank's sources only; rank 0 keeps the whole crosscoder on the CPU
-        shard = split.SourceSplit(comm, groups, device, sources, cfg.read, cfg.write)
+        shard = split.SourceSplit(comm, groups, device, sources, cfg.latents, cfg.arch, cfg.k, cfg.read, cfg.write)
         host = build_model(cfg, stores) if comm.main else None
-        model = shard.local_model(host, cfg.latents, cfg.arch, cfg.k)
+        model = shard.local_model(host)
     else:
         model = build_model(cfg, stores).to(device)
     dp = SINGLE if shard else comm  # the data-parallel ranks
