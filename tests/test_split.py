@@ -5,6 +5,7 @@ resume exactly after kill -9."""
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,8 +103,8 @@ ARGS = dict(latents=24, k=3, batch_size=64, steps=60, checkpoint_every=20, log_e
             dead_tokens=128, shuffle_buffer=256, device="cpu", dtype="float32")
 
 
-def torchrun(store, out, arch, *extra):
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in ARGS.items()]
+def torchrun(store, out, arch, *extra, **overrides):
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in {**ARGS, **overrides}.items()]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "xcli", "train", str(store), "-o", str(out), "--arch", arch, *options, "--split-sources", *extra]
 
@@ -162,6 +163,14 @@ def test_batchtopk_split_over_two_processes_matches_one_process_and_resumes_exac
         os.kill(pid, signal.SIGKILL)
     proc.communicate()
     assert 0 < saved_step(killed) < 60
+    # The state is the usual one: one process resumes it too (up to float rounding).
+    alone = tmp_path / "alone.safetensors"
+    shutil.copy(tr.state_path(killed), tr.state_path(alone))
+    if killed.exists():  # (a kill between writing the state and the checkpoint leaves only the state)
+        shutil.copy(killed, alone)
+    tr.train(tr.TrainConfig(stores=(str(three_sources),), output=str(alone), arch="batchtopk", resume=True, **ARGS))
+    for key, value in load_file(alone).items():
+        torch.testing.assert_close(value, got[key], rtol=1e-5, atol=1e-6, msg=key)
     proc = subprocess.run(torchrun(three_sources, killed, "batchtopk", "--resume"), env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -171,10 +180,12 @@ def test_batchtopk_split_over_two_processes_matches_one_process_and_resumes_exac
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun on CPU")
 def test_topk_split_over_two_processes_matches_one_process(tmp_path, three_sources):
+    short = dict(steps=30, checkpoint_every=30, log_every=10)
     reference = tr.train(tr.TrainConfig(stores=(str(three_sources),), output=str(tmp_path / "one.safetensors"),
-                                        arch="topk", **ARGS))
+                                        arch="topk", **{**ARGS, **short}))
     two = tmp_path / "two.safetensors"
-    proc = subprocess.run(torchrun(three_sources, two, "topk"), env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(torchrun(three_sources, two, "topk", **short), env=ENV, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     expected = load_file(reference)
     for key, value in load_file(two).items():

@@ -205,7 +205,7 @@ class Crosscoder(nn.Module):
             mm = sparse.encoder_matmul(xs, enc, dtype)  # (B, F)
             norms = torch.stack([w.norm(dim=1) for w in dec], dim=1).sum(dim=1)
             if self.split.world > 1:  # sums over this rank's sources -> over all sources
-                mm, norms = self.split.sum(mm), self.split.sum(norms)
+                mm, norms = self.split.sum_(mm), self.split.sum_(norms)
             # pre * norms in one pass over (B, F), in the matmul's dtype; <= 0 where ReLU gives 0
             score = torch.addcmul((self.b_enc * norms).to(mm.dtype), mm, norms.to(mm.dtype))
             if self.arch == "topk":

@@ -5,7 +5,8 @@
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; `process_group`
 joins the group (NCCL for CUDA, gloo for CPU) and yields a `Comm`. Outside torchrun the
 same code runs with `Comm()`, whose collectives are the identity, so the training
-loop has one path for one process and for many.
+loop has one path for one process and for many. `xc train --split-sources` uses the
+same Comm to split one crosscoder's sources over the ranks instead (xcli/split.py).
 """
 
 import os
@@ -32,6 +33,12 @@ class Comm:
     def sum(self, t: Tensor) -> Tensor:
         if self.world > 1:
             t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def sum_(self, t: Tensor) -> Tensor:
+        """sum, in place (no copy of a large tensor)."""
+        if self.world > 1:
             dist.all_reduce(t)
         return t
 

@@ -713,9 +713,10 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
             state.last_eval = evaluate(model, stores, eval_chunks, cfg.batch_size, device, "float32")
         if with_eval and state.last_eval:
             emit({"kind": "eval", "step": state.step, "tokens": state.tokens, **state.last_eval})
+        whole = host if shard else model
         if not complete:
-            save_state(state_path(cfg.output), host or model, optimizer_state or opt.state_dict(), cfg, stores, state)
-        write_checkpoint(host or model, cfg, stores, state, complete)
+            save_state(state_path(cfg.output), whole, optimizer_state if shard else opt.state_dict(), cfg, stores, state)
+        write_checkpoint(whole, cfg, stores, state, complete)
 
     metrics = Metrics()
     bar = console.progress(total=cfg.steps, initial=state.step, desc="train", unit="step")
