@@ -64,9 +64,11 @@ def assign(widths: dict[str, int], read, write, world: int) -> list[list[str]]:
         groups.insert(0, names[cut[g][j]:j])
         j = cut[g][j]
     for r, group in enumerate(groups):
-        if not any(n in read for n in group) or not any(n in write for n in group):
-            raise BadInput(f"--split-sources: rank {r} would own {', '.join(group)}, which the encoder does not "
-                           f"read or the decoder does not write; every rank needs both: use fewer ranks")
+        for side, names_on_side in (("the encoder reads", read), ("the decoder writes", write)):
+            if not any(n in names_on_side for n in group):
+                raise BadInput(f"--split-sources: rank {r} would own {', '.join(group)}, none of which {side}; "
+                               f"every rank needs a source the encoder reads and one the decoder writes: "
+                               f"use fewer ranks")
     return groups
 
 
