@@ -479,7 +479,8 @@ def source_list(ctx, param, value):
   xc train layers.zarr -o fmx.safetensors --arch fmx --k 64 --ranks 32
   xc harvest ... | xc train - -o xc.safetensors
   xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9
-  torchrun --nproc-per-node 8 -m xcli train acts.zarr -o xc.safetensors --batch-size 32K""")
+  torchrun --nproc-per-node 8 -m xcli train acts.zarr -o xc.safetensors --batch-size 32K
+  torchrun --nproc-per-node 8 -m xcli train layers.zarr -o xc.safetensors --split-sources""")
 @click.argument("stores", nargs=-1, required=True, metavar="STORE...")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="The checkpoint to write (.safetensors; format in xc-checkpoint(5)).")
@@ -551,6 +552,14 @@ def source_list(ctx, param, value):
                    "weights as an uninterrupted run. Does nothing if the checkpoint is complete.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint, log and training state.")
 @click.option("--allow-incomplete", is_flag=True, help="Train on a store whose harvest has not finished.")
+@click.option("--split-sources", is_flag=True,
+              help="Under torchrun: split the sources over the ranks instead of training data-parallel, for a "
+                   "crosscoder too big for one GPU (many layers). Each rank holds the encoder, decoder and Adam "
+                   "state of a contiguous group of sources (balanced by width), reads only their columns of the "
+                   "store and trains on every batch; the ranks exchange the B x F encoder sums and the latent "
+                   "gradients. topk and batchtopk only; at most as many ranks as sources. The checkpoint and "
+                   "training state are the usual ones (rank 0 needs host memory for the whole crosscoder). "
+                   "No effect in one process.")
 @common_options
 def train_command(stores, **options):
     """Train a sparse crosscoder on activation stores.
@@ -576,7 +585,8 @@ def train_command(stores, **options):
     store's chunks, BatchTopK selects over the whole batch, and rank 0 writes the
     checkpoint, state and log. The weights match a one-process run with the
     same options up to float rounding, and --resume works with any number of
-    ranks.
+    ranks. With --split-sources the ranks share the sources of one crosscoder
+    instead (model parallel), with the same result.
     """
     from xcli.files import read_path_argument
     from xcli.train import TrainConfig, train

@@ -72,6 +72,8 @@ class Crosscoder(nn.Module):
     """Train TopK/BatchTopK on the sparse path (xcli.sparse); False: the dense reference."""
     factorized = False
     """True in subclasses that compute W_enc / W_dec from factors (xcli/fmx.py) instead of holding them."""
+    split: Comm = SINGLE
+    """Model parallel (xcli/split.py): the ranks that hold the other sources; this model holds some of them."""
 
     def __init__(self, sources: list[Source], n_latents: int, arch: str = "batchtopk", k: int | None = None,
                  read: list[str] | None = None, write: list[str] | None = None):
@@ -190,7 +192,8 @@ class Crosscoder(nn.Module):
 
         Under autocast (bf16) the encoder matmul runs in bf16; the rest stays in float32.
         Data-parallel: x is this rank's share of a batch of `batch_rows` rows, and BatchTopK
-        selects over the whole batch through `comm`."""
+        selects over the whole batch through `comm`. Split over sources (`self.split`): x holds
+        this rank's sources of the whole batch, and every rank makes the same selection."""
         if self.arch == "relu":
             raise ValueError("forward_sparse is for topk and batchtopk; relu latents are dense")
         device = self.b_enc.device
@@ -201,6 +204,8 @@ class Crosscoder(nn.Module):
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             mm = sparse.encoder_matmul(xs, enc, dtype)  # (B, F)
             norms = torch.stack([w.norm(dim=1) for w in dec], dim=1).sum(dim=1)
+            if self.split.world > 1:  # sums over this rank's sources -> over all sources
+                mm, norms = self.split.sum_(mm), self.split.sum_(norms)
             # pre * norms in one pass over (B, F), in the matmul's dtype; <= 0 where ReLU gives 0
             score = torch.addcmul((self.b_enc * norms).to(mm.dtype), mm, norms.to(mm.dtype))
             if self.arch == "topk":
@@ -212,6 +217,7 @@ class Crosscoder(nn.Module):
             del score
             pre_at = pairs.gather(mm).float() + self.b_enc[pairs.cols]
         values = sparse.encoder_values(pairs, pre_at, xs, self.b_enc, enc, dtype)
+        values = self.split.sum_gradient(values)  # dv_n = Σ over all sources' decoders
         decoded = sparse.decode(pairs, values, dec)
         recon = {name: y + b for name, y, b in zip(self.write, decoded, self.b_dec)}
         return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec)
@@ -226,6 +232,7 @@ class Crosscoder(nn.Module):
                                          self.n_latents)
             pre_at = pairs.gather(out.encoder_out).float() + self.b_enc[pairs.cols]
         values = sparse.encoder_values(pairs, pre_at, out.inputs, self.b_enc, out.encoder, out.compute_dtype)
+        values = self.split.sum_gradient(values)
         return dict(zip(self.write, sparse.decode(pairs, values, out.decoder)))
 
     def normalise(self, x: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -5,7 +5,8 @@
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; `process_group`
 joins the group (NCCL for CUDA, gloo for CPU) and yields a `Comm`. Outside torchrun the
 same code runs with `Comm()`, whose collectives are the identity, so the training
-loop has one path for one process and for many.
+loop has one path for one process and for many. `xc train --split-sources` uses the
+same Comm to split one crosscoder's sources over the ranks instead (xcli/split.py).
 """
 
 import os
@@ -35,6 +36,12 @@ class Comm:
             dist.all_reduce(t)
         return t
 
+    def sum_(self, t: Tensor) -> Tensor:
+        """sum, in place (no copy of a large tensor)."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
     def min(self, t: Tensor) -> Tensor:
         if self.world > 1:
             t = t.clone()
@@ -61,6 +68,22 @@ class Comm:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def sum_gradient(self, t: Tensor) -> Tensor:
+        """t itself, but its gradient is summed over the ranks (model parallel: each rank
+        holds a part of the loss that depends on t; xcli/split.py)."""
+        return _SumGradient.apply(t, self) if self.world > 1 else t
+
+
+class _SumGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, comm: Comm) -> Tensor:
+        ctx.comm = comm
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.comm.sum(grad.contiguous()), None
 
 
 SINGLE = Comm.__new__(Comm)

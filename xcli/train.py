@@ -24,6 +24,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -35,9 +36,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from xcli import console, fmx
+from xcli import console, fmx, split
 from xcli.crosscoder import ARCHS, Crosscoder, read_metadata, save
-from xcli.distributed import SINGLE, Comm, local_device, process_group
+from xcli.distributed import SINGLE, Comm, launched, local_device, process_group
 from xcli.errors import BadInput, XcError
 from xcli.evaluate import reconstruction
 from xcli.files import atomic_path, check_output, remove
@@ -52,7 +53,7 @@ STATE_VERSION = 1
 TRAIN_ARCHS = ARCHS + fmx.FMX_ARCHS
 # Fields that do not change the weights: a resumed run may differ in these.
 RUN_CONTROL = ("stores", "output", "device", "log", "log_every", "checkpoint_every", "resume", "overwrite",
-               "allow_incomplete")
+               "allow_incomplete", "split_sources")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ class TrainConfig:
     mask_prob: float | None = None
     """Stochastic layer masking: probability of zeroing each (token, read source) encoder input in
     training; default 0.05 for fmx archs, 0 otherwise."""
+    split_sources: bool = False
+    """Under torchrun: model parallel over sources (xcli/split.py) instead of data parallel."""
 
     @property
     def activation(self) -> str:
@@ -162,6 +165,10 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise BadInput("--resume continues a run and --overwrite starts over; give one of them")
         fmx.check_options(self.arch, self.factorization, self.ranks, self.mask_prob)
+        if self.split_sources and self.arch not in split.SPLIT_ARCHS:
+            raise BadInput(f"--split-sources trains --arch {' or '.join(split.SPLIT_ARCHS)}, not {self.arch}")
+        if self.split_sources and self.mask_prob:
+            raise BadInput("--mask-prob does not combine with --split-sources")
         resolve_device(self.device)
 
     def hyperparameters(self) -> dict:
@@ -337,7 +344,7 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
             d = r.shape[1]
             scale = scale + sums[start + d] - sums[start:start + d].pow(2).sum() / batch
             start += d + 1
-        scale = scale.float()
+        scale = model.split.sum(scale).float()  # split over sources: the other ranks' sources too
         aux = torch.where(scale > 0, err / scale.clamp_min(1e-30), zero)
     return LossParts(recon + sparsity + AUX_WEIGHT * aux, recon, sparsity, aux, sq_err, variance,
                      l0, fired, min_score, local)
@@ -395,13 +402,14 @@ def run_identity(cfg: TrainConfig, stores: StoreSet) -> dict:
     return {**cfg.hyperparameters(), "store_rows": stores.n_tokens, "store_tokens_sha256": stores.tokens_sha256}
 
 
-def save_state(path: Path, model: Crosscoder, opt, cfg: TrainConfig, stores: StoreSet, state: TrainState) -> None:
+def save_state(path: Path, model: Crosscoder, optimizer_state: dict, cfg: TrainConfig, stores: StoreSet,
+               state: TrainState) -> None:
     payload = {
         "version": STATE_VERSION, "identity": json.dumps(run_identity(cfg, stores)),
         "step": state.step, "tokens": state.tokens, "epoch": state.position.epoch, "row": state.position.row,
         "threshold_updates": state.threshold_updates, "since_fired": state.since_fired.cpu(),
         "last_eval": json.dumps(state.last_eval), "last_train": json.dumps(state.last_train),
-        "model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+        "model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": optimizer_state,
         "torch_rng": torch.get_rng_state(),
     }
     with atomic_path(path, overwrite=True) as tmp:
@@ -410,8 +418,16 @@ def save_state(path: Path, model: Crosscoder, opt, cfg: TrainConfig, stores: Sto
 
 def load_state(path: Path, model: Crosscoder, opt, cfg: TrainConfig, stores: StoreSet,
                device: torch.device) -> TrainState:
+    payload = read_state(path, cfg, stores)
+    model.load_state_dict(payload["model"])
+    opt.load_state_dict(payload["optimizer"])
+    return train_state(payload, device)
+
+
+def read_state(path: Path, cfg: TrainConfig, stores: StoreSet, mmap: bool = False) -> dict:
+    """The training state file's contents, checked against this run (mmap: read tensors lazily)."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise BadInput(f"training state {str(path)!r} cannot be read ({type(e).__name__}); "
                        f"pass --overwrite to start over") from e
@@ -419,8 +435,10 @@ def load_state(path: Path, model: Crosscoder, opt, cfg: TrainConfig, stores: Sto
         raise BadInput(f"training state {str(path)!r} has version {payload.get('version')!r}; "
                        f"this xc resumes version {STATE_VERSION}; pass --overwrite to start over")
     check_same_run(json.loads(payload["identity"]), run_identity(cfg, stores), path)
-    model.load_state_dict(payload["model"])
-    opt.load_state_dict(payload["optimizer"])
+    return payload
+
+
+def train_state(payload: dict, device: torch.device) -> TrainState:
     torch.set_rng_state(payload["torch_rng"])
     return TrainState(payload["step"], payload["tokens"], Position(payload["epoch"], payload["row"]),
                       payload["threshold_updates"], payload["since_fired"].to(device),
@@ -518,12 +536,16 @@ class Metrics:
         self.steps += 1
         self.tokens += parts.tokens
 
-    def record(self, names: list[str], comm: Comm = SINGLE) -> dict:
-        """Averages since the last record; data-parallel, over all ranks (every rank must call it)."""
-        keys = sorted(self.sums)
-        totals = comm.sum(torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64) for k in keys] +
-                                      [torch.tensor(float(self.tokens), dtype=torch.float64)]).to(
-                                          self.sums["loss"].device))
+    def record(self, names: list[str], comm: Comm = SINGLE, same_rows: bool = False) -> dict:
+        """Averages since the last record, over all ranks (every rank must call it). Data-parallel,
+        the ranks hold different rows; split over sources (`same_rows`), the same rows (L0 and the
+        tokens are counted once) and the parts of the loss and errors of different sources."""
+        keys = ["loss", "recon", "sparsity", "aux", "l0", *(f"{kind}.{n}" for kind in ("err", "var") for n in names)]
+        once = same_rows and not comm.main
+        values = [0.0 if k not in self.sums or (once and k == "l0") else self.sums[k] for k in keys]
+        values.append(0.0 if once else float(self.tokens))
+        device = self.sums["loss"].device
+        totals = comm.sum(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]))
         avg = {k: float(v) for k, v in zip(keys, totals)}
         tokens = float(totals[-1])
         fvu = {n: avg[f"err.{n}"] / avg[f"var.{n}"] if avg[f"var.{n}"] > 0 else float("nan") for n in names}
@@ -594,51 +616,76 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Pat
     """Train a crosscoder as `cfg` says and return the checkpoint path.
 
     on_log receives every metrics record (the same dicts as the --log lines). Under
-    torchrun, every rank runs this: data-parallel, with rank 0 writing the files.
+    torchrun, every rank runs this: data-parallel, or split over sources (xcli/split.py),
+    with rank 0 writing the files.
     """
     stores = StoreSet(cfg.stores, allow_incomplete=cfg.allow_incomplete)
     cfg = resolve(cfg, stores)
+    groups = None
+    if cfg.split_sources and launched():  # checked before the ranks meet: a bad split stops every rank alike
+        widths = {s.name: s.d for s in stores.sources if s.name in cfg.sources}
+        groups = split.assign(widths, cfg.read, cfg.write, int(os.environ["WORLD_SIZE"]))
     if torch.device(cfg.device).type == "cpu":
         keep_freed_memory()
     with process_group(torch.device(cfg.device)) as comm:
         quiet = console.settings.quiet
         console.settings.quiet = quiet or not comm.main  # one rank speaks
         try:
-            return run(cfg, stores, comm, on_log)
+            return run(cfg, stores, comm, on_log, groups)
         finally:
             console.settings.quiet = quiet
 
 
-def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict], None] | None) -> Path:
-    """The training run of one process (one rank of a data-parallel run)."""
+def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict], None] | None,
+        groups: list[list[str]] | None = None) -> Path:
+    """The training run of one process (one rank of a data-parallel run, or of a run split
+    over sources: `groups`, the sources of each rank)."""
     finished = prepare_outputs(cfg, stores, comm.main)
     comm.barrier()  # every rank has checked the outputs before rank 0 starts writing
     if finished:
         console.info(f"{cfg.output} is already trained ({cfg.steps} steps)")
         return Path(cfg.output)
     device = local_device(torch.device(cfg.device))
-    model = build_model(cfg, stores).to(device)
+    sources, host, shard = [s for s in stores.sources if s.name in cfg.sources], None, None
+    if groups:  # model parallel: this rank's sources only; rank 0 keeps the whole crosscoder on the CPU
+        shard = split.SourceSplit(comm, groups, device, sources, cfg.latents, cfg.arch, cfg.k, cfg.read, cfg.write)
+        host = build_model(cfg, stores) if comm.main else None
+        model = shard.local_model(host)
+    else:
+        model = build_model(cfg, stores).to(device)
+    dp = SINGLE if shard else comm  # the data-parallel ranks
     opt = make_optimizer(model, cfg.lr)
     loss_fn = TrainingLoss(model)
-    if comm.world > 1:  # gradients summed over ranks as they are produced
+    if dp.world > 1:  # gradients summed over ranks as they are produced
         loss_fn = torch.nn.parallel.DistributedDataParallel(
             loss_fn, device_ids=[device] if device.type == "cuda" else None, **no_buffer_sync())
     state = TrainState(since_fired=torch.zeros(cfg.latents, dtype=torch.int64, device=device))
     last_saved = None
     if cfg.resume and state_path(cfg.output).exists():
-        state = load_state(state_path(cfg.output), model, opt, cfg, stores, device)
+        if shard:  # rank 0 reads the whole state into its host copy and hands out the slices
+            payload = read_state(state_path(cfg.output), cfg, stores, mmap=True)
+            if host is not None:
+                host.load_state_dict(payload["model"])
+            shard.load_model(model, host)
+            shard.load_optimizer(opt, model, payload["optimizer"])
+            state = train_state(payload, device)
+            del payload
+        else:
+            state = load_state(state_path(cfg.output), model, opt, cfg, stores, device)
         last_saved = state.step
         console.info(f"resuming at step {state.step} of {cfg.steps}")
     elif cfg.overwrite and comm.main:
         remove(state_path(cfg.output))
     train_chunks, eval_chunks = split_chunks(stores.n_chunks, cfg.eval_fraction)
-    names = [s.name for s in model.sources]
+    names = [s.name for s in model.sources]  # split: this rank's sources of the same rows
     stream = BatchStream(stores, names, train_chunks, cfg.batch_size, cfg.seed, cfg.shuffle_buffer,
-                         pin_memory=device.type == "cuda", rank=comm.rank, world=comm.world)
+                         pin_memory=device.type == "cuda", rank=dp.rank, world=dp.world)
     console.info(f"training a {cfg.arch} crosscoder: {cfg.latents} latents, reads {', '.join(cfg.read)}, "
                  f"writes {', '.join(cfg.write)}; {cfg.steps} steps of {cfg.batch_size} tokens "
                  f"({stream.rows_per_epoch} training rows per epoch, {len(eval_chunks)} held-out chunks)"
-                 + (f"; {comm.world} data-parallel ranks" if comm.world > 1 else ""))
+                 + (f"; {dp.world} data-parallel ranks" if dp.world > 1 else "")
+                 + (f"; sources split over {comm.world} ranks: " + "; ".join(", ".join(g) for g in groups)
+                    if shard else ""))
     log = open_log(cfg, state.step) if comm.main else None
 
     def emit(record: dict) -> None:
@@ -649,19 +696,27 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
             on_log(record)
 
     def checkpoint(complete: bool, with_eval: bool = True) -> None:
-        """Rank 0 evaluates and writes; the other ranks go on and wait for it at the next collective."""
+        """Rank 0 evaluates and writes; the other ranks go on and wait for it at the next collective.
+        Split over sources, every rank evaluates its sources and sends them to rank 0's host copy."""
         nonlocal last_saved
         last_saved = state.step
+        optimizer_state = None
+        if shard:
+            if with_eval:
+                state.last_eval = split.evaluate(model, stores, eval_chunks, cfg.batch_size, device, list(cfg.write))
+            shard.gather_model(model, host)
+            optimizer_state = None if complete else shard.gather_optimizer(opt, model, host)
         if not comm.main:
             return
-        if with_eval:  # skipped when saving on Ctrl-C, so that stopping is quick
+        if with_eval and not shard:  # skipped when saving on Ctrl-C, so that stopping is quick
             # in float32, as consumers (xcli.load, xc eval) run the model, whatever --dtype trained it
             state.last_eval = evaluate(model, stores, eval_chunks, cfg.batch_size, device, "float32")
-            if state.last_eval:
-                emit({"kind": "eval", "step": state.step, "tokens": state.tokens, **state.last_eval})
+        if with_eval and state.last_eval:
+            emit({"kind": "eval", "step": state.step, "tokens": state.tokens, **state.last_eval})
+        whole = host if shard else model
         if not complete:
-            save_state(state_path(cfg.output), model, opt, cfg, stores, state)
-        write_checkpoint(model, cfg, stores, state, complete)
+            save_state(state_path(cfg.output), whole, optimizer_state if shard else opt.state_dict(), cfg, stores, state)
+        write_checkpoint(whole, cfg, stores, state, complete)
 
     metrics = Metrics()
     bar = console.progress(total=cfg.steps, initial=state.step, desc="train", unit="step")
@@ -670,12 +725,12 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
             while state.step < cfg.steps:
                 batch = next(batches)
                 x = {n: t.to(device, non_blocking=True).float() for n, t in batch.data.items()}
-                parts = train_step(model, opt, x, state, cfg, last_saved, loss_fn, batch.rows, comm, batch.index)
+                parts = train_step(model, opt, x, state, cfg, last_saved, loss_fn, batch.rows, dp, batch.index)
                 state.position = batch.after
                 metrics.add(parts)
                 bar.update(1)
                 if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                    state.last_train = metrics.record(list(model.write), comm)
+                    state.last_train = metrics.record(list(cfg.write), comm, same_rows=shard is not None)
                     state.last_train["dead_fraction"] = float((state.since_fired >= cfg.dead_tokens).float().mean())
                     record = {"kind": "train", "step": state.step, "tokens": state.tokens,
                               "epoch": state.tokens / stream.rows_per_epoch, **state.last_train,
@@ -735,8 +790,13 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
         parts = loss_fn(x, l1_at(state.step, cfg), dead, cfg.k_aux, x_in, batch_rows, comm)
     opt.zero_grad(set_to_none=True)
     (parts.loss * comm.world).backward()  # DDP averages over ranks; the parts already add up to the batch loss
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
+    if model.split.world > 1:  # split over sources: the norm of the whole crosscoder
+        grad_norm = split.clip_grad_norm(model, cfg.clip or float("inf"))
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or float("inf"))
     finite, fired = torch.isfinite(parts.loss) & torch.isfinite(grad_norm), parts.fired
+    if model.split.world > 1:  # the ranks hold different parts of the loss
+        finite = model.split.sum((~finite).float()[None])[0] == 0
     if comm.world > 1:
         agreed = comm.sum(torch.cat([fired.float(), (~finite).float()[None]]))
         fired, finite = agreed[:-1] > 0, agreed[-1] == 0
