@@ -491,6 +491,7 @@ def harvest(config: HarvestConfig) -> Path | None:
     state = existing_store_state(config)
     if state == "done":
         console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+        st.remove_progress(config.output)
         return config.output
     run = prepare(config)
     try:
@@ -564,6 +565,8 @@ def harvest_sharded(config: HarvestConfig, comm: Comm, device: torch.device | No
         agree(comm, error)
         if state == "done":
             console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+            if comm.main:
+                st.remove_progress(config.output)
             return config.output if comm.main else None
         error = None
         if comm.main:

@@ -380,7 +380,7 @@ class StoreWriter:
                              "mean": f"stats/{s.name}/mean"}
         self.meta.update(stats=stats, **extra_meta)
         self._commit(complete=complete)
-        shutil.rmtree(self.path / PROGRESS, ignore_errors=True)  # left by a conversion to a sharded store
+        remove_progress(self.path)  # left by a conversion to a sharded store that was killed
 
 
 # Several writers: xc harvest under torchrun. Each chunk has exactly one writer (Zarr
@@ -548,4 +548,9 @@ def finish_sharded(path, n_tokens: int, **extra_meta) -> None:
     meta.pop("sharded", None)
     meta.update(n_tokens=n_tokens, complete=True, stats=recorded, **extra_meta)
     writer.group.attrs["xc"] = meta
-    shutil.rmtree(path / PROGRESS, ignore_errors=True)
+    remove_progress(path)
+
+
+def remove_progress(path) -> None:
+    """Delete the commit records once the store is complete (also those a kill left behind)."""
+    shutil.rmtree(Path(path) / PROGRESS, ignore_errors=True)
