@@ -12,6 +12,11 @@ and disk writes overlap the next forward pass. The store (xcli.store) commits
 whole chunks; a killed run resumes with `resume=True` by recounting the rows it
 already holds from the token ids alone and continuing from there with the same
 batches, so that the result equals an uninterrupted run.
+
+Under torchrun every rank runs `harvest`: the store's chunks are dealt to the ranks in
+blocks, each rank computes and writes its own chunks (xcli.store.ChunkWriter), and rank 0
+creates the store and finishes it (harvest_sharded). The store is the one a single
+process writes, row for row.
 """
 
 import itertools
@@ -349,7 +354,6 @@ class Run:
         writer.close(complete=True, corpus_exhausted=exhausted)
         return exhausted
 
-
     def stream_shard(self, writer: st.ChunkWriter, rank: int = 0, world: int = 1) -> int:
         """Harvest this rank's chunks that are not committed yet; return the store's row count.
 
@@ -544,65 +548,71 @@ def agree(comm: Comm, error: XcError | None) -> None:
     raise (BadInput if code == BadInput.exit_code else XcError)(message)
 
 
+def together(comm: Comm, action: Callable | None, catching: type[XcError] = XcError):
+    """Run `action` (None: nothing to do on this rank), then stop every rank if it failed on any."""
+    result, error = None, None
+    try:
+        if action is not None:
+            result = action()
+    except catching as e:
+        error = e
+    agree(comm, error)
+    return result
+
+
+def open_sharded(run: Run, state: str) -> None:
+    """Rank 0: a new store for the ranks, or an incomplete one made ready for them."""
+    config = run.config
+    if state == "resume":
+        st.make_sharded(config.output)
+        return
+    if config.output.exists():
+        files.remove(config.output)  # --overwrite, now that the inputs are known to be good
+    st.create_sharded(config.output, run.sources, store_meta(run), dtype=run.store_dtype,
+                      chunk_rows=config.chunk_rows, codec=config.codec)
+
+
 def harvest_sharded(config: HarvestConfig, comm: Comm, device: torch.device | None = None) -> Path | None:
     """Every rank harvests its chunks of one store (xcli.store.ChunkWriter); rank 0 creates and finishes it.
 
-    The store equals the one a single process writes. Ranks check the arguments and load the models
-    before anything is written and stop together, with one message, if any of them fails.
+    The store equals the one a single process writes. The ranks check the arguments and load the
+    models before anything is written, and stop together, with one message, if any of them fails.
     """
-    run, state, error = None, None, None
-    try:
+    def check_and_load():
         state = existing_store_state(config)
-        if state != "done":
-            if config.data == "-" and comm.world > 1:
-                raise BadInput("--data - (stdin) cannot be read by several ranks; save the corpus to a file")
-            run = prepare(config, device)
-            if state == "resume":
-                check_resumable(run)
-    except XcError as e:
-        error = e
-    try:
-        agree(comm, error)
         if state == "done":
-            console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
-            if comm.main:
-                st.remove_progress(config.output)
-            return config.output if comm.main else None
-        error = None
-        if comm.main:
+            return state, None
+        if config.data == "-" and comm.world > 1:
+            raise BadInput("--data - (stdin) cannot be read by several ranks; save the corpus to a file")
+        run = prepare(config, device)
+        if state == "resume":
             try:
-                if state == "new":
-                    if config.output.exists():
-                        files.remove(config.output)  # --overwrite, now that the inputs are known to be good
-                    st.create_sharded(config.output, run.sources, store_meta(run), dtype=run.store_dtype,
-                                      chunk_rows=config.chunk_rows, codec=config.codec)
-                else:
-                    st.make_sharded(config.output)
-            except XcError as e:
-                error = e
-        agree(comm, error)  # the store is ready for every rank
-        error = None
-        try:
-            n_tokens = run.stream_shard(st.ChunkWriter(config.output), comm.rank, comm.world)
-        except BadInput as e:  # e.g. a bad record deep in the corpus: every rank meets it
-            error = e
-        try:
-            agree(comm, error)
+                check_resumable(run)
+            except BadInput:
+                run.close()
+                raise
+        return state, run
+
+    state, run = together(comm, check_and_load)
+    if state == "done":
+        console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+        if comm.main:
+            st.remove_progress(config.output)
+        return config.output if comm.main else None
+    try:
+        together(comm, (lambda: open_sharded(run, state)) if comm.main else None)
+        try:  # a bad record deep in the corpus is met by every rank; other errors stop the job at once
+            n_tokens = together(comm, lambda: run.stream_shard(st.ChunkWriter(config.output), comm.rank,
+                                                               comm.world), catching=BadInput)
         except BadInput:
             if state == "new" and comm.main:  # leave nothing behind
                 files.remove(config.output)
             raise
         exhausted = config.tokens is None or n_tokens < config.tokens
-        error = None
-        if comm.main:
-            try:
-                st.finish_sharded(config.output, n_tokens, corpus_exhausted=exhausted)
-            except XcError as e:
-                error = e
-        agree(comm, error)  # the other ranks return once the store is finished
+        finish = lambda: st.finish_sharded(config.output, n_tokens, corpus_exhausted=exhausted)  # noqa: E731
+        together(comm, finish if comm.main else None)  # the other ranks return once the store is finished
     finally:
-        if run is not None:
-            run.close()
+        run.close()
     if exhausted and config.tokens is not None:
         console.warn(f"the corpus holds only {n_tokens} tokens to store, fewer than --tokens "
                      f"{config.tokens}; stored them all")
