@@ -610,6 +610,7 @@ Examples:
   xc harvest --model early=EleutherAI/pythia-160m@step100000 --model final=EleutherAI/pythia-160m \\
              --layers 2,4 --site resid_post --site mlp_out --data docs.jsonl -o diff.zarr
   xc harvest ... -o acts.zarr --resume     # continue after Ctrl-C or kill -9; a no-op when done
+  torchrun --nproc-per-node 8 -m xcli harvest --model gpt2 --layers 6 --data corpus.txt -o acts.zarr
 """)
 @common_options
 @click.option("-m", "--model", "models", multiple=True, required=True, metavar="[ALIAS=]ID_OR_PATH[@REVISION]",
@@ -672,15 +673,28 @@ def harvest_command(models, layers, sites, data, text_field, split, context_leng
 
     Re-running with the same arguments on a complete store does nothing and prints the path, so a cron
     job can run the same line each time (add --resume to also continue an interrupted run).
-    """
-    from xcli.harvest import HarvestConfig, harvest
 
-    config = HarvestConfig(models=tuple(models), data=data, output=output, layers=layers, sites=tuple(sites),
-                           context_length=context_length, tokens=tokens, batch_size=batch_size, dtype=dtype,
-                           store_dtype=store_dtype, device=device, text_field=text_field, split=split,
-                           keep_special_tokens=keep_special_tokens, chunk_rows=chunk_rows, codec=codec,
-                           resume=resume, overwrite=overwrite)
-    click.echo(str(harvest(config)))
+    Several GPUs or nodes: start it with torchrun (torchrun --nproc-per-node N -m xcli harvest ...).
+    The store's chunks are dealt to the ranks in blocks; each rank computes and writes its own chunks
+    of one store, and the finished store is the one a single process writes, row for row. Rank 0
+    prints the path. --resume continues with any number of ranks. --data - is not accepted then.
+    """
+    from xcli.harvest import HarvestConfig, ReportedByRankZero, for_this_rank, harvest
+
+    try:
+        try:
+            config = HarvestConfig(models=tuple(models), data=data, output=output, layers=layers,
+                                   sites=tuple(sites), context_length=context_length, tokens=tokens,
+                                   batch_size=batch_size, dtype=dtype, store_dtype=store_dtype, device=device,
+                                   text_field=text_field, split=split, keep_special_tokens=keep_special_tokens,
+                                   chunk_rows=chunk_rows, codec=codec, resume=resume, overwrite=overwrite)
+        except XcError as e:  # under torchrun every rank sees the same arguments: rank 0 says what is wrong
+            raise for_this_rank(e) from None
+        path = harvest(config)
+    except ReportedByRankZero as e:
+        raise click.exceptions.Exit(e.exit_code) from None
+    if path is not None:  # rank 0 prints the store under torchrun
+        click.echo(str(path))
 
 
 @cli.command("info")

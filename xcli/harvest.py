@@ -12,21 +12,30 @@ and disk writes overlap the next forward pass. The store (xcli.store) commits
 whole chunks; a killed run resumes with `resume=True` by recounting the rows it
 already holds from the token ids alone and continuing from there with the same
 batches, so that the result equals an uninterrupted run.
+
+Under torchrun every rank runs `harvest`: the store's chunks are dealt to the ranks in
+blocks, each rank computes and writes its own chunks (xcli.store.ChunkWriter), and rank 0
+creates the store and finishes it (harvest_sharded). The store is the one a single
+process writes, row for row.
 """
 
 import itertools
+import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from xcli import console, files
 from xcli import store as st
 from xcli.corpus import Batch, Packing, batches, check_data, describe_data, read_documents, windows
+from xcli.distributed import SINGLE, Comm, launched, local_device, process_group
 from xcli.errors import BadInput, XcError
 from xcli.models import LoadedModel, ModelSpec, check_dtype, context_limit, load_model, n_layers, resolve_device
 from xcli.sites import SITES, Catcher, parse_layers, resolve_sites
@@ -34,6 +43,9 @@ from xcli.sites import SITES, Catcher, parse_layers, resolve_sites
 DEFAULT_CONTEXT_LENGTH = 1024
 STORAGE_TORCH = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 PROBE_TOKENS = 8
+# Under torchrun, blocks of chunks of about this many batches go to the ranks in turn. A batch
+# astride two blocks runs on both ranks, so this bounds the repeated work to about 1/16.
+BATCHES_PER_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -153,7 +165,9 @@ def existing_store_state(config: HarvestConfig) -> str:
         raise BadInput(f"output {str(out)!r} already exists, written with other arguments ({', '.join(differ)} "
                        f"differ); pass --overwrite to replace it")
     if not config.resume:
-        raise BadInput(f"output {str(out)!r} already exists and is incomplete ({store.n_tokens} tokens); "
+        held = (f"{len(st.committed_chunks(out))} chunks written" if store.meta.get("sharded")
+                else f"{store.n_tokens} tokens")
+        raise BadInput(f"output {str(out)!r} already exists and is incomplete ({held}); "
                        f"pass --resume to continue it or --overwrite to start again")
     return "resume"
 
@@ -190,13 +204,14 @@ def resolve_store_dtype(config: HarvestConfig, models: list[LoadedModel]) -> str
 
 
 class BackgroundWriter:
-    """Appends rows to the store on a thread, so disk writes overlap the next forward pass.
+    """Calls `write` on a thread with the arguments of each put(), in order, so that disk writes
+    overlap the next forward pass.
 
     The queue is short: the models wait for the disk rather than filling memory.
     """
 
-    def __init__(self, writer: st.StoreWriter, depth: int = 2):
-        self.writer, self.error = writer, None
+    def __init__(self, write: Callable[..., None], depth: int = 2):
+        self.write, self.error = write, None
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(target=self._run, name="xc-store-writer", daemon=True)
         self.thread.start()
@@ -205,8 +220,7 @@ class BackgroundWriter:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    acts, ids = item
-                    self.writer.append({n: _numpy(t) for n, t in acts.items()}, **ids)
+                    self.write(*item)
                 except BaseException as e:  # reported by the main thread
                     self.error = e
 
@@ -214,9 +228,9 @@ class BackgroundWriter:
         if self.error is not None:
             raise self.error
 
-    def put(self, acts: dict, ids: dict):
+    def put(self, *args):
         self._check()
-        self.queue.put((acts, ids))
+        self.queue.put(args)
 
     def finish(self):
         """Wait until every queued row is written."""
@@ -308,7 +322,7 @@ class Run:
         """Harvest into `writer` and close it; True when the corpus ran out before the budget."""
         budget = self.config.tokens
         done = skip = writer.n_tokens  # rows from an earlier run: recounted, not recomputed
-        background = BackgroundWriter(writer)
+        background = BackgroundWriter(lambda acts, ids: writer.append(acts, **ids))
         bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
         try:
             for batch in self.batches:
@@ -323,7 +337,7 @@ class Run:
                 stop = n if budget is None else min(n, skip + budget - done)
                 ids = {"tokens": batch.ids[keep][skip:stop], "sequence": batch.first + window[skip:stop],
                        "position": position[skip:stop]}
-                acts = {name: rows[skip:stop] for name, rows in self.activations(batch, keep).items()}
+                acts = {name: _numpy(rows[skip:stop]) for name, rows in self.activations(batch, keep).items()}
                 background.put(acts, ids)
                 bar.update(stop - skip)
                 done += stop - skip
@@ -341,11 +355,76 @@ class Run:
         writer.close(complete=True, corpus_exhausted=exhausted)
         return exhausted
 
+    def stream_shard(self, writer: st.ChunkWriter, rank: int = 0, world: int = 1) -> int:
+        """Harvest this rank's chunks that are not committed yet; return the store's row count.
 
-def prepare(config: HarvestConfig) -> Run:
+        The rows and their order are those of `stream`, so the finished store is the same. Block j
+        of `block_chunks` chunks belongs to rank j mod world. Every rank reads and tokenizes the
+        whole corpus, to know each batch's first row from the token ids alone, and runs the models
+        on the batches that hold rows of its chunks (a batch astride two blocks runs on both ranks).
+        """
+        rows_per_chunk, budget = writer.chunk_rows, self.config.tokens
+        per_block = block_chunks(self.config, self.packing.context_length)
+        committed = writer.committed()
+
+        def mine(chunk: int) -> bool:
+            return (chunk // per_block) % world == rank and chunk not in committed
+
+        parts: dict[int, list] = {}
+
+        def assemble(chunk: int, acts: dict | None, ids: dict | None, last: bool):
+            """On the writer thread: collect a chunk's rows, batch by batch; write it when whole."""
+            if acts is not None:
+                parts.setdefault(chunk, []).append((acts, ids))
+            if last:
+                pieces = parts.pop(chunk)
+                writer.write(chunk, {n: np.concatenate([p[0][n] for p in pieces]) for n in pieces[0][0]},
+                             {k: np.concatenate([p[1][k] for p in pieces]) for k in pieces[0][1]})
+
+        background = BackgroundWriter(assemble)
+        bar = console.progress(total=budget, unit="tok", unit_scale=True, desc="harvest")
+        start = 0  # the store row of the batch's first kept row
+        try:
+            for batch in self.batches:
+                if budget is not None and start >= budget:
+                    break
+                keep = self.keep_mask(batch)
+                n = int(keep.sum())
+                stop = start + (n if budget is None else min(n, budget - start))
+                chunks = [c for c in range(start // rows_per_chunk, -(-stop // rows_per_chunk)) if mine(c)]
+                if chunks:
+                    acts = {name: _numpy(rows) for name, rows in self.activations(batch, keep).items()}
+                    window, position = np.nonzero(keep)
+                    ids = {"tokens": batch.ids[keep], "sequence": batch.first + window, "position": position}
+                    for c in chunks:
+                        lo, hi = max(start, c * rows_per_chunk), min(stop, (c + 1) * rows_per_chunk)
+                        part = slice(lo - start, hi - start)
+                        background.put(c, {k: v[part] for k, v in acts.items()},
+                                       {k: v[part] for k, v in ids.items()}, hi == (c + 1) * rows_per_chunk)
+                bar.update(stop - start)
+                start = stop
+            last = (start - 1) // rows_per_chunk
+            if start % rows_per_chunk and mine(last):  # the store's last chunk is short
+                background.put(last, None, None, True)
+            background.finish()
+        except BaseException:
+            background.abort()
+            raise
+        finally:
+            bar.close()
+        return start
+
+
+def block_chunks(config: HarvestConfig, context_length: int) -> int:
+    """Chunks per block of work: about BATCHES_PER_BLOCK batches, so that batches run twice are few."""
+    rows_per_batch = config.batch_size * context_length  # at most: special tokens are not stored
+    return max(1, -(-BATCHES_PER_BLOCK * rows_per_batch // config.chunk_rows))
+
+
+def prepare(config: HarvestConfig, device: torch.device | None = None) -> Run:
     """Load the models and check everything that can be checked before the store is touched."""
     check_data(config.data)
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     models = [load_model(spec, device, config.dtype) for spec in config.models]
     check_same_vocabulary(models)
     tokenizer = models[0].tokenizer
@@ -373,27 +452,51 @@ def prepare(config: HarvestConfig) -> Run:
                resolve_store_dtype(config, models), special)
 
 
+def check_resumable(run: Run) -> None:
+    if st.open_store(run.config.output).sources != run.sources:
+        raise BadInput(f"store {str(run.config.output)!r} holds other sources than these models give; "
+                       f"pass --overwrite to start again")
+
+
+def store_meta(run: Run) -> dict:
+    config = run.config
+    return {"tokenizer": config.identity()["models"][0]["id"], "context_length": run.packing.context_length,
+            "dataset": describe_data(config.data), "packing": run.packing.to_json(),
+            "special_tokens_stored": config.keep_special_tokens, "harvest": config.identity()}
+
+
 def open_writer(run: Run, state: str) -> st.StoreWriter:
     config = run.config
     if state == "resume":
-        if st.open_store(config.output).sources != run.sources:
-            raise BadInput(f"store {str(config.output)!r} holds other sources than these models give; "
-                           f"pass --overwrite to start again")
+        check_resumable(run)
         return st.StoreWriter(config.output, run.sources, resume=True)
     if config.output.exists():
         files.remove(config.output)  # --overwrite, now that the inputs are known to be good
-    meta = {"tokenizer": config.identity()["models"][0]["id"], "context_length": run.packing.context_length,
-            "dataset": describe_data(config.data), "packing": run.packing.to_json(),
-            "special_tokens_stored": config.keep_special_tokens, "harvest": config.identity()}
-    return st.StoreWriter(config.output, run.sources, meta, dtype=run.store_dtype,
+    return st.StoreWriter(config.output, run.sources, store_meta(run), dtype=run.store_dtype,
                           chunk_rows=config.chunk_rows, codec=config.codec)
 
 
-def harvest(config: HarvestConfig) -> Path:
-    """Write the store at config.output and return its path."""
+def harvest(config: HarvestConfig) -> Path | None:
+    """Write the store at config.output and return its path (None on the other ranks under torchrun).
+
+    Under torchrun every rank calls this and harvests its share (see harvest_sharded). A store
+    that ranks left incomplete is continued by harvest_sharded too, with any number of ranks.
+    """
+    if launched():
+        device = local_device(resolve_device(config.device))
+        with process_group(device) as comm:
+            quiet = console.settings.quiet
+            console.settings.quiet = quiet or not comm.main  # one rank speaks
+            try:
+                return harvest_sharded(config, comm, device)
+            finally:
+                console.settings.quiet = quiet
+    if config.resume and st.is_sharded(config.output):
+        return harvest_sharded(config, SINGLE)
     state = existing_store_state(config)
     if state == "done":
         console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+        st.remove_progress(config.output)
         return config.output
     run = prepare(config)
     try:
@@ -410,3 +513,111 @@ def harvest(config: HarvestConfig) -> Path:
         console.warn(f"the corpus holds only {writer.n_tokens} tokens to store, fewer than --tokens "
                      f"{config.tokens}; stored them all")
     return config.output
+
+
+class ReportedByRankZero(XcError):
+    """An error that stops every rank of a torchrun job; rank 0 prints it, the others exit quietly."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def for_this_rank(error: XcError) -> XcError:
+    """An error that every rank meets alike (e.g. a bad argument), as this rank should raise it."""
+    if launched() and int(os.environ.get("RANK", "0")) != 0:
+        return ReportedByRankZero(str(error), error.exit_code)
+    return error
+
+
+def agree(comm: Comm, error: XcError | None) -> None:
+    """Collective: if any rank failed, every rank raises (rank 0 the first failure, the others quietly)."""
+    if comm.world == 1:
+        if error is not None:
+            raise error
+        return
+    failures = [None] * comm.world
+    dist.all_gather_object(failures, None if error is None else (error.exit_code, str(error)))
+    # Let gloo's worker threads drop their last references to the collective's tensors now: done
+    # while the interpreter exits, that takes the GIL and aborts the process (pytorch/pytorch#179291).
+    time.sleep(0.05)
+    first = next((f for f in failures if f is not None), None)
+    if first is None:
+        return
+    code, message = first
+    if not comm.main:
+        raise ReportedByRankZero(message, code)
+    if error is not None:
+        raise error
+    raise (BadInput if code == BadInput.exit_code else XcError)(message)
+
+
+def together(comm: Comm, action: Callable | None, catching: type[XcError] = XcError):
+    """Run `action` (None: nothing to do on this rank), then stop every rank if it failed on any."""
+    result, error = None, None
+    try:
+        if action is not None:
+            result = action()
+    except catching as e:
+        error = e
+    agree(comm, error)
+    return result
+
+
+def open_sharded(run: Run, state: str) -> None:
+    """Rank 0: a new store for the ranks, or an incomplete one made ready for them."""
+    config = run.config
+    if state == "resume":
+        st.make_sharded(config.output)
+        return
+    if config.output.exists():
+        files.remove(config.output)  # --overwrite, now that the inputs are known to be good
+    st.create_sharded(config.output, run.sources, store_meta(run), dtype=run.store_dtype,
+                      chunk_rows=config.chunk_rows, codec=config.codec)
+
+
+def harvest_sharded(config: HarvestConfig, comm: Comm, device: torch.device | None = None) -> Path | None:
+    """Every rank harvests its chunks of one store (xcli.store.ChunkWriter); rank 0 creates and finishes it.
+
+    The store equals the one a single process writes. The ranks check the arguments and load the
+    models before anything is written, and stop together, with one message, if any of them fails.
+    """
+    def check_and_load():
+        state = existing_store_state(config)
+        if state == "done":
+            return state, None
+        if config.data == "-" and comm.world > 1:
+            raise BadInput("--data - (stdin) cannot be read by several ranks; save the corpus to a file")
+        run = prepare(config, device)
+        if state == "resume":
+            try:
+                check_resumable(run)
+            except BadInput:
+                run.close()
+                raise
+        return state, run
+
+    state, run = together(comm, check_and_load)
+    if state == "done":
+        console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+        if comm.main:
+            st.remove_progress(config.output)
+        return config.output if comm.main else None
+    try:
+        together(comm, (lambda: open_sharded(run, state)) if comm.main else None)
+        try:  # a bad record deep in the corpus is met by every rank; other errors stop the job at once
+            n_tokens = together(comm, lambda: run.stream_shard(st.ChunkWriter(config.output), comm.rank,
+                                                               comm.world), catching=BadInput)
+        except BadInput:
+            if state == "new" and comm.main:  # leave nothing behind
+                files.remove(config.output)
+            raise
+        exhausted = config.tokens is None or n_tokens < config.tokens
+        finish = lambda: st.finish_sharded(config.output, n_tokens, corpus_exhausted=exhausted)  # noqa: E731
+        together(comm, finish if comm.main else None)  # the other ranks return once the store is finished
+    finally:
+        run.close()
+    if exhausted and config.tokens is not None:
+        console.warn(f"the corpus holds only {n_tokens} tokens to store, fewer than --tokens "
+                     f"{config.tokens}; stored them all")
+    return config.output if comm.main else None

@@ -16,12 +16,18 @@ site, layer, d}, ...], "n_tokens", "complete", "dtype", "tokenizer", "context_le
 Rows are written in whole chunks; `n_tokens` in the attributes is the commit point:
 rows past it (from a killed writer, or capacity reserved ahead) are ignored by readers
 and overwritten on resume. Statistics are recorded when the store is closed.
+Several processes (xc harvest under torchrun) write one store with ChunkWriter:
+each writes whole chunks at their places and commits each by a record file in
+progress/; the process that finishes the store merges the records, trims the
+arrays and commits n_tokens, so the finished store is like any other.
 Readers accept float16/float32/bfloat16-as-uint16 arrays and stores without
 statistics or token arrays (e.g. written by other tools), computing what they need.
 """
 
 import asyncio
+import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +35,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
-from xcli.errors import BadInput
+from xcli.errors import BadInput, XcError
 from xcli.version import __version__
 
 FORMAT, VERSION = "activations", 1
@@ -40,6 +46,11 @@ CODECS = ("none", "zstd", "blosc-lz4")
 # Chosen by benchmarks/store_codecs.py (README, "xc harvest"): see the figures there.
 DEFAULT_CHUNK_ROWS = 4096
 DEFAULT_CODEC = "none"
+# A store written by several processes: per-chunk commit records, and the arrays' length
+# until it is finished (more rows than any corpus; Zarr stores no chunk that is never written).
+PROGRESS = "progress"
+SHARDED_ROWS = 1 << 40
+TOKEN_ARRAYS = (("tokens", "int32"), ("sequence", "int64"), ("position", "int32"))
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,14 @@ def decode_rows(raw: np.ndarray) -> np.ndarray:
     if raw.dtype == np.uint16:
         return bf16_bits_to_float32(raw)
     return raw.astype(np.float32, copy=False)
+
+
+def encode_rows(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows in the storage dtype of a store (`dtype` as in its attributes)."""
+    if dtype == "bfloat16":
+        # uint16 rows are bfloat16 bits already (e.g. from a bfloat16 model): keep them as they are.
+        return values if values.dtype == np.uint16 else float32_to_bf16_bits(values)
+    return values.astype(dtype, copy=False)
 
 
 def _compressors(codec: str):
@@ -223,6 +242,27 @@ def open_store(path) -> ActivationStore:
     return ActivationStore(path, group)
 
 
+def _create(path: Path, sources: list[Source], meta: dict | None, dtype: str, chunk_rows: int, codec: str,
+            rows: int, **extra_meta) -> zarr.Group:
+    """A new, empty store whose arrays have `rows` rows (none committed)."""
+    group = zarr.open_group(str(path), mode="w")
+    compressors = _compressors(codec)
+    for s in sources:
+        group.create_array(f"acts/{s.name}", shape=(rows, s.d), chunks=(chunk_rows, s.d),
+                           dtype=STORAGE_DTYPES[dtype], compressors=compressors, fill_value=0)
+        group.create_array(f"stats/{s.name}/mean", shape=(s.d,), chunks=(s.d,),
+                           dtype="float64", compressors=None, fill_value=0.0)
+    for name, np_dtype in TOKEN_ARRAYS:
+        group.create_array(name, shape=(rows,), chunks=(chunk_rows,), dtype=np_dtype,
+                           compressors=None, fill_value=0)
+    group.attrs["xc"] = {
+        "format": FORMAT, "version": VERSION, "sources": [s.to_json() for s in sources],
+        "n_tokens": 0, "complete": False, "dtype": dtype, "codec": codec,
+        "created_by": f"xc {__version__}", **(meta or {}), **extra_meta,
+    }
+    return group
+
+
 class StoreWriter:
     """Append token rows to a new or partly written store, chunk by chunk.
 
@@ -251,24 +291,10 @@ class StoreWriter:
                     acc.add(store.read(s.name, start, min(start + self.chunk_rows, self.n_tokens)))
                 self.stats[s.name] = acc
         else:
-            self.group = zarr.open_group(str(self.path), mode="w")
-            compressors = _compressors(codec)
-            for s in sources:
-                self.group.create_array(f"acts/{s.name}", shape=(0, s.d), chunks=(chunk_rows, s.d),
-                                        dtype=STORAGE_DTYPES[dtype], compressors=compressors, fill_value=0)
-                self.group.create_array(f"stats/{s.name}/mean", shape=(s.d,), chunks=(s.d,),
-                                        dtype="float64", compressors=None, fill_value=0.0)
-            for name, np_dtype in (("tokens", "int32"), ("sequence", "int64"), ("position", "int32")):
-                self.group.create_array(name, shape=(0,), chunks=(chunk_rows,), dtype=np_dtype,
-                                        compressors=None, fill_value=0)
+            self.group = _create(self.path, sources, meta, dtype, chunk_rows, codec, rows=0)
+            self.meta = dict(self.group.attrs["xc"])
             self.n_tokens = 0
             self.stats = {s.name: StatsAccumulator(s.d) for s in sources}
-            self.meta = {
-                "format": FORMAT, "version": VERSION, "sources": [s.to_json() for s in sources],
-                "n_tokens": 0, "complete": False, "dtype": dtype, "codec": codec,
-                "created_by": f"xc {__version__}", **(meta or {}),
-            }
-            self._commit()
         self._buffer: list[tuple[dict, dict]] = []
         self._buffered = 0
         self._arrays: dict[str, zarr.Array] = {}
@@ -293,10 +319,7 @@ class StoreWriter:
         return {n: a[:rows] for n, a in acts.items()}, {k: a[:rows] for k, a in ids.items()}
 
     def _encode(self, values: np.ndarray) -> np.ndarray:
-        if self.dtype == "bfloat16":
-            # uint16 rows are bfloat16 bits already (e.g. from a bfloat16 model): keep them as they are.
-            return values if values.dtype == np.uint16 else float32_to_bf16_bits(values)
-        return values.astype(self.dtype, copy=False)
+        return encode_rows(values, self.dtype)
 
     def _array(self, name: str):
         """Open arrays once: every lookup through the group reads metadata from disk."""
@@ -357,3 +380,177 @@ class StoreWriter:
                              "mean": f"stats/{s.name}/mean"}
         self.meta.update(stats=stats, **extra_meta)
         self._commit(complete=complete)
+        remove_progress(self.path)  # left by a conversion to a sharded store that was killed
+
+
+# Several writers: xc harvest under torchrun. Each chunk has exactly one writer (Zarr
+# chunks must not be written concurrently); a chunk is committed by its record file.
+
+def _record_path(path: Path, index: int) -> Path:
+    return Path(path) / PROGRESS / f"chunk-{index}.npz"
+
+
+def is_sharded(path) -> bool:
+    """Whether the store at `path` is being written chunk by chunk by several processes."""
+    try:
+        return bool(zarr.open_group(str(path), mode="r").attrs.get("xc", {}).get("sharded"))
+    except Exception:  # absent, or not a store: not ours to judge here
+        return False
+
+
+def committed_chunks(path) -> set[int]:
+    """Indices of the chunks of a sharded store whose records exist."""
+    try:
+        names = os.listdir(Path(path) / PROGRESS)
+    except FileNotFoundError:  # none yet
+        return set()
+    return {int(n[6:-4]) for n in names if n.startswith("chunk-") and n.endswith(".npz")}
+
+
+def create_sharded(path, sources: list[Source], meta: dict | None = None, *, dtype: str = "float16",
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS, codec: str = DEFAULT_CODEC) -> None:
+    """A new store for ChunkWriters (no rows committed, n_tokens 0 until finish_sharded)."""
+    if dtype not in STORAGE_DTYPES:
+        raise BadInput(f"dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
+    validate_source_names(sources)
+    _create(Path(path), sources, meta, dtype, chunk_rows, codec, rows=SHARDED_ROWS, sharded=True)
+    (Path(path) / PROGRESS).mkdir()
+
+
+def make_sharded(path) -> None:
+    """Prepare an incomplete store for ChunkWriters; a store from StoreWriter keeps its committed rows.
+
+    Idempotent, so a conversion that was killed is simply done again.
+    """
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="r+")
+    meta = dict(group.attrs["xc"])
+    (path / PROGRESS).mkdir(exist_ok=True)
+    if not meta.get("sharded"):
+        store = ActivationStore(path, group)
+        if store.n_tokens % store.chunk_rows:
+            raise XcError(f"store {str(path)!r} holds a partial chunk but is not complete")
+        writer = ChunkWriter(path, group)
+        recorded = writer.committed()
+        for index in range(store.n_chunks):  # every committed chunk gets its record
+            if index not in recorded:
+                rows = {n: store.group[f"acts/{n}"][index * store.chunk_rows:(index + 1) * store.chunk_rows]
+                        for n in store.names}
+                writer.record(index, rows)
+        meta.pop("stats", None)
+        meta.update(n_tokens=0, complete=False, sharded=True)
+        group.attrs["xc"] = meta  # the commit of the conversion
+    for array in _row_arrays(group, meta):  # room for every writer, without resizes while they write
+        if array.shape[0] < SHARDED_ROWS:
+            array.resize((SHARDED_ROWS, *array.shape[1:]))
+
+
+def _row_arrays(group: zarr.Group, meta: dict) -> list[zarr.Array]:
+    names = [f"acts/{s['name']}" for s in meta["sources"]] + [name for name, _ in TOKEN_ARRAYS]
+    return [group[name] for name in names]
+
+
+class ChunkWriter:
+    """Writes whole chunks at their places in a store that several processes write at once.
+
+    Rows of chunk i are rows [i * chunk_rows, (i + 1) * chunk_rows) of the store. After a chunk's
+    rows are written, its record (row count, per-source sum and sum of squared norms, float64)
+    is saved as progress/chunk-i.npz under a temporary name and renamed: the commit. A killed
+    writer leaves every recorded chunk valid; finish_sharded merges the records.
+    """
+
+    def __init__(self, path, group: zarr.Group | None = None):
+        self.path = Path(path)
+        self.group = group if group is not None else zarr.open_group(str(self.path), mode="r+")
+        self.meta = dict(self.group.attrs["xc"])
+        self.sources = [Source.from_json(s) for s in self.meta["sources"]]
+        self.dtype = self.meta["dtype"]
+        self.arrays = dict(zip([f"acts/{s.name}" for s in self.sources] + [n for n, _ in TOKEN_ARRAYS],
+                               _row_arrays(self.group, self.meta)))
+        self.chunk_rows = int(self.arrays[f"acts/{self.sources[0].name}"].chunks[0])
+
+    def committed(self) -> set[int]:
+        return committed_chunks(self.path)
+
+    def write(self, index: int, acts: dict[str, np.ndarray], ids: dict[str, np.ndarray]) -> None:
+        """Write chunk `index` (all its rows, or the store's last rows) and commit it."""
+        rows = next(iter(acts.values())).shape[0]
+        if not 0 < rows <= self.chunk_rows:
+            raise ValueError(f"a chunk holds 1 to {self.chunk_rows} rows, not {rows}")
+        start = index * self.chunk_rows
+        encoded = {s.name: encode_rows(acts[s.name], self.dtype) for s in self.sources}
+        writes = [(self.arrays[f"acts/{n}"], values) for n, values in encoded.items()]
+        writes += [(self.arrays[name], ids[name].astype(dtype)) for name, dtype in TOKEN_ARRAYS]
+
+        async def write_all():
+            await asyncio.gather(*(a.async_array.setitem(slice(start, start + rows), v) for a, v in writes))
+
+        zarr_sync(write_all())
+        self.record(index, encoded)
+
+    def record(self, index: int, stored: dict[str, np.ndarray]) -> None:
+        """Commit chunk `index` whose stored rows (in the storage dtype) are `stored`."""
+        sums, sq_norms = {}, []
+        for i, s in enumerate(self.sources):
+            acc = StatsAccumulator(s.d)
+            acc.add(decode_rows(stored[s.name]))  # the stored values, as StoreWriter counts them
+            sums[f"sum_{i}"] = acc.sum
+            sq_norms.append(acc.sum_sq_norm)
+        count = next(iter(stored.values())).shape[0]
+        final = _record_path(self.path, index)
+        temporary = final.with_name(f".{final.name}.{os.getpid()}")
+        with open(temporary, "wb") as handle:
+            np.savez(handle, count=np.int64(count), sum_sq_norm=np.array(sq_norms), **sums)
+        os.replace(temporary, final)
+
+
+def finish_sharded(path, n_tokens: int, **extra_meta) -> None:
+    """Finish a store written by ChunkWriters: check that its chunks are exactly those of n_tokens rows,
+    merge their statistics in chunk order (as StoreWriter adds them: the same figures), trim the
+    arrays, and commit. Called by one process, after every writer is done."""
+    path = Path(path)
+    writer = ChunkWriter(path)
+    chunk_rows = writer.chunk_rows
+    n_chunks = -(-n_tokens // chunk_rows)
+    committed = writer.committed()
+    if any(index >= n_chunks for index in committed):
+        raise BadInput(f"the corpus now yields fewer tokens than {str(path)!r} already holds; "
+                       f"it must not change between runs")
+    missing = sorted(set(range(n_chunks)) - committed)
+    if missing:
+        raise XcError(f"{len(missing)} chunks of {str(path)!r} were not written (first: {missing[0]}); "
+                      f"continue with --resume")
+    stats = {s.name: StatsAccumulator(s.d) for s in writer.sources}
+    for index in range(n_chunks):
+        with np.load(_record_path(path, index)) as record:
+            expected = min(chunk_rows, n_tokens - index * chunk_rows)
+            if int(record["count"]) != expected:
+                raise BadInput(f"chunk {index} of {str(path)!r} holds {int(record['count'])} rows where the "
+                               f"corpus now gives {expected}; it must not change between runs")
+            for i, s in enumerate(writer.sources):
+                acc = stats[s.name]
+                acc.count += expected
+                acc.sum += record[f"sum_{i}"]
+                acc.sum_sq_norm += float(record["sum_sq_norm"][i])
+
+    async def trim():  # only the shape changes: no chunk lies beyond n_tokens
+        await asyncio.gather(*(a.async_array.resize((n_tokens, *a.shape[1:]), delete_outside_chunks=False)
+                               for a in writer.arrays.values()))
+
+    zarr_sync(trim())
+    recorded = {}
+    for s in writer.sources:
+        result = stats[s.name].result()
+        writer.group[f"stats/{s.name}/mean"][:] = result["mean"]
+        recorded[s.name] = {"count": result["count"], "mean_sq_norm": result["mean_sq_norm"],
+                            "mean": f"stats/{s.name}/mean"}
+    meta = dict(writer.meta)
+    meta.pop("sharded", None)
+    meta.update(n_tokens=n_tokens, complete=True, stats=recorded, **extra_meta)
+    writer.group.attrs["xc"] = meta
+    remove_progress(path)
+
+
+def remove_progress(path) -> None:
+    """Delete the commit records once the store is complete (also those a kill left behind)."""
+    shutil.rmtree(Path(path) / PROGRESS, ignore_errors=True)
