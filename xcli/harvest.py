@@ -23,7 +23,6 @@ import itertools
 import os
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -538,9 +537,6 @@ def agree(comm: Comm, error: XcError | None) -> None:
         return
     failures = [None] * comm.world
     dist.all_gather_object(failures, None if error is None else (error.exit_code, str(error)))
-    # Let gloo's worker threads drop their last references to the collective's tensors now: done
-    # while the interpreter exits, that takes the GIL and aborts the process (pytorch/pytorch#179291).
-    time.sleep(0.05)
     first = next((f for f in failures if f is not None), None)
     if first is None:
         return
