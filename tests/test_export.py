@@ -442,7 +442,7 @@ BAD = {
     "classes": (["export", "{ckpt}", "--store", "{store}", "-o", "{out}", "--classes", "{root}/bad.jsonl"],
                 "line 2"),
     "model path": (["export", "{ckpt}", "--store", "{store}", "-o", "{out}", "--model-path",
-                    "{tiny}/gpt2=/no/such/model"], "not a folder"),
+                    "{tiny}/gpt2=/no/such/model"], "does not exist; or pass --model-path"),
     "hub tokenizer": (["export", "{ckpt}", "--store", "{store}", "-o", "{out}", "--tokenizer", "nobody/no-tokenizer"],
                       "offline"),
     "bare model id": (["export", "{ckpt}", "--store", "{store}", "-o", "{out}", "--model-id", "gpt2-small"],

@@ -32,7 +32,7 @@ from xcli import crosscoder as cc
 from xcli import dashboards as db
 from xcli import neuronpedia as npd
 from xcli.errors import BadInput
-from xcli.models import resolve_device
+from xcli.models import ModelSpec, resolve_device, resolve_folder
 from xcli.store import ActivationStore, Source, open_store
 from xcli.version import __version__
 
@@ -154,20 +154,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "model"
 
 
-def resolve_folder(model: str, revision: str | None = None) -> Path:
-    """A local model folder, or a hub id already in the Hugging Face cache (never the network)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists() or model.startswith((".", "/", "~")):
-        raise BadInput(f"model path {model!r} is not a folder")
-    from huggingface_hub import snapshot_download
-
+def model_folder(name: str, where: str, revision: str | None) -> Path:
+    """The local folder of a model the export needs (its unembedding and facts); never the network."""
     try:
-        return Path(snapshot_download(model, revision=revision, local_files_only=True))
-    except Exception:
-        raise BadInput(f"model {model!r} was not found locally (not a folder, not in the Hugging Face cache); "
-                       f"xc uses no network: download it first, or pass --model-path MODEL=PATH") from None
+        return resolve_folder(ModelSpec(name, where, revision))[0]
+    except BadInput as e:
+        raise BadInput(f"{e}; or pass --model-path {name}=PATH") from None
 
 
 def store_model_ids(store: ActivationStore) -> dict[str, tuple[str, str | None]]:
@@ -392,7 +384,7 @@ def prepare(config: ExportConfig) -> Plan:
         name = x.source.model
         if name not in folders:
             where, revision = (model_paths[name], None) if name in model_paths else recorded.get(name, (name, None))
-            folders[name] = resolve_folder(where, revision)
+            folders[name] = model_folder(name, where, revision)
             unembeddings[name] = read_unembedding(folders[name]).to(device)  # once: every batch needs it
         x.folder, x.facts = folders[name], model_facts(folders[name])
         w_u = unembeddings[name]
