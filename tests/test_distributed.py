@@ -73,6 +73,17 @@ def descendants(pid: int) -> list[int]:
     return [pid] + [p for child in children for p in descendants(int(child))]
 
 
+def kill_job_when(proc: subprocess.Popen, ready, timeout: float) -> None:
+    """Once ready() (the job still running), kill -9 torchrun and its workers at once, as a scheduler would."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.002)
+    for pid in descendants(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def saved_step(out) -> int:
     try:
         return torch.load(tr.state_path(out), weights_only=True)["step"]
@@ -102,13 +113,7 @@ def test_two_process_run_matches_one_process_and_resumes_exactly_after_kill_9(tm
     # kill -9 torchrun and its workers after the first checkpoint; resume on two processes.
     killed = tmp_path / "killed.safetensors"
     proc = subprocess.Popen(torchrun(store, killed), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while saved_step(killed) < 0:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.002)
-    for pid in descendants(proc.pid):  # the job is killed, as a scheduler would: every process at once
-        os.kill(pid, signal.SIGKILL)
+    kill_job_when(proc, lambda: saved_step(killed) >= 0, timeout=120)
     proc.communicate()
     assert 0 < saved_step(killed) < 60
     proc = subprocess.run(torchrun(store, killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)

@@ -2,10 +2,8 @@
 and a store left by killed ranks resumes, with the same or another number of processes."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 import tiny_models
+from test_distributed import kill_job_when
 from xcli import harvest as hv
 from xcli import store as st
 from xcli.errors import BadInput
@@ -168,15 +167,6 @@ def test_a_store_begun_by_one_process_is_continued_by_ranks(tiny, corpus, tmp_pa
     assert_same_store(cfg.output, reference)
 
 
-def descendants(pid: int) -> list[int]:
-    """A process and everything it started (torchrun starts its workers in sessions of their own)."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return [pid]
-    return [pid] + [p for child in children for p in descendants(int(child))]
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="finds torchrun's workers through /proc")
 def test_torchrun_harvest_killed_with_9_resumes_to_equal_one_process(tiny, corpus, tmp_path):
     """(An uninterrupted run is the same run with nothing committed before it.)"""
@@ -184,13 +174,7 @@ def test_torchrun_harvest_killed_with_9_resumes_to_equal_one_process(tiny, corpu
     out = tmp_path / "two.zarr"
     proc = subprocess.Popen(torchrun(*cli_args(tiny, corpus, out)), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while len(st.committed_chunks(out)) < 2:  # kill once some chunks are committed, as a scheduler would
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.002)
-    for pid in descendants(proc.pid):  # torchrun and both ranks at once
-        os.kill(pid, signal.SIGKILL)
+    kill_job_when(proc, lambda: len(st.committed_chunks(out)) >= 2, timeout=60)  # once some chunks are committed
     assert proc.communicate()[0] == b""
     n_chunks = -(-st.open_store(reference).n_tokens // 64)
     assert 2 <= len(st.committed_chunks(out)) < n_chunks

@@ -14,7 +14,7 @@ from xcli import sparse, train as tr
 from xcli.crosscoder import Crosscoder
 
 triton = pytest.importorskip("triton")
-from test_sparse import make  # noqa: E402
+from test_sparse import loss_on_both_paths, make  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -130,16 +130,7 @@ def test_crosscoder_loss_and_every_gradient_on_the_kernels_match_the_dense_compu
     """The training loss with AuxK (a second sparse decode) through the kernels, against the dense path."""
     m, x = make(arch)
     m, x = m.to(DEVICE), {n: v.to(DEVICE) for n, v in x.items()}
-    dead = torch.zeros(40, dtype=torch.bool, device=DEVICE)
-    dead[::3] = True
-    results = []
-    for use_sparse in (False, True):
-        m.sparse_path = use_sparse
-        m.zero_grad()
-        parts = tr.loss_parts(m, x, l1=0.0, dead=dead, k_aux=5)
-        parts.loss.backward()
-        results.append((parts, {name: p.grad.clone() for name, p in m.named_parameters()}))
-    (dense, grads_d), (sp, grads_s) = results
+    (dense, grads_d), (sp, grads_s) = loss_on_both_paths(m, x)
     assert dense.aux > 0
     # 2 decodes (loss, AuxK) of 2 sources; backward: 2 x 2 dW_dec + 2 x 2 dW_enc bags, 2 x 2 sampled dots
     assert triton_path == {"embedding_bag": 12, "sampled_dot": 4}

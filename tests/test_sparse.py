@@ -1,6 +1,5 @@
 """The sparse TopK/BatchTopK path against the dense computation: selection, forward, every gradient."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -85,10 +84,9 @@ def test_batchtopk_at_inference_uses_the_threshold_on_both_paths():
         torch.testing.assert_close(recon_s[n], recon_d[n], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_loss_with_auxk_and_its_gradients_match_the_dense_path(arch):
-    m, x = make(arch)
-    dead = torch.zeros(40, dtype=torch.bool)
+def loss_on_both_paths(m, x):
+    """The training loss with AuxK (every third latent dead) and its gradients, dense then sparse."""
+    dead = torch.zeros(m.n_latents, dtype=torch.bool, device=m.b_enc.device)
     dead[::3] = True
     results = []
     for use_sparse in (False, True):
@@ -97,7 +95,12 @@ def test_loss_with_auxk_and_its_gradients_match_the_dense_path(arch):
         parts = tr.loss_parts(m, x, l1=0.0, dead=dead, k_aux=5)
         parts.loss.backward()
         results.append((parts, {name: p.grad.clone() for name, p in m.named_parameters()}))
-    (dense, grads_d), (sp, grads_s) = results
+    return results
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_loss_with_auxk_and_its_gradients_match_the_dense_path(arch):
+    (dense, grads_d), (sp, grads_s) = loss_on_both_paths(*make(arch))
     assert dense.aux > 0
     for field in ("loss", "recon", "aux", "l0"):
         torch.testing.assert_close(getattr(sp, field), getattr(dense, field), rtol=1e-5, atol=1e-6, msg=field)

@@ -4,12 +4,9 @@ resume exactly after kill -9."""
 
 import itertools
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -24,7 +21,7 @@ from xcli.distributed import SINGLE
 from xcli.errors import BadInput
 from xcli.split import SourceSplit, assign, parameter_names
 from xcli.store import Source
-from test_distributed import ENV, descendants, saved_step
+from test_distributed import ENV, kill_job_when, saved_step
 
 
 def brute_force_largest_group(costs: list[int], world: int) -> int:
@@ -154,13 +151,7 @@ def test_batchtopk_split_over_two_processes_matches_one_process_and_resumes_exac
     killed = tmp_path / "killed.safetensors"
     proc = subprocess.Popen(torchrun(three_sources, killed, "batchtopk"), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while saved_step(killed) < 0:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.002)
-    for pid in descendants(proc.pid):
-        os.kill(pid, signal.SIGKILL)
+    kill_job_when(proc, lambda: saved_step(killed) >= 0, timeout=120)
     proc.communicate()
     assert 0 < saved_step(killed) < 60
     # The state is the usual one: one process resumes it too (up to float rounding).

@@ -307,6 +307,12 @@ class Run:
         """Rows to store: real tokens (not padding), and not special tokens unless asked."""
         return batch.mask & ~np.isin(batch.ids, self.special_ids)
 
+    @staticmethod
+    def row_ids(batch, keep: np.ndarray) -> dict[str, np.ndarray]:
+        """The token arrays of the kept rows: token id, corpus window and position in it."""
+        window, position = np.nonzero(keep)
+        return {"tokens": batch.ids[keep], "sequence": batch.first + window, "position": position}
+
     def activations(self, batch, keep: np.ndarray) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(batch.ids).to(self.device)
         mask = torch.from_numpy(batch.mask).to(self.device)
@@ -332,10 +338,8 @@ class Run:
                 if skip >= n:
                     skip -= n
                     continue
-                window, position = np.nonzero(keep)
                 stop = n if budget is None else min(n, skip + budget - done)
-                ids = {"tokens": batch.ids[keep][skip:stop], "sequence": batch.first + window[skip:stop],
-                       "position": position[skip:stop]}
+                ids = {k: v[skip:stop] for k, v in self.row_ids(batch, keep).items()}
                 acts = {name: _numpy(rows[skip:stop]) for name, rows in self.activations(batch, keep).items()}
                 background.put(acts, ids)
                 bar.update(stop - skip)
@@ -393,8 +397,7 @@ class Run:
                 chunks = [c for c in range(start // rows_per_chunk, -(-stop // rows_per_chunk)) if mine(c)]
                 if chunks:
                     acts = {name: _numpy(rows) for name, rows in self.activations(batch, keep).items()}
-                    window, position = np.nonzero(keep)
-                    ids = {"tokens": batch.ids[keep], "sequence": batch.first + window, "position": position}
+                    ids = self.row_ids(batch, keep)
                     for c in chunks:
                         lo, hi = max(start, c * rows_per_chunk), min(stop, (c + 1) * rows_per_chunk)
                         part = slice(lo - start, hi - start)
