@@ -5,7 +5,7 @@
 
 Three ways to produce the same greedy tokens for a batch of prompts, interleaved and repeated:
   generate   transformers' `model.generate` of the after-model alone (one forward pass per step);
-  amplify    `xcli.amplify.amplify_models` with alpha = 1 (two incremental passes per step, KV caches);
+  amplify    `xcli.lm.amplify.amplify_models` with alpha = 1 (two incremental passes per step, KV caches);
   no-cache   the same amplification recomputing both models on the whole prefix at each step
              (logits of the last position only).
 The expected cost of amplify is about 2x generate (two models); no-cache grows with length.
@@ -58,8 +58,8 @@ def main():
     torch.set_num_threads(args.threads)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from xcli import amplify as amp
-    from xcli.models import quiet_transformers
+    from xcli.lm import amplify as amp
+    from xcli.lm.models import quiet_transformers
 
     quiet_transformers()
     torch.manual_seed(0)

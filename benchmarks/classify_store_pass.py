@@ -23,8 +23,9 @@ def build(folder: Path, F: int, D: int, N: int) -> None:
     import numpy as np
     import torch
 
-    from xcli.crosscoder import Crosscoder, save
-    from xcli.store import Source, StoreWriter
+    from xcli.crosscoder.model import Crosscoder, save
+    from xcli.data.store import StoreWriter
+    from xcli.source import Source
 
     sources = [Source(f"{m}.resid_post.6", m, "resid_post", 6, D) for m in ("base", "chat")]
     model = Crosscoder(sources, F, "topk", k=32)
@@ -42,8 +43,8 @@ def one_run(folder: Path, batch_elements: int, device: str) -> dict:
     import torch
 
     import xcli
-    from xcli import classify as cl
-    from xcli.store import open_store
+    from xcli.analysis import classify as cl
+    from xcli.data.store import open_store
 
     torch.set_num_threads(2)
     model = xcli.load(folder / "xc.safetensors")

@@ -23,11 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import tiny_models  # noqa: E402
-
-from xcli import crosscoder as cc  # noqa: E402
-from xcli import dashboards as db  # noqa: E402
-from xcli import export as ex  # noqa: E402
-from xcli.store import Source, StoreWriter, open_store  # noqa: E402
+from xcli.crosscoder import model as cc  # noqa: E402
+from xcli.data.store import StoreWriter, open_store  # noqa: E402
+from xcli.export import dashboards as db  # noqa: E402
+from xcli.export import export  # noqa: E402
+from xcli.export import neuronpedia as ex  # noqa: E402
+from xcli.source import Source  # noqa: E402
 
 CONTEXT = 128
 
@@ -91,7 +92,7 @@ def main():
             encode = time.perf_counter() - t
             timings.clear()
             t = time.perf_counter()
-            out = ex.export(ex.ExportConfig(checkpoint, root / f"np{r}", store=store_path, device="cpu",
+            out = export(ex.ExportConfig(checkpoint, root / f"np{r}", store=store_path, device="cpu",
                                             model_paths=(f"lm={model_dir}",)))
             total = time.perf_counter() - t
             size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -2,14 +2,14 @@
 
     python benchmarks/fmx_vs_acausal.py [--seeds 2] [--tokens 524288] [--workdir DIR]
 
-The data (a small generator of our own, methods.md 5.5 "cross-layer version"): L layers of
+The data (our own generator, after Sharkey et al.'s planted dictionaries): L layers of
 one width d. Each planted feature spans a contiguous range of layers (span 1 = layer-local
 up to span L = every layer); within its span its direction drifts with depth (each layer adds
 a random component of relative size --drift to the previous direction) and it fires with one
 coefficient on all its layers. Firing is Bernoulli with --active features per token on
 average, coefficients Uniform(0.5, 1.5), no noise.
 
-Every arm trains through xcli.train with the same F, k (BatchTopK), batch, steps, lr and seed:
+Every arm trains through xcli.train.loop with the same F, k (BatchTopK), batch, steps, lr and seed:
 
     acausal          --arch batchtopk                       (the standard crosscoder)
     acausal+mask     --arch batchtopk --mask-prob 0.05      (masking alone)
@@ -23,7 +23,7 @@ and is scored on fresh rows from the same generator:
                         layers in raw units, has cosine > 0.9 with the planted one (zero off its span)
     FVU                 squared error / variance, summed over layers, raw units
     L0                  mean active latents per token (BatchTopK threshold at inference)
-    coherence           mean functional coherence of the latents that fire (xcli.coherence)
+    coherence           mean functional coherence of the latents that fire (xcli.analysis.coherence)
     C of matched        mean coherence of the latents matched to span-1 and to span-L features
                         (ideal: about 1 and about L)
 
@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 import xcli
-from xcli.coherence import functional_coherence
-from xcli.store import Source, StoreWriter
-from xcli.train import TrainConfig, train
+from xcli.analysis.coherence import functional_coherence
+from xcli.data.store import StoreWriter
+from xcli.source import Source
+from xcli.train.loop import TrainConfig, train
 
 ARMS = {
     "acausal": dict(arch="batchtopk"),

@@ -81,7 +81,7 @@ def main():
         corpus.write_text("\n".join(tiny_models.corpus_lines(args.tokens // 10, seed=1)) + "\n")
         common = ["--model", str(model), "--layers", "all", "--data", str(corpus), "--device", "cpu",
                   "-c", str(args.context_length), "-b", str(args.batch_size), "--chunk-rows", str(args.chunk_rows)]
-        from xcli.store import open_store
+        from xcli.data.store import open_store
 
         runs = {mode: [] for mode in MODES}
         for repeat in range(args.repeats):

@@ -8,7 +8,7 @@ temporary folder (throughput does not depend on the weight values; nothing is
 downloaded). The same token batches are then run, in alternating order, repeated:
 
     bare     the base model's forward pass, outputs discarded
-    harvest  xcli.harvest's streaming loop: hooks, dropping special tokens,
+    harvest  xcli.data.harvest's streaming loop: hooks, dropping special tokens,
              conversion to the storage dtype, and writing the store (writer thread)
 
 Model loading and store creation are outside both timings. Prints tokens/s per
@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import tiny_models  # noqa: E402  (the offline word-level tokenizer and a corpus generator)
-
 from xcli import files  # noqa: E402
-from xcli.harvest import HarvestConfig, open_writer, prepare  # noqa: E402
+from xcli.data.harvest import HarvestConfig, open_writer, prepare  # noqa: E402
 
 
 def build_model(root: Path) -> Path:
@@ -127,7 +126,7 @@ def breakdown(run, batches, model, cfg):
     Serial: the writer's work is timed on the main thread, so the sum is an upper bound
     on what the harvest costs when nothing overlaps.
     """
-    from xcli.harvest import _numpy
+    from xcli.data.harvest import _numpy
 
     run.config = cfg
     writer = open_writer(run, "new")

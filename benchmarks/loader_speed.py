@@ -29,10 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xcli import train as tr  # noqa: E402
-from xcli.crosscoder import Crosscoder  # noqa: E402
-from xcli.loader import BatchStream, StoreSet, split_chunks  # noqa: E402
-from xcli.store import Source, StoreWriter  # noqa: E402
+from xcli.crosscoder.model import Crosscoder  # noqa: E402
+from xcli.data.loader import BatchStream, StoreSet, train_eval_chunks  # noqa: E402
+from xcli.data.store import StoreWriter  # noqa: E402
+from xcli.source import Source  # noqa: E402
+from xcli.train import loop as tr  # noqa: E402
 
 
 def write_store(path: Path, args) -> None:
@@ -70,7 +71,7 @@ def main():
         write_store(store, args)
     stores = StoreSet([store])
     names = stores.names
-    train_chunks, _ = split_chunks(stores.n_chunks, 0.0)
+    train_chunks, _ = train_eval_chunks(stores.n_chunks, 0.0)
     stream = BatchStream(stores, names, train_chunks, args.batch, seed=0, shuffle_rows=args.shuffle_buffer)
     bytes_per_token = sum(s.d for s in stores.sources) * 2  # as stored (float16)
 

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--jobs 2] [--dir /tmp/xc-quality] [--no-readme]
 
-For each preset of `xc synth` (diff, layers, diff-layers; xcli.synth.PRESETS) it runs
+For each preset of `xc synth` (diff, layers, diff-layers; xcli.data.config.PRESETS) it runs
 the command line as a user would:
 
     xc synth PRESET -o STORE
@@ -13,7 +13,7 @@ with one protocol for all: F = 2 x the planted features, k = 4 (the expected num
 of active features; topk and batchtopk), l1 = 2 (relu, the default), batch 512, lr 4e-3,
 10 epochs of the 65,536-row store, 5% of the chunks held out (the metrics are on those).
 Runs use one thread each, --jobs at a time. Prints one JSON line per run and the table,
-and writes the table into README.md between the quality-table markers.
+and writes the table into benchmarks/README.md between the quality-table markers.
 """
 
 import argparse
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xcli.synth import PRESETS  # noqa: E402
+from xcli.data.config import PRESETS  # noqa: E402
 
 ARCHS = ("relu", "topk", "batchtopk")
 BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"
@@ -73,10 +73,10 @@ def table(rows: list[dict]) -> str:
 
 
 def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
+    readme = ROOT / "benchmarks" / "README.md"
     content = readme.read_text()
     if BEGIN not in content or END not in content:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to rewrite")
+        raise SystemExit(f"benchmarks/README.md has no {BEGIN} ... {END} block to rewrite")
     head, rest = content.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")

@@ -2,7 +2,7 @@
 
     python benchmarks/store_codecs.py [--rows 32768] [--d 768] [--sources 2] [--repeats 3]
 
-Writes the same rows through xcli.store.StoreWriter for every combination of
+Writes the same rows through xcli.data.store.StoreWriter for every combination of
 chunk rows (1024, 4096, 16384), codec (none, zstd, blosc-lz4) and storage dtype
 (float16, bfloat16), then reads them back chunk by chunk with read_chunk (the
 sequential pattern training uses; the page cache is warm, so reads measure
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from xcli import files
-from xcli import store as st
+from xcli.data import store as st
 
 CHUNK_ROWS = (1024, 4096, 16384)
 DTYPES = ("float16", "bfloat16")

@@ -1,6 +1,6 @@
-"""GPU training speed of xc (issue 10, benchmark b): tokens/s, fraction of bf16 peak, where the time goes.
+"""GPU training speed of xc: tokens/s, fraction of bf16 peak, where the time goes.
 
-Times xc's real training step (`xcli.train.train_step`: sparse path, bf16 encoder matmul, gradient
+Times xc's real training step (`xcli.train.loop.train_step`: sparse path, bf16 encoder matmul, gradient
 clipping, fused Adam, dead-latent counters, BatchTopK threshold) on random activations already on
 the device, for 2 sources x d = 2304 (Gemma-2-2B width, D = 4608), F in {16384, 32768, 65536},
 k = 100, batches of 4096 to 32768 tokens, with the Triton kernels (xcli/kernels.py) and without
@@ -39,9 +39,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xcli import sparse, train as tr  # noqa: E402
-from xcli.crosscoder import Crosscoder  # noqa: E402
-from xcli.store import Source  # noqa: E402
+from xcli.crosscoder import sparse
+from xcli.crosscoder.model import Crosscoder  # noqa: E402
+from xcli.source import Source  # noqa: E402
+from xcli.train import loop as tr  # noqa: E402
 
 PEAK_BF16_TFLOPS = {  # dense (no 2:4 sparsity), NVIDIA's figures; matched against the device name
     "H100 PCIe": 756, "H100": 989, "H200": 989, "GH200": 989, "A100": 312,

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xcli import synth  # noqa: E402
+from xcli.data import synth  # noqa: E402
 
 
 def run(store: Path, out: Path, args) -> dict:

@@ -3,7 +3,7 @@
 The baseline is written the way public crosscoder code writes it (ckkissane's
 replication, dictionary_learning's BatchTopKCrossCoder): dense einsum encoder and
 decoder, selection by f · decoder norm, autograd, torch.optim.Adam with its
-defaults. xc runs its real training step (xcli.train.train_step: sparse path,
+defaults. xc runs its real training step (xcli.train.loop.train_step: sparse path,
 gradient clipping, fused Adam, dead-latent counters, BatchTopK threshold).
 
 Variants run interleaved, `--steps` steps each per repeat, after a warm-up; the
@@ -25,9 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xcli import sparse, train as tr  # noqa: E402
-from xcli.crosscoder import Crosscoder  # noqa: E402
-from xcli.store import Source  # noqa: E402
+from xcli.crosscoder import sparse
+from xcli.crosscoder.model import Crosscoder  # noqa: E402
+from xcli.source import Source  # noqa: E402
+from xcli.train import loop as tr  # noqa: E402
 
 
 class DenseCrosscoder(torch.nn.Module):
@@ -88,7 +89,7 @@ def main():
     parser.add_argument("--variants", default="dense,dense-bf16,xc-fp32,xc-bf16",
                         help="comma-separated: dense, dense-bf16, xc-fp32, xc-bf16, xc-bf16-dense-egrad")
     parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's defaults (xc train tunes them on CPU; see xcli.train.keep_freed_memory)")
+                        help="leave glibc's defaults (xc train tunes them on CPU; see xcli.train.loop.keep_freed_memory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

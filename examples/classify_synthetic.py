@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 import xcli
-from xcli import synth
-from xcli.store import Source, StoreWriter
+from xcli.data import synth
+from xcli.data.store import StoreWriter
+from xcli.source import Source
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="xc-classify-"))
 work.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ def xc(*args: str) -> str:
 checkpoint = xc("train", str(store), "-o", str(work / "xc.safetensors"), "--overwrite", "--arch", "relu",
                 "--l1", "2", "--latents", "32", "--batch-size", "256", "--tokens", "24576",
                 "--eval-fraction", "0.05", "--dead-tokens", "5000", "--shuffle-buffer", "4096").strip()
-# In Python: xcli.classify.classify(xcli.load(checkpoint), xcli.store.open_store(store)).
+# In Python: xcli.analysis.classify.classify(xcli.load(checkpoint), xcli.data.store.open_store(store)).
 xc("classify", checkpoint, "--store", str(store), "--plot", str(work / "figures"), "--overwrite",
    "-o", str(work / "latents.jsonl"))
 rows = [json.loads(line) for line in (work / "latents.jsonl").read_text().splitlines()]

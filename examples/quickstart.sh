@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job: find a planted difference between two tiny language models with xc.
+# The quick start (docs/quickstart.md): find a planted difference between two tiny language models with xc.
 #
 #   bash examples/quickstart.sh
 #

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import xcli
-from xcli import synth
+from xcli.data import synth
 
 work = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="xc-synth-"))
 work.mkdir(parents=True, exist_ok=True)
@@ -24,7 +24,7 @@ store = work / "planted.zarr"
 truth = synth.make_store(store, n_tokens=65536, d=16, n_shared=12, n_exclusive=6, active=3.0,
                          chunk_rows=1024, seed=3, overwrite=True)
 
-# The command line; in Python: xcli.train.train(xcli.train.TrainConfig(...)).
+# The command line; in Python: xcli.train.loop.train(xcli.train.loop.TrainConfig(...)).
 checkpoint = subprocess.run(
     [sys.executable, "-m", "xcli", "train", str(store), "-o", str(work / "xc.safetensors"), "--overwrite",
      "--latents", "64", "--k", "3", "--batch-size", "256", "--tokens", "196608", "--eval-fraction", "0.05",

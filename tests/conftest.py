@@ -10,10 +10,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import tiny_models  # noqa: E402
 import torch  # noqa: E402
 
-# Without a GPU, the Triton kernels (tests/test_kernels.py) run under Triton's interpreter, which
+import tiny_models  # noqa: E402
+
+# Every test computes on one thread, and so does every process a test starts (torchrun ranks, `xc`
+# in a subprocess): tiny matmuls are fastest so, the CPU is shared, and in-process and subprocess runs
+# then do identical arithmetic, bit for bit. Set once for the session, before any fixture computes.
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+# Without a GPU, the Triton kernels (tests/crosscoder/test_kernels.py) run under Triton's interpreter, which
 # must be on before triton is imported and while kernels are decorated and launched.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -30,6 +37,13 @@ def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(tiny_models.corpus_lines(60)) + "\n")
     return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A test that changes the thread count (a benchmark-like check, say) cannot leak it into the next."""
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -6,16 +6,22 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous address; `process_
 joins the group (NCCL for CUDA, gloo for CPU) and yields a `Comm`. Outside torchrun the
 same code runs with `Comm()`, whose collectives are the identity, so the training
 loop has one path for one process and for many. `xc train --split-sources` uses the
-same Comm to split one crosscoder's sources over the ranks instead (xcli/split.py).
+same Comm to split one crosscoder's sources over the ranks instead
+(xcli.crosscoder.source_parallel). `agree` and `together` stop every rank alike when one
+fails; which rank speaks for all is xcli.ranks.
 """
 
 import os
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from xcli.errors import BadInput, XcError
+from xcli.ranks import ReportedByRankZero, launched  # noqa: F401 (launched: read here by callers)
 
 
 class Comm:
@@ -72,7 +78,7 @@ class Comm:
 
     def sum_gradient(self, t: Tensor) -> Tensor:
         """t itself, but its gradient is summed over the ranks (model parallel: each rank
-        holds a part of the loss that depends on t; xcli/split.py)."""
+        holds a part of the loss that depends on t; xcli.crosscoder.source_parallel)."""
         return _SumGradient.apply(t, self) if self.world > 1 else t
 
 
@@ -91,9 +97,38 @@ SINGLE = Comm.__new__(Comm)
 SINGLE.active, SINGLE.rank, SINGLE.world = False, 0, 1
 
 
-def launched() -> bool:
-    """Whether this process is one of several that torchrun (or SLURM via torchrun) started."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+# -- failing together -------------------------------------------------------------------------------
+
+
+def agree(comm: Comm, error: XcError | None) -> None:
+    """Collective: if any rank failed, every rank raises (rank 0 the first failure, the others quietly)."""
+    if comm.world == 1:
+        if error is not None:
+            raise error
+        return
+    failures = [None] * comm.world
+    dist.all_gather_object(failures, None if error is None else (error.exit_code, str(error)))
+    first = next((f for f in failures if f is not None), None)
+    if first is None:
+        return
+    code, message = first
+    if not comm.main:
+        raise ReportedByRankZero(message, code)
+    if error is not None:
+        raise error
+    raise (BadInput if code == BadInput.exit_code else XcError)(message)
+
+
+def together(comm: Comm, action: Callable | None, catching: type[XcError] = XcError):
+    """Run `action` (None: nothing to do on this rank), then stop every rank if it failed on any."""
+    result, error = None, None
+    try:
+        if action is not None:
+            result = action()
+    except catching as e:
+        error = e
+    agree(comm, error)
+    return result
 
 
 @contextmanager

@@ -1,0 +1,156 @@
+"""The conventions every command follows: exit codes, one-line errors, stdout for results."""
+
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from xcli import console, files
+from xcli.cli import cli
+from xcli.cli.params import common_options
+from xcli.errors import BadInput, XcError
+
+SUBCOMMANDS = ["harvest", "train", "classify", "amplify", "export"]
+
+
+def run(args, **kwargs):
+    return CliRunner().invoke(cli, args, **kwargs)
+
+
+def test_help_lists_the_five_subcommands():
+    result = run(["--help"])
+    assert result.exit_code == 0
+    for sub in SUBCOMMANDS:
+        assert f"  {sub} " in result.stdout
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_each_subcommand_has_help(sub):
+    result = run([sub, "--help"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"Usage: xc {sub}")
+
+
+def test_version():
+    from xcli import __version__
+
+    result = run(["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+def test_bad_option_is_one_line_exit_2_no_traceback():
+    result = run(["--no-such-option"])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "--no-such-option" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_unknown_command_exit_2():
+    result = run(["frobnicate"])
+    assert result.exit_code == 2 and "frobnicate" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# A throwaway group wired like `xc`, to test the error translation in isolation.
+@click.group(cls=type(cli))
+def demo():
+    pass
+
+
+@demo.command()
+@common_options
+@click.argument("kind")
+def boom(kind):
+    if kind == "bad":
+        raise BadInput("value 'x' for --thing is not valid; use one of a, b")
+    if kind == "runtime":
+        raise XcError("the disk is full")
+    if kind == "interrupt":
+        raise KeyboardInterrupt
+    if kind == "bug":
+        raise ValueError("unexpected")
+    console.info("working")
+    console.warn("careful")
+    click.echo("/path/to/result")
+
+
+@pytest.mark.parametrize("kind,code", [("bad", 2), ("runtime", 1), ("interrupt", 130), ("bug", 1), ("ok", 0)])
+def test_exit_codes(kind, code):
+    result = CliRunner().invoke(demo, ["boom", kind])
+    assert result.exit_code == code
+    assert "Traceback" not in result.stderr
+    if code:
+        assert result.stdout == ""
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_debug_shows_traceback():
+    result = CliRunner().invoke(demo, ["boom", "bug", "--debug"])
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+
+
+def test_results_on_stdout_and_logs_only_on_a_terminal():
+    # CliRunner's stderr is not a terminal: info is hidden, warnings are shown.
+    result = CliRunner().invoke(demo, ["boom", "ok"])
+    assert result.stdout == "/path/to/result\n"
+    assert "working" not in result.stderr and "careful" in result.stderr
+    result = CliRunner().invoke(demo, ["boom", "ok", "--quiet"])
+    assert result.stdout == "/path/to/result\n" and result.stderr == ""
+
+
+def test_installed_entry_point_runs_as_a_process():
+    proc = subprocess.run([sys.executable, "-m", "xcli", "train", "no-such.zarr", "-o", "x.safetensors"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_check_output_refuses_to_clobber(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_text("old")
+    with pytest.raises(BadInput, match="--overwrite"):
+        files.check_output(target)
+    assert files.check_output(target, overwrite=True) == target
+    with pytest.raises(BadInput, match="does not exist"):
+        files.check_output(tmp_path / "missing" / "out.bin")
+
+
+def test_atomic_path_file_and_folder(tmp_path):
+    target = tmp_path / "result.txt"
+    with files.atomic_path(target) as tmp:
+        tmp.write_text("new")
+        assert not target.exists()
+    assert target.read_text() == "new"
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    (folder / "old").write_text("x")
+    with files.atomic_path(folder, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "fresh").write_text("y")
+    assert sorted(p.name for p in folder.iterdir()) == ["fresh"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "result.txt"
+    with pytest.raises(RuntimeError):
+        with files.atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dash_reads_one_path_from_stdin(monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("/tmp/acts.zarr\n"))
+    assert files.read_path_argument("-") == "/tmp/acts.zarr"
+    assert files.read_path_argument("plain.zarr") == "plain.zarr"
+    monkeypatch.setattr("sys.stdin", io.StringIO("a\nb\n"))
+    with pytest.raises(BadInput, match="one path"):
+        files.read_path_argument("-")

@@ -1,0 +1,46 @@
+"""The architectures a crosscoder can have, and the checks of their options.
+
+No torch here: `xc --help` lists these choices, and configs check them, without loading
+the model code (xcli.crosscoder.model, xcli.crosscoder.fmx).
+"""
+
+from xcli.errors import BadInput
+
+ARCHS = ("relu", "topk", "batchtopk")
+FMX_ARCHS = ("fmx", "fmx-topk", "fmx-relu")
+"""--arch values of fmxcoders; `fmx` selects with BatchTopK, as the paper does."""
+FACTORIZATIONS = ("tr", "cp")
+DEFAULT_MASK_PROB = 0.05
+SOURCE_PARALLEL_ARCHS = ("topk", "batchtopk")
+"""--arch values that `xc train --split-sources` trains."""
+
+
+def is_fmx(arch: str) -> bool:
+    return arch in FMX_ARCHS
+
+
+def activation_of(arch: str) -> str:
+    """The activation an --arch selects with: relu, topk or batchtopk."""
+    return {"fmx": "batchtopk", "fmx-topk": "topk", "fmx-relu": "relu"}.get(arch, arch)
+
+
+def check_ranks(factorization: str, ranks) -> tuple[int, ...]:
+    ranks = tuple(int(r) for r in ranks)
+    want = 3 if factorization == "tr" else 1
+    if len(ranks) not in ((1, 3) if factorization == "tr" else (1,)) or min(ranks) < 1:
+        shape = "R (all three) or R1,R2,R3" if want == 3 else "one rank R"
+        raise BadInput(f"--ranks {','.join(map(str, ranks))} does not fit --factorization {factorization}: "
+                       f"give {shape}, positive whole numbers")
+    return ranks * 3 if len(ranks) < want else ranks
+
+
+def check_fmx_options(arch: str, factorization: str | None, ranks, mask_prob: float | None) -> None:
+    """Validate the fmx options of a TrainConfig (before the stores are opened)."""
+    if not is_fmx(arch) and (factorization is not None or ranks is not None):
+        raise BadInput(f"--factorization and --ranks apply to --arch {', '.join(FMX_ARCHS)}; not to {arch}")
+    if factorization is not None and factorization not in FACTORIZATIONS:
+        raise BadInput(f"--factorization {factorization!r} is not known; use one of {', '.join(FACTORIZATIONS)}")
+    if ranks is not None:
+        check_ranks(factorization or "tr", ranks)
+    if mask_prob is not None and not 0 <= mask_prob < 1:
+        raise BadInput(f"--mask-prob {mask_prob} must be at least 0 and below 1")

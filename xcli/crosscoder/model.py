@@ -1,0 +1,344 @@
+"""The crosscoder: per-source encoders into one shared latent space, per-source decoders out.
+
+    f      = act( sum_{s in read}  (x_s * scale_s) @ W_enc^s  + b_enc )        (B, F)
+    x̂_s   = ( f @ W_dec^s + b_dec^s ) / scale_s          for s in write       (B, d_s)
+
+`scale_s` makes each source's mean squared norm equal to d_s during training; it is
+applied inside encode/decode, so callers pass and receive raw activations.
+Decoder norms (used for classification) are in normalised units.
+
+act is ReLU (with an L1 penalty weighted by the sum of per-source decoder norms),
+TopK per token, or BatchTopK (top k*B over the batch in training; a learned global
+threshold at inference, so that encoding one token never depends on its batch).
+Latents are ranked by f_i * sum_s ||W_dec,i^s||; the kept values are the unscaled f_i.
+
+The checkpoint (man/xc-checkpoint.5) is one safetensors file: tensors
+`encoder.<source>` (d_s, F), `decoder.<source>` (F, d_s), `encoder_bias` (F,),
+`decoder_bias.<source>` (d_s,), `input_scale.<source>` (), `threshold` () for
+batchtopk, and metadata key "xc" holding a JSON description.
+"""
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from xcli.crosscoder import sparse
+from xcli.crosscoder.config import ARCHS
+from xcli.distributed import SINGLE, Comm
+from xcli.errors import BadInput
+from xcli.files import atomic_path
+from xcli.source import Source
+from xcli.version import __version__
+
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "crosscoder", 1
+
+
+class ForwardOutput(NamedTuple):
+    latents: Tensor
+    """Latent activations f, shape (B, F), zero where not selected."""
+    reconstruction: dict[str, Tensor]
+    """Reconstruction of each written source in normalised units, shape (B, d_s)."""
+    pre_activations: Tensor
+    """Encoder output before the activation function, shape (B, F)."""
+
+
+class SparseOutput(NamedTuple):
+    pairs: sparse.Pairs
+    """The selected (token, latent) pairs."""
+    values: Tensor
+    """f at the pairs, (N,); differentiable in the encoder."""
+    reconstruction: dict[str, Tensor]
+    """Reconstruction of each written source in normalised units, shape (B, d_s)."""
+    encoder_out: Tensor
+    """Σ_s x_s @ W_enc^s without the bias, (B, F), in the compute dtype, without grad."""
+    inputs: list[Tensor]
+    """The read sources in normalised units (what the encoder multiplied)."""
+    compute_dtype: torch.dtype
+    min_score: Tensor | None
+    """BatchTopK in training: the smallest kept selection score (what the threshold tracks)."""
+    encoder: list[Tensor]
+    """The encoder weights used, per read source (d_s, F)."""
+    decoder: list[Tensor]
+    """The decoder weights used, per written source (F, d_s)."""
+
+
+class Crosscoder(nn.Module):
+    sparse_path = True
+    """Train TopK/BatchTopK on the sparse path (xcli.crosscoder.sparse); False: the dense reference."""
+    factorized = False
+    """True in subclasses that compute W_enc / W_dec from factors (xcli/fmx.py) instead of holding them."""
+    source_comm: Comm = SINGLE
+    """Model parallel (xcli.crosscoder.source_parallel): the ranks that hold the other sources; this model holds some of them."""
+
+    def __init__(self, sources: list[Source], n_latents: int, arch: str = "batchtopk", k: int | None = None,
+                 read: list[str] | None = None, write: list[str] | None = None):
+        super().__init__()
+        names = [s.name for s in sources]
+        read, write = list(read or names), list(write or names)
+        if arch not in ARCHS:
+            raise BadInput(f"--arch {arch!r} is not known; use one of {', '.join(ARCHS)}")
+        for label, chosen in (("--read", read), ("--write", write)):
+            unknown = [n for n in chosen if n not in names]
+            if unknown:
+                raise BadInput(f"{label} names unknown source {unknown[0]!r}; sources are: {', '.join(names)}")
+            if not chosen:
+                raise BadInput(f"{label} names no source; sources are: {', '.join(names)}")
+        if arch in ("topk", "batchtopk") and not (k and 0 < k < n_latents):
+            raise BadInput(f"--k {k} must be between 1 and the number of latents - 1 ({n_latents - 1})")
+        self.sources, self.n_latents, self.arch, self.k = list(sources), n_latents, arch, k
+        self.read, self.write = read, write
+        d = {s.name: s.d for s in sources}
+        # ParameterLists, not dicts: source names contain dots, which module keys cannot.
+        if not self.factorized:
+            self.W_enc = nn.ParameterList([nn.Parameter(torch.zeros(d[n], n_latents)) for n in read])
+            self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(n_latents, d[n])) for n in write])
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec = nn.ParameterList([nn.Parameter(torch.zeros(d[n])) for n in write])
+        self.register_buffer("input_scale", torch.ones(len(sources)))
+        self.register_buffer("threshold", torch.zeros(()))
+
+    # -- parameters by source name ------------------------------------------------
+    def scale(self, name: str) -> Tensor:
+        return self.input_scale[[s.name for s in self.sources].index(name)]
+
+    def encoder_weight(self, name: str) -> Tensor:
+        return self.W_enc[self.read.index(name)]
+
+    def decoder_weight(self, name: str) -> Tensor:
+        return self.W_dec[self.write.index(name)]
+
+    def decoder_bias(self, name: str) -> Tensor:
+        return self.b_dec[self.write.index(name)]
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None, decoder_norm: float = 0.1) -> None:
+        """Decoder rows: random directions of norm `decoder_norm` per source; encoder = decoder^T."""
+        for name in self.write:
+            w = torch.randn(self.decoder_weight(name).shape, generator=generator)
+            self.decoder_weight(name).copy_(w / w.norm(dim=1, keepdim=True) * decoder_norm)
+        for name in self.read:
+            if name in self.write:
+                self.encoder_weight(name).copy_(self.decoder_weight(name).T)
+            else:  # a read-only source (e.g. a transcoder's input): random, same scale
+                w = torch.randn(self.encoder_weight(name).shape, generator=generator)
+                self.encoder_weight(name).copy_(w / w.norm(dim=0, keepdim=True) * decoder_norm)
+        self.b_enc.zero_()
+        for b in self.b_dec:
+            b.zero_()
+
+    @torch.no_grad()
+    def init_decoder_bias(self, means: dict[str, Tensor]) -> None:
+        """Start each decoder bias at its source's mean (raw units in, normalised units stored)."""
+        for name in self.write:
+            self.decoder_bias(name).copy_(torch.as_tensor(means[name]) * self.scale(name))
+
+    # -- the model ------------------------------------------------------------------
+    def decoder_norms(self) -> Tensor:
+        """Per-latent decoder norm in each written source, shape (F, n_write), normalised units."""
+        return torch.stack([w.norm(dim=1) for w in self.W_dec], dim=1)
+
+    def scores(self, f: Tensor) -> Tensor:
+        """The selection score f_i * sum_s ||W_dec,i^s|| that TopK, BatchTopK and the threshold use."""
+        return f * self.decoder_norms().sum(dim=1)
+
+    def pre_activations(self, x: dict[str, Tensor]) -> Tensor:
+        out = self.b_enc
+        for name, w in zip(self.read, self.W_enc):
+            out = out + (x[name].to(w.dtype) * self.scale(name)) @ w
+        return out
+
+    def activate(self, pre: Tensor, batch_select: bool | None = None) -> Tensor:
+        """The activation function. batch_select: BatchTopK over the batch (default: in training)."""
+        f = torch.relu(pre)
+        if self.arch == "relu":
+            return f
+        score = self.scores(f)
+        if self.arch == "topk":
+            idx = score.topk(self.k, dim=-1).indices
+            return torch.zeros_like(f).scatter(-1, idx, f.gather(-1, idx))
+        if batch_select if batch_select is not None else self.training:
+            flat = score.flatten()
+            idx = flat.topk(min(self.k * score.shape[0], flat.numel())).indices
+            keep = torch.zeros_like(flat, dtype=torch.bool).scatter(0, idx, True).view_as(f)
+            return f * (keep & (score > 0))
+        return f * (score > self.threshold)
+
+    def encode(self, x: dict[str, Tensor], batch_select: bool | None = None) -> Tensor:
+        """Raw activations of the read sources -> latents f (B, F)."""
+        return self.activate(self.pre_activations(x), batch_select)
+
+    def decode_normalised(self, f: Tensor, bias: bool = True) -> dict[str, Tensor]:
+        return {name: f.to(w.dtype) @ w + b if bias else f.to(w.dtype) @ w
+                for name, w, b in zip(self.write, self.W_dec, self.b_dec)}
+
+    def decode(self, f: Tensor) -> dict[str, Tensor]:
+        """Latents f -> reconstructions of the written sources in raw units."""
+        return {name: y / self.scale(name) for name, y in self.decode_normalised(f).items()}
+
+    def forward(self, x: dict[str, Tensor], batch_select: bool | None = None) -> ForwardOutput:
+        pre = self.pre_activations(x)
+        f = self.activate(pre, batch_select)
+        return ForwardOutput(f, self.decode_normalised(f), pre)
+
+    def forward_sparse(self, x: dict[str, Tensor], batch_select: bool | None = None, batch_rows: int | None = None,
+                       comm: Comm = SINGLE) -> SparseOutput:
+        """`forward` for topk and batchtopk without any dense (B, F) latent matrix after the selection:
+        the decoder gathers the selected rows, and the backward touches only the selected latents.
+
+        Under autocast (bf16) the encoder matmul runs in bf16; the rest stays in float32.
+        Data-parallel: x is this rank's share of a batch of `batch_rows` rows, and BatchTopK
+        selects over the whole batch through `comm`. Split over sources (`self.source_comm`): x holds
+        this rank's sources of the whole batch, and every rank makes the same selection."""
+        if self.arch == "relu":
+            raise ValueError("forward_sparse is for topk and batchtopk; relu latents are dense")
+        device = self.b_enc.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+        enc, dec = list(self.W_enc), list(self.W_dec)  # once: computed from factors in xcli.crosscoder.fmx
+        xs = [x[name].to(w.dtype) * self.scale(name) for name, w in zip(self.read, enc)]
+        min_score = None
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            mm = sparse.encoder_matmul(xs, enc, dtype)  # (B, F)
+            norms = torch.stack([w.norm(dim=1) for w in dec], dim=1).sum(dim=1)
+            if self.source_comm.world > 1:  # sums over this rank's sources -> over all sources
+                mm, norms = self.source_comm.sum_(mm), self.source_comm.sum_(norms)
+            # pre * norms in one pass over (B, F), in the matmul's dtype; <= 0 where ReLU gives 0
+            score = torch.addcmul((self.b_enc * norms).to(mm.dtype), mm, norms.to(mm.dtype))
+            if self.arch == "topk":
+                pairs = sparse.select_topk(score, self.k)
+            elif batch_select if batch_select is not None else self.training:
+                pairs, min_score = sparse.select_batchtopk(score, self.k, batch_rows=batch_rows, comm=comm)
+            else:
+                pairs = sparse.select_above(score, self.threshold)
+            del score
+            pre_at = pairs.gather(mm).float() + self.b_enc[pairs.cols]
+        values = sparse.encoder_values(pairs, pre_at, xs, self.b_enc, enc, dtype)
+        values = self.source_comm.sum_gradient(values)  # dv_n = Σ over all sources' decoders
+        decoded = sparse.decode(pairs, values, dec)
+        recon = {name: y + b for name, y, b in zip(self.write, decoded, self.b_dec)}
+        return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec)
+
+    def sparse_aux_reconstruction(self, out: SparseOutput, dead: Tensor, k_aux: int) -> dict[str, Tensor]:
+        """AuxK on the sparse path: the decoded (no bias) top k_aux ReLU pre-activations among dead latents."""
+        dead_latents = dead.nonzero().squeeze(1)
+        k_aux = min(k_aux, dead_latents.numel())
+        with torch.no_grad():
+            pre_dead = out.encoder_out[:, dead_latents].float() + self.b_enc[dead_latents]
+            pairs = sparse.Pairs.per_row(dead_latents[pre_dead.topk(k_aux, dim=1, sorted=False).indices],
+                                         self.n_latents)
+            pre_at = pairs.gather(out.encoder_out).float() + self.b_enc[pairs.cols]
+        values = sparse.encoder_values(pairs, pre_at, out.inputs, self.b_enc, out.encoder, out.compute_dtype)
+        values = self.source_comm.sum_gradient(values)
+        return dict(zip(self.write, sparse.decode(pairs, values, out.decoder)))
+
+    def normalise(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: v * self.scale(name) for name, v in x.items()}
+
+    # -- training helpers ------------------------------------------------------------
+    def aux_latents(self, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """AuxK: per token, the k_aux largest ReLU pre-activations among dead latents, (B, F).
+
+        Decoding these (without bias) should explain the residual the live latents leave,
+        which gives dead latents a gradient (Gao et al. 2024).
+        """
+        k_aux = min(k_aux, int(dead.sum()))
+        if k_aux == 0:
+            return torch.zeros_like(pre)
+        masked = torch.where(dead, torch.relu(pre), torch.zeros_like(pre))
+        top = masked.topk(k_aux, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+
+    @torch.no_grad()
+    def batch_threshold(self, f: Tensor) -> Tensor:
+        """The smallest positive selection score kept in a training batch (BatchTopK), a scalar."""
+        score = self.scores(f.float())
+        positive = score[score > 0]
+        return positive.min() if positive.numel() else torch.zeros((), device=f.device)
+
+    @torch.no_grad()
+    def update_threshold(self, batch_min: Tensor, decay: float) -> None:
+        """Move the inference threshold toward one batch's minimum: an exponential moving average."""
+        self.threshold.mul_(decay).add_((1 - decay) * batch_min.to(self.threshold.dtype))
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """Tensors a subclass saves beside the ones every reader knows (xcli/fmx.py: its factors)."""
+        return {}
+
+    # -- description -----------------------------------------------------------------
+    def describe(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "xc_version": __version__,
+            "arch": self.arch, "n_latents": self.n_latents, "k": self.k,
+            "sources": [s.to_json() for s in self.sources], "read": self.read, "write": self.write,
+            "conventions": {
+                "reconstruction_loss": "sum over written sources of squared L2 error, normalised units",
+                "sparsity_penalty": "l1 * sum_i f_i * sum_s ||W_dec,i^s|| (relu only)",
+                "selection_score": "f_i * sum_s ||W_dec,i^s||",
+                "decoder_norm_units": "normalised (input scaled so mean squared norm = d_s)",
+            },
+        }
+
+
+def checkpoint_tensors(model: Crosscoder) -> dict[str, Tensor]:
+    tensors = {"encoder_bias": model.b_enc}
+    for name in model.read:
+        tensors[f"encoder.{name}"] = model.encoder_weight(name)
+    for name in model.write:
+        tensors[f"decoder.{name}"] = model.decoder_weight(name)
+        tensors[f"decoder_bias.{name}"] = model.decoder_bias(name)
+    for s in model.sources:
+        tensors[f"input_scale.{s.name}"] = model.scale(s.name)
+    if model.arch == "batchtopk":
+        tensors["threshold"] = model.threshold
+    tensors.update(model.extra_tensors())
+    return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+
+
+def save(model: Crosscoder, path, extra: dict | None = None, overwrite: bool = True) -> Path:
+    """Write the checkpoint atomically. `extra` (hyperparameters, store, training) joins the metadata."""
+    meta = {**model.describe(), **(extra or {})}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(checkpoint_tensors(model), str(tmp), metadata={"xc": json.dumps(meta)})
+    return Path(path)
+
+
+def read_metadata(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise BadInput(f"{str(path)!r} is not a safetensors checkpoint ({e})") from e
+    if "xc" not in meta:
+        raise BadInput(f"{str(path)!r} is a safetensors file without xc metadata; it is not an xc checkpoint")
+    return json.loads(meta["xc"])
+
+
+def load(path, device: str | torch.device = "cpu") -> Crosscoder:
+    """Open a checkpoint as a Crosscoder in eval mode (BatchTopK uses its threshold)."""
+    meta = read_metadata(path)
+    if meta.get("format") != CHECKPOINT_FORMAT or int(meta.get("version", 0)) > CHECKPOINT_VERSION:
+        raise BadInput(f"{str(path)!r} has checkpoint format {meta.get('format')!r} version "
+                       f"{meta.get('version')!r}; this xc reads {CHECKPOINT_FORMAT!r} up to {CHECKPOINT_VERSION}")
+    sources = [Source.from_json(s) for s in meta["sources"]]
+    model = Crosscoder(sources, int(meta["n_latents"]), meta["arch"], meta.get("k"), meta["read"], meta["write"])
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        with torch.no_grad():
+            model.b_enc.copy_(f.get_tensor("encoder_bias"))
+            for name in model.read:
+                model.encoder_weight(name).copy_(f.get_tensor(f"encoder.{name}"))
+            for name in model.write:
+                model.decoder_weight(name).copy_(f.get_tensor(f"decoder.{name}"))
+                model.decoder_bias(name).copy_(f.get_tensor(f"decoder_bias.{name}"))
+            for i, s in enumerate(sources):
+                model.input_scale[i] = f.get_tensor(f"input_scale.{s.name}")
+            if model.arch == "batchtopk":
+                model.threshold.copy_(f.get_tensor("threshold"))
+    model.metadata = meta
+    return model.eval().to(device)

@@ -1,0 +1,485 @@
+"""xc harvest: run models over a corpus and stream chosen activations into a store.
+
+    config = HarvestConfig(models=("base=PATH", "chat=PATH"), data="corpus.txt",
+                           output=Path("acts.zarr"), layers="6")
+    harvest(config)  # -> Path("acts.zarr")
+
+Every model sees the same token windows (xcli.data.corpus) and its activations are
+caught by forward hooks (xcli.lm.sites). Rows of special tokens and padding are
+dropped (unless asked), the rest are converted to the storage dtype on the
+device, checked for overflow and handed to a writer thread, so that compression
+and disk writes overlap the next forward pass. The store (xcli.data.store) commits
+whole chunks; a killed run resumes with `resume=True` by recounting the rows it
+already holds from the token ids alone and continuing from there with the same
+batches, so that the result equals an uninterrupted run.
+
+Under torchrun every rank runs `harvest`: the store's chunks are dealt to the ranks in
+blocks, each rank computes and writes its own chunks (xcli.data.store.ChunkWriter), and rank 0
+creates the store and finishes it (harvest_sharded). The store is the one a single
+process writes, row for row.
+"""
+
+import itertools
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from xcli import console, files
+from xcli.data import store as st
+from xcli.data.config import HarvestConfig
+from xcli.data.corpus import Batch, Packing, batches, check_data, describe_data, read_documents, windows
+from xcli.devices import resolve_device
+from xcli.distributed import SINGLE, Comm, launched, local_device, process_group, together
+from xcli.errors import BadInput, XcError
+from xcli.lm.config import parse_layers
+from xcli.lm.models import LoadedModel, context_limit, load_model, n_layers
+from xcli.lm.sites import Catcher, resolve_sites
+from xcli.source import validate_source_names
+
+DEFAULT_CONTEXT_LENGTH = 1024
+STORAGE_TORCH = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+PROBE_TOKENS = 8
+# Under torchrun, blocks of chunks of about this many batches go to the ranks in turn. A batch
+# astride two blocks runs on both ranks, so this bounds the repeated work to about 1/16.
+BATCHES_PER_BLOCK = 16
+
+
+def existing_store_state(config: HarvestConfig) -> str:
+    """'new', 'resume' or 'done' for the output; refuses what would clobber or mix runs."""
+    out = config.output
+    if not out.exists():
+        files.check_output(out)  # the parent folder must exist
+        return "new"
+    if config.overwrite:
+        return "new"
+    try:
+        store = st.open_store(out)
+        recorded = store.meta.get("harvest")
+    except BadInput:
+        recorded, store = None, None
+    if recorded is None:
+        raise BadInput(f"output {str(out)!r} already exists and is not a store from xc harvest; "
+                       f"pass --overwrite to replace it")
+    mine = config.identity()
+    differ = sorted(k for k in set(mine) | set(recorded) if mine.get(k) != recorded.get(k))
+    if store.complete and not differ:
+        return "done"
+    if differ:
+        raise BadInput(f"output {str(out)!r} already exists, written with other arguments ({', '.join(differ)} "
+                       f"differ); pass --overwrite to replace it")
+    if not config.resume:
+        held = (f"{len(st.committed_chunks(out))} chunks written" if store.meta.get("sharded")
+                else f"{store.n_tokens} tokens")
+        raise BadInput(f"output {str(out)!r} already exists and is incomplete ({held}); "
+                       f"pass --resume to continue it or --overwrite to start again")
+    return "resume"
+
+
+def check_same_vocabulary(models: list[LoadedModel]) -> None:
+    """Every model must read the same token ids the same way."""
+    first = models[0]
+    vocab = first.tokenizer.get_vocab()
+    for other in models[1:]:
+        theirs = other.tokenizer.get_vocab()
+        if theirs != vocab:
+            diff = sorted(set(vocab.items()) ^ set(theirs.items()), key=lambda kv: kv[1])
+            example = ", ".join(repr(token) for token, _ in diff[:3])
+            raise BadInput(f"models {first.spec.alias!r} and {other.spec.alias!r} have different tokenizers "
+                           f"({len(diff)} vocabulary entries differ, e.g. {example}); "
+                           f"crosscoding several models needs identical vocabularies")
+
+
+def resolve_context_length(config: HarvestConfig, models: list[LoadedModel]) -> int:
+    limits = [(m.spec.alias, limit) for m in models if (limit := context_limit(m.model))]
+    if config.context_length is None:
+        return min([DEFAULT_CONTEXT_LENGTH, *(limit for _, limit in limits)])
+    for alias, limit in limits:
+        if config.context_length > limit:
+            raise BadInput(f"--context-length {config.context_length} is more than model {alias!r} "
+                           f"accepts ({limit} positions)")
+    return config.context_length
+
+
+def resolve_store_dtype(config: HarvestConfig, models: list[LoadedModel]) -> str:
+    if config.store_dtype != "auto":
+        return config.store_dtype
+    return "bfloat16" if any(m.dtype == torch.bfloat16 for m in models) else "float16"
+
+
+class BackgroundWriter:
+    """Calls `write` on a thread with the arguments of each put(), in order, so that disk writes
+    overlap the next forward pass.
+
+    The queue is short: the models wait for the disk rather than filling memory.
+    """
+
+    def __init__(self, write: Callable[..., None], depth: int = 2):
+        self.write, self.error = write, None
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="xc-store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.write(*item)
+                except BaseException as e:  # reported by the main thread
+                    self.error = e
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def put(self, *args):
+        self._check()
+        self.queue.put(args)
+
+    def finish(self):
+        """Wait until every queued row is written."""
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
+
+    def abort(self):
+        """Drop what is queued and wait for the write in progress, which keeps committed rows valid."""
+        try:
+            while True:
+                self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        self.queue.put(None)
+        self.thread.join()
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor.numpy()
+    return array.view(np.uint16) if array.dtype == np.int16 else array  # bfloat16 bits
+
+
+def to_storage(acts: torch.Tensor, dtype: str, name: str, model_dtype: torch.dtype) -> torch.Tensor:
+    """Rows in the storage dtype, on the CPU; overflow and non-finite values are errors, never stored."""
+    stored = acts.to(STORAGE_TORCH[dtype])
+    if not bool(torch.isfinite(stored).all()):
+        if bool(torch.isfinite(acts).all()):
+            peak = float(acts.abs().max())
+            raise XcError(f"activations of {name} reach {peak:.4g}, beyond the {dtype} range; "
+                          f"rerun with --store-dtype bfloat16 or float32 and --overwrite")
+        raise XcError(f"the model gave non-finite activations at {name} (overflow in "
+                      f"{str(model_dtype).removeprefix('torch.')}); rerun with --dtype float32 and --overwrite")
+    if dtype == "bfloat16":
+        stored = stored.view(torch.int16)  # numpy has no bfloat16: keep the bits
+    return stored.cpu()
+
+
+def probe_sources(models, catchers, batch, device) -> list[st.Source]:
+    """Run a few tokens through each model to learn every site's width (and check the sites)."""
+    length = min(PROBE_TOKENS, int(batch.mask[0].sum()))
+    ids = torch.from_numpy(batch.ids[:1, :length]).to(device)
+    mask = torch.ones_like(ids)
+    sources = []
+    for loaded, catcher in zip(models, catchers):
+        widths = {name: int(t.shape[-1]) for name, t in catcher(ids, mask).items()}
+        for site in catcher.sites:
+            sources.append(st.Source(name=site.name, model=loaded.spec.alias, site=site.site, layer=site.layer,
+                                     d=widths[site.name], revision=loaded.revision))
+    return sources
+
+
+@dataclass
+class Run:
+    """A harvest ready to stream: models loaded, sites hooked, the first batch read, widths known.
+
+    Built by prepare(), which writes nothing; `stream` writes.
+    """
+
+    config: HarvestConfig
+    models: list[LoadedModel]
+    catchers: list[Catcher]
+    device: torch.device
+    packing: Packing
+    batches: Iterator[Batch]
+    sources: list[st.Source]
+    store_dtype: str
+    special_ids: list[int]
+
+    def close(self):
+        for catcher in self.catchers:
+            catcher.close()
+
+    def keep_mask(self, batch) -> np.ndarray:
+        """Rows to store: real tokens (not padding), and not special tokens unless asked."""
+        return batch.mask & ~np.isin(batch.ids, self.special_ids)
+
+    @staticmethod
+    def row_ids(batch, keep: np.ndarray) -> dict[str, np.ndarray]:
+        """The token arrays of the kept rows: token id, corpus window and position in it."""
+        window, position = np.nonzero(keep)
+        return {"tokens": batch.ids[keep], "sequence": batch.first + window, "position": position}
+
+    def activations(self, batch, keep: np.ndarray) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(batch.ids).to(self.device)
+        mask = torch.from_numpy(batch.mask).to(self.device)
+        keep_t = torch.from_numpy(keep).to(self.device)
+        rows = {}
+        for loaded, catcher in zip(self.models, self.catchers):
+            for name, acts in catcher(ids, mask).items():
+                rows[name] = to_storage(acts[keep_t], self.store_dtype, name, loaded.dtype)
+        return rows
+
+    def stream(self, writer: st.StoreWriter) -> bool:
+        """Harvest into `writer` and close it; True when the corpus ran out before the budget."""
+        budget = self.config.tokens
+        done = skip = writer.n_tokens  # rows from an earlier run: recounted, not recomputed
+        background = BackgroundWriter(lambda acts, ids: writer.append(acts, **ids))
+        bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
+        try:
+            for batch in self.batches:
+                if budget is not None and done >= budget:
+                    break
+                keep = self.keep_mask(batch)
+                n = int(keep.sum())
+                if skip >= n:
+                    skip -= n
+                    continue
+                stop = n if budget is None else min(n, skip + budget - done)
+                ids = {k: v[skip:stop] for k, v in self.row_ids(batch, keep).items()}
+                acts = {name: _numpy(rows[skip:stop]) for name, rows in self.activations(batch, keep).items()}
+                background.put(acts, ids)
+                bar.update(stop - skip)
+                done += stop - skip
+                skip = 0
+            if skip:
+                raise BadInput(f"the corpus now yields fewer tokens than {str(self.config.output)!r} already "
+                               f"holds; it must not change between runs")
+            background.finish()
+        except BaseException:
+            background.abort()
+            raise
+        finally:
+            bar.close()
+        exhausted = budget is None or done < budget
+        writer.close(complete=True, corpus_exhausted=exhausted)
+        return exhausted
+
+    def stream_shard(self, writer: st.ChunkWriter, rank: int = 0, world: int = 1) -> int:
+        """Harvest this rank's chunks that are not committed yet; return the store's row count.
+
+        The rows and their order are those of `stream`, so the finished store is the same. Block j
+        of `block_chunks` chunks belongs to rank j mod world. Every rank reads and tokenizes the
+        whole corpus, to know each batch's first row from the token ids alone, and runs the models
+        on the batches that hold rows of its chunks (a batch astride two blocks runs on both ranks).
+        """
+        rows_per_chunk, budget = writer.chunk_rows, self.config.tokens
+        per_block = block_chunks(self.config, self.packing.context_length)
+        committed = writer.committed()
+
+        def mine(chunk: int) -> bool:
+            return (chunk // per_block) % world == rank and chunk not in committed
+
+        parts: dict[int, list] = {}
+
+        def assemble(chunk: int, acts: dict | None, ids: dict | None, last: bool):
+            """On the writer thread: collect a chunk's rows, batch by batch; write it when whole."""
+            if acts is not None:
+                parts.setdefault(chunk, []).append((acts, ids))
+            if last:
+                pieces = parts.pop(chunk)
+                writer.write(chunk, {n: np.concatenate([p[0][n] for p in pieces]) for n in pieces[0][0]},
+                             {k: np.concatenate([p[1][k] for p in pieces]) for k in pieces[0][1]})
+
+        background = BackgroundWriter(assemble)
+        bar = console.progress(total=budget, unit="tok", unit_scale=True, desc="harvest")
+        start = 0  # the store row of the batch's first kept row
+        try:
+            for batch in self.batches:
+                if budget is not None and start >= budget:
+                    break
+                keep = self.keep_mask(batch)
+                n = int(keep.sum())
+                stop = start + (n if budget is None else min(n, budget - start))
+                chunks = [c for c in range(start // rows_per_chunk, -(-stop // rows_per_chunk)) if mine(c)]
+                if chunks:
+                    acts = {name: _numpy(rows) for name, rows in self.activations(batch, keep).items()}
+                    ids = self.row_ids(batch, keep)
+                    for c in chunks:
+                        lo, hi = max(start, c * rows_per_chunk), min(stop, (c + 1) * rows_per_chunk)
+                        part = slice(lo - start, hi - start)
+                        background.put(c, {k: v[part] for k, v in acts.items()},
+                                       {k: v[part] for k, v in ids.items()}, hi == (c + 1) * rows_per_chunk)
+                bar.update(stop - start)
+                start = stop
+            last = (start - 1) // rows_per_chunk
+            if start % rows_per_chunk and mine(last):  # the store's last chunk is short
+                background.put(last, None, None, True)
+            background.finish()
+        except BaseException:
+            background.abort()
+            raise
+        finally:
+            bar.close()
+        return start
+
+
+def block_chunks(config: HarvestConfig, context_length: int) -> int:
+    """Chunks per block of work: about BATCHES_PER_BLOCK batches, so that batches run twice are few."""
+    rows_per_batch = config.batch_size * context_length  # at most: special tokens are not stored
+    return max(1, -(-BATCHES_PER_BLOCK * rows_per_batch // config.chunk_rows))
+
+
+def prepare(config: HarvestConfig, device: torch.device | None = None) -> Run:
+    """Load the models and check everything that can be checked before the store is touched."""
+    check_data(config.data)
+    device = device or resolve_device(config.device)
+    models = [load_model(spec, device, config.dtype) for spec in config.models]
+    check_same_vocabulary(models)
+    tokenizer = models[0].tokenizer
+    packing = Packing.for_tokenizer(tokenizer, resolve_context_length(config, models))
+    catchers = []
+    try:
+        for loaded in models:
+            layers = parse_layers(config.layers, n_layers(loaded.model)) if config.layers else []
+            sites = resolve_sites(loaded.model, loaded.spec.alias, config.sites, layers)
+            catchers.append(Catcher(loaded.model, sites))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        documents = read_documents(config.data, config.text_field, config.split)
+        batch_iter = batches(windows(documents, tokenizer, packing), config.batch_size, pad_id)
+        first = next(batch_iter, None)
+        if first is None:
+            raise BadInput(f"--data {config.data!r} holds no text")
+        sources = probe_sources(models, catchers, first, device)
+        validate_source_names(sources)
+    except BaseException:
+        for catcher in catchers:
+            catcher.close()
+        raise
+    special = [] if config.keep_special_tokens else sorted(set(tokenizer.all_special_ids))
+    return Run(config, models, catchers, device, packing, itertools.chain([first], batch_iter), sources,
+               resolve_store_dtype(config, models), special)
+
+
+def check_resumable(run: Run) -> None:
+    if st.open_store(run.config.output).sources != run.sources:
+        raise BadInput(f"store {str(run.config.output)!r} holds other sources than these models give; "
+                       f"pass --overwrite to start again")
+
+
+def store_meta(run: Run) -> dict:
+    config = run.config
+    return {"tokenizer": config.identity()["models"][0]["id"], "context_length": run.packing.context_length,
+            "dataset": describe_data(config.data), "packing": run.packing.to_json(),
+            "special_tokens_stored": config.keep_special_tokens, "harvest": config.identity()}
+
+
+def open_writer(run: Run, state: str) -> st.StoreWriter:
+    config = run.config
+    if state == "resume":
+        check_resumable(run)
+        return st.StoreWriter(config.output, run.sources, resume=True)
+    if config.output.exists():
+        files.remove(config.output)  # --overwrite, now that the inputs are known to be good
+    return st.StoreWriter(config.output, run.sources, store_meta(run), dtype=run.store_dtype,
+                          chunk_rows=config.chunk_rows, codec=config.codec)
+
+
+def harvest(config: HarvestConfig) -> Path | None:
+    """Write the store at config.output and return its path (None on the other ranks under torchrun).
+
+    Under torchrun every rank calls this and harvests its share (see harvest_sharded). A store
+    that ranks left incomplete is continued by harvest_sharded too, with any number of ranks.
+    """
+    if launched():
+        device = local_device(resolve_device(config.device))
+        with process_group(device) as comm:
+            quiet = console.settings.quiet
+            console.settings.quiet = quiet or not comm.main  # one rank speaks
+            try:
+                return harvest_sharded(config, comm, device)
+            finally:
+                console.settings.quiet = quiet
+    if config.resume and st.is_sharded(config.output):
+        return harvest_sharded(config, SINGLE)
+    state = existing_store_state(config)
+    if state == "done":
+        console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+        st.remove_progress(config.output)
+        return config.output
+    run = prepare(config)
+    try:
+        writer = open_writer(run, state)
+        try:
+            exhausted = run.stream(writer)
+        except BadInput:
+            if state == "new":  # e.g. a bad record deep in the corpus: leave nothing behind
+                files.remove(config.output)
+            raise
+    finally:
+        run.close()
+    if exhausted and config.tokens is not None:
+        console.warn(f"the corpus holds only {writer.n_tokens} tokens to store, fewer than --tokens "
+                     f"{config.tokens}; stored them all")
+    return config.output
+
+
+def open_sharded(run: Run, state: str) -> None:
+    """Rank 0: a new store for the ranks, or an incomplete one made ready for them."""
+    config = run.config
+    if state == "resume":
+        st.make_sharded(config.output)
+        return
+    if config.output.exists():
+        files.remove(config.output)  # --overwrite, now that the inputs are known to be good
+    st.create_sharded(config.output, run.sources, store_meta(run), dtype=run.store_dtype,
+                      chunk_rows=config.chunk_rows, codec=config.codec)
+
+
+def harvest_sharded(config: HarvestConfig, comm: Comm, device: torch.device | None = None) -> Path | None:
+    """Every rank harvests its chunks of one store (xcli.data.store.ChunkWriter); rank 0 creates and finishes it.
+
+    The store equals the one a single process writes. The ranks check the arguments and load the
+    models before anything is written, and stop together, with one message, if any of them fails.
+    """
+    def check_and_load():
+        state = existing_store_state(config)
+        if state == "done":
+            return state, None
+        if config.data == "-" and comm.world > 1:
+            raise BadInput("--data - (stdin) cannot be read by several ranks; save the corpus to a file")
+        run = prepare(config, device)
+        if state == "resume":
+            try:
+                check_resumable(run)
+            except BadInput:
+                run.close()
+                raise
+        return state, run
+
+    state, run = together(comm, check_and_load)
+    if state == "done":
+        console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
+        if comm.main:
+            st.remove_progress(config.output)
+        return config.output if comm.main else None
+    try:
+        together(comm, (lambda: open_sharded(run, state)) if comm.main else None)
+        try:  # a bad record deep in the corpus is met by every rank; other errors stop the job at once
+            n_tokens = together(comm, lambda: run.stream_shard(st.ChunkWriter(config.output), comm.rank,
+                                                               comm.world), catching=BadInput)
+        except BadInput:
+            if state == "new" and comm.main:  # leave nothing behind
+                files.remove(config.output)
+            raise
+        exhausted = config.tokens is None or n_tokens < config.tokens
+        finish = lambda: st.finish_sharded(config.output, n_tokens, corpus_exhausted=exhausted)  # noqa: E731
+        together(comm, finish if comm.main else None)  # the other ranks return once the store is finished
+    finally:
+        run.close()
+    if exhausted and config.tokens is not None:
+        console.warn(f"the corpus holds only {n_tokens} tokens to store, fewer than --tokens "
+                     f"{config.tokens}; stored them all")
+    return config.output if comm.main else None

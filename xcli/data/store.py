@@ -1,0 +1,518 @@
+"""The activation store: a Zarr v3 group of per-source token-row arrays.
+
+Layout (the public contract, documented in man/xc-store.5):
+
+    STORE/                       a Zarr v3 group; attrs["xc"] holds the metadata below
+      acts/<source>              (n_tokens, d_source) float16 | float32 | uint16 (bfloat16 bits)
+      tokens                     (n_tokens,) int32   token id of each row
+      sequence                   (n_tokens,) int64   index of the context window the row came from
+      position                   (n_tokens,) int32   position of the row inside that window
+      stats/<source>/mean        (d_source,) float64 mean activation vector
+
+attrs["xc"] = {"format": "activations", "version": 1, "sources": [{name, model, revision,
+site, layer, d}, ...], "n_tokens", "complete", "dtype", "tokenizer", "context_length",
+"dataset", "created_by", "stats": {source: {"count", "mean_sq_norm", "mean"}}, ...}.
+
+Rows are written in whole chunks; `n_tokens` in the attributes is the commit point:
+rows past it (from a killed writer, or capacity reserved ahead) are ignored by readers
+and overwritten on resume. Statistics are recorded when the store is closed.
+Several processes (xc harvest under torchrun) write one store with ChunkWriter:
+each writes whole chunks at their places and commits each by a record file in
+progress/; the process that finishes the store merges the records, trims the
+arrays and commits n_tokens, so the finished store is like any other.
+Readers accept float16/float32/bfloat16-as-uint16 arrays and stores without
+statistics or token arrays (e.g. written by other tools), computing what they need.
+"""
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync as zarr_sync
+
+from xcli.data.config import CODECS, DEFAULT_CHUNK_ROWS, DEFAULT_CODEC, STORAGE_DTYPES
+from xcli.errors import BadInput, XcError
+from xcli.source import Source, validate_source_names
+from xcli.version import __version__
+
+FORMAT, VERSION = "activations", 1
+# A store written by several processes: per-chunk commit records, and the arrays' length
+# until it is finished (more rows than any corpus; Zarr stores no chunk that is never written).
+PROGRESS = "progress"
+SHARDED_ROWS = 1 << 40
+TOKEN_ARRAYS = (("tokens", "int32"), ("sequence", "int64"), ("position", "int32"))
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen bfloat16 bit patterns (uint16) to float32 exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest even) and return the bit patterns as uint16."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype(np.uint16)
+
+
+def decode_rows(raw: np.ndarray) -> np.ndarray:
+    """Stored rows (float16, float32 or bfloat16 bits) as float32."""
+    if raw.dtype == np.uint16:
+        return bf16_bits_to_float32(raw)
+    return raw.astype(np.float32, copy=False)
+
+
+def encode_rows(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows in the storage dtype of a store (`dtype` as in its attributes)."""
+    if dtype == "bfloat16":
+        # uint16 rows are bfloat16 bits already (e.g. from a bfloat16 model): keep them as they are.
+        return values if values.dtype == np.uint16 else float32_to_bf16_bits(values)
+    return values.astype(dtype, copy=False)
+
+
+def _compressors(codec: str):
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if codec == "blosc-lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    raise BadInput(f"codec {codec!r} is not known; use one of {', '.join(CODECS)}")
+
+
+class ActivationStore:
+    """Read access to a store. Rows come back as float32 numpy arrays."""
+
+    def __init__(self, path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.meta = dict(group.attrs.get("xc", {}))
+        if "acts" not in group:
+            raise BadInput(f"{str(path)!r} is not an activation store: it has no 'acts' arrays")
+        arrays = group["acts"]
+        if self.meta.get("sources"):
+            self.sources = [Source.from_json(s) for s in self.meta["sources"]]
+        else:  # written by another tool: describe the arrays we find
+            self.sources = [Source(name=n, model="unknown", site="unknown", layer=None, d=a.shape[1])
+                            for n, a in sorted(arrays.arrays())]
+        self.arrays = {s.name: arrays[s.name] for s in self.sources}
+        lengths = {a.shape[0] for a in self.arrays.values()}
+        self.n_tokens = int(self.meta.get("n_tokens", min(lengths) if lengths else 0))
+        self.complete = bool(self.meta.get("complete", True))
+        self.dtype = self.meta.get("dtype") or str(next(iter(self.arrays.values())).dtype)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def source(self, name: str) -> Source:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise BadInput(f"source {name!r} is not in {str(self.path)!r}; it has: {', '.join(self.names)}")
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(next(iter(self.arrays.values())).chunks[0])
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_tokens // self.chunk_rows)
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one source as float32, shape (rows, d)."""
+        stop = min(stop, self.n_tokens)
+        return decode_rows(self.arrays[name][start:stop])
+
+    def read_rows(self, start: int, stop: int, names=None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of several sources, read together."""
+        return {n: self.read(n, start, stop) for n in (names or self.names)}
+
+    def read_chunk(self, index: int, names=None) -> dict[str, np.ndarray]:
+        start = index * self.chunk_rows
+        return self.read_rows(start, start + self.chunk_rows, names)
+
+    def token_arrays(self) -> dict[str, np.ndarray] | None:
+        """tokens, sequence and position for the committed rows, or None if absent."""
+        if not all(k in self.group for k in ("tokens", "sequence", "position")):
+            return None
+        return {k: self.group[k][: self.n_tokens] for k in ("tokens", "sequence", "position")}
+
+    def stats(self, name: str) -> dict:
+        """count, mean (d,) and mean squared norm of one source; computed if not stored."""
+        stored = self.meta.get("stats", {}).get(name)
+        if stored and int(stored.get("count", -1)) == self.n_tokens and stored.get("mean") in self.group:
+            mean = np.asarray(self.group[stored["mean"]][:], dtype=np.float64)
+            return {"count": self.n_tokens, "mean": mean, "mean_sq_norm": float(stored["mean_sq_norm"])}
+        return compute_stats(self, name)
+
+    def nbytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def summary(self) -> dict:
+        """What `xc info` shows: sources, size, dtype, layout and completeness."""
+        first = next(iter(self.arrays.values()))
+        codec = self.meta.get("codec") or ", ".join(type(c).__name__ for c in first.compressors) or "none"
+        return {
+            "path": str(self.path), "complete": self.complete, "n_tokens": self.n_tokens, "dtype": self.dtype,
+            "chunk_rows": self.chunk_rows, "codec": codec, "bytes_on_disk": self.nbytes_on_disk(),
+            "context_length": self.meta.get("context_length"), "dataset": self.meta.get("dataset"),
+            "tokenizer": self.meta.get("tokenizer"), "created_by": self.meta.get("created_by"),
+            "has_stats": all(self.meta.get("stats", {}).get(n) for n in self.names),
+            "has_token_arrays": all(k in self.group for k in ("tokens", "sequence", "position")),
+            "sources": [s.to_json() for s in self.sources],
+        }
+
+
+def compute_stats(store: ActivationStore, name: str, stop: int | None = None) -> dict:
+    """Exact statistics by one pass over whole chunks, in row order (so reruns agree bit for bit)."""
+    acc = StatsAccumulator(store.source(name).d)
+    stop = store.n_tokens if stop is None else stop
+    for start in range(0, stop, store.chunk_rows):
+        acc.add(store.read(name, start, min(start + store.chunk_rows, stop)))
+    return acc.result()
+
+
+class StatsAccumulator:
+    """Running count, sum and sum of squared norms, in float64."""
+
+    def __init__(self, d: int):
+        self.count, self.sum, self.sum_sq_norm = 0, np.zeros(d, dtype=np.float64), 0.0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows64 = rows.astype(np.float64)
+        self.count += rows.shape[0]
+        self.sum += rows64.sum(axis=0)
+        self.sum_sq_norm += float(np.einsum("ij,ij->", rows64, rows64))
+
+    def result(self) -> dict:
+        n = max(self.count, 1)
+        return {"count": self.count, "mean": self.sum / n, "mean_sq_norm": self.sum_sq_norm / n}
+
+
+def open_store(path) -> ActivationStore:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"store {str(path)!r} does not exist")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise BadInput(f"{str(path)!r} is not a Zarr v3 activation store ({type(e).__name__})") from e
+    return ActivationStore(path, group)
+
+
+def _create(path: Path, sources: list[Source], meta: dict | None, dtype: str, chunk_rows: int, codec: str,
+            rows: int, **extra_meta) -> zarr.Group:
+    """A new, empty store whose arrays have `rows` rows (none committed)."""
+    group = zarr.open_group(str(path), mode="w")
+    compressors = _compressors(codec)
+    for s in sources:
+        group.create_array(f"acts/{s.name}", shape=(rows, s.d), chunks=(chunk_rows, s.d),
+                           dtype=STORAGE_DTYPES[dtype], compressors=compressors, fill_value=0)
+        group.create_array(f"stats/{s.name}/mean", shape=(s.d,), chunks=(s.d,),
+                           dtype="float64", compressors=None, fill_value=0.0)
+    for name, np_dtype in TOKEN_ARRAYS:
+        group.create_array(name, shape=(rows,), chunks=(chunk_rows,), dtype=np_dtype,
+                           compressors=None, fill_value=0)
+    group.attrs["xc"] = {
+        "format": FORMAT, "version": VERSION, "sources": [s.to_json() for s in sources],
+        "n_tokens": 0, "complete": False, "dtype": dtype, "codec": codec,
+        "created_by": f"xc {__version__}", **(meta or {}), **extra_meta,
+    }
+    return group
+
+
+class StoreWriter:
+    """Append token rows to a new or partly written store, chunk by chunk.
+
+    Rows are buffered until a whole chunk is ready; each flush writes the
+    activations, the token arrays and the statistics, then commits `n_tokens`
+    in the attributes. A killed writer leaves every committed row valid.
+    """
+
+    def __init__(self, path, sources: list[Source], meta: dict | None = None, *, dtype: str = "float16",
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, codec: str = DEFAULT_CODEC, resume: bool = False):
+        if dtype not in STORAGE_DTYPES:
+            raise BadInput(f"dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
+        validate_source_names(sources)
+        self.path, self.sources, self.dtype, self.chunk_rows = Path(path), sources, dtype, chunk_rows
+        if resume:
+            self.group = zarr.open_group(str(self.path), mode="r+")
+            self.meta = dict(self.group.attrs["xc"])
+            self.meta.pop("stats", None)  # recomputed below, recorded again by close()
+            self.chunk_rows = int(self.group["acts"][sources[0].name].chunks[0])
+            self.n_tokens = int(self.meta["n_tokens"])
+            store = ActivationStore(self.path, self.group)
+            self.stats = {}
+            for s in sources:  # recompute from committed rows: exact and immune to torn writes
+                acc = StatsAccumulator(s.d)
+                for start in range(0, self.n_tokens, self.chunk_rows):
+                    acc.add(store.read(s.name, start, min(start + self.chunk_rows, self.n_tokens)))
+                self.stats[s.name] = acc
+        else:
+            self.group = _create(self.path, sources, meta, dtype, chunk_rows, codec, rows=0)
+            self.meta = dict(self.group.attrs["xc"])
+            self.n_tokens = 0
+            self.stats = {s.name: StatsAccumulator(s.d) for s in sources}
+        self._buffer: list[tuple[dict, dict]] = []
+        self._buffered = 0
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def append(self, acts: dict[str, np.ndarray], tokens=None, sequence=None, position=None) -> None:
+        """Add rows: acts maps every source name to (rows, d) float32/float16 arrays."""
+        rows = next(iter(acts.values())).shape[0]
+        ids = {"tokens": tokens, "sequence": sequence, "position": position}
+        ids = {k: (np.zeros(rows) if v is None else np.asarray(v)) for k, v in ids.items()}
+        self._buffer.append((acts, ids))
+        self._buffered += rows
+        while self._buffered >= self.chunk_rows:
+            self._flush(self.chunk_rows)
+
+    def _take(self, rows: int):
+        """Pop exactly `rows` buffered rows as concatenated arrays."""
+        acts = {s.name: np.concatenate([b[0][s.name] for b in self._buffer]) for s in self.sources}
+        ids = {k: np.concatenate([b[1][k] for b in self._buffer]) for k in ("tokens", "sequence", "position")}
+        rest = ({n: a[rows:] for n, a in acts.items()}, {k: a[rows:] for k, a in ids.items()})
+        self._buffer = [rest] if self._buffered > rows else []
+        self._buffered -= rows
+        return {n: a[:rows] for n, a in acts.items()}, {k: a[:rows] for k, a in ids.items()}
+
+    def _encode(self, values: np.ndarray) -> np.ndarray:
+        return encode_rows(values, self.dtype)
+
+    def _array(self, name: str):
+        """Open arrays once: every lookup through the group reads metadata from disk."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def _grow(self, name: str, stop: int) -> zarr.Array:
+        """The array, with room for `stop` rows; capacity doubles so that resizes stay rare.
+
+        Rows past `n_tokens` are not part of the store; close() trims them.
+        """
+        array = self._array(name)
+        if array.shape[0] < stop:
+            capacity = max(stop, 2 * array.shape[0], self.chunk_rows)
+            array.resize((-(-capacity // self.chunk_rows) * self.chunk_rows, *array.shape[1:]))
+        return array
+
+    def _flush(self, rows: int) -> None:
+        if rows == 0:
+            return
+        acts, ids = self._take(rows)
+        start, stop = self.n_tokens, self.n_tokens + rows
+        writes = []
+        for s in self.sources:
+            encoded = self._encode(acts[s.name])
+            writes.append((self._grow(f"acts/{s.name}", stop), encoded))
+            # Statistics of what was stored (after rounding), so readers and writers agree.
+            self.stats[s.name].add(decode_rows(encoded))
+        for name, values in ids.items():
+            array = self._grow(name, stop)
+            writes.append((array, values.astype(array.dtype)))
+
+        async def write_all():  # one round trip to zarr's event loop instead of one per array
+            await asyncio.gather(*(a.async_array.setitem(slice(start, stop), v) for a, v in writes))
+
+        zarr_sync(write_all())
+        self.n_tokens = stop
+        self._commit()
+
+    def _commit(self, complete: bool = False) -> None:
+        """Record n_tokens: the commit point. Statistics are recorded only by close()."""
+        self.meta.update(n_tokens=self.n_tokens, complete=complete)
+        self.group.attrs["xc"] = self.meta
+
+    def close(self, complete: bool = True, **extra_meta) -> None:
+        """Write the last partial chunk, trim arrays to the committed rows, store statistics, mark completeness."""
+        self._flush(self._buffered)
+        for s in self.sources:
+            self._array(f"acts/{s.name}").resize((self.n_tokens, s.d))
+        for name in ("tokens", "sequence", "position"):
+            self._array(name).resize((self.n_tokens,))
+        stats = {}
+        for s in self.sources:
+            result = self.stats[s.name].result()
+            self._array(f"stats/{s.name}/mean")[:] = result["mean"]
+            stats[s.name] = {"count": result["count"], "mean_sq_norm": result["mean_sq_norm"],
+                             "mean": f"stats/{s.name}/mean"}
+        self.meta.update(stats=stats, **extra_meta)
+        self._commit(complete=complete)
+        remove_progress(self.path)  # left by a conversion to a sharded store that was killed
+
+
+# Several writers: xc harvest under torchrun. Each chunk has exactly one writer (Zarr
+# chunks must not be written concurrently); a chunk is committed by its record file.
+
+def _record_path(path: Path, index: int) -> Path:
+    return Path(path) / PROGRESS / f"chunk-{index}.npz"
+
+
+def is_sharded(path) -> bool:
+    """Whether the store at `path` is being written chunk by chunk by several processes."""
+    try:
+        return bool(zarr.open_group(str(path), mode="r").attrs.get("xc", {}).get("sharded"))
+    except Exception:  # absent, or not a store: not ours to judge here
+        return False
+
+
+def committed_chunks(path) -> set[int]:
+    """Indices of the chunks of a sharded store whose records exist."""
+    try:
+        names = os.listdir(Path(path) / PROGRESS)
+    except FileNotFoundError:  # none yet
+        return set()
+    return {int(n[6:-4]) for n in names if n.startswith("chunk-") and n.endswith(".npz")}
+
+
+def create_sharded(path, sources: list[Source], meta: dict | None = None, *, dtype: str = "float16",
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS, codec: str = DEFAULT_CODEC) -> None:
+    """A new store for ChunkWriters (no rows committed, n_tokens 0 until finish_sharded)."""
+    if dtype not in STORAGE_DTYPES:
+        raise BadInput(f"dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
+    validate_source_names(sources)
+    _create(Path(path), sources, meta, dtype, chunk_rows, codec, rows=SHARDED_ROWS, sharded=True)
+    (Path(path) / PROGRESS).mkdir()
+
+
+def make_sharded(path) -> None:
+    """Prepare an incomplete store for ChunkWriters; a store from StoreWriter keeps its committed rows.
+
+    Idempotent, so a conversion that was killed is simply done again.
+    """
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="r+")
+    meta = dict(group.attrs["xc"])
+    (path / PROGRESS).mkdir(exist_ok=True)
+    if not meta.get("sharded"):
+        store = ActivationStore(path, group)
+        if store.n_tokens % store.chunk_rows:
+            raise XcError(f"store {str(path)!r} holds a partial chunk but is not complete")
+        writer = ChunkWriter(path, group)
+        recorded = writer.committed()
+        for index in range(store.n_chunks):  # every committed chunk gets its record
+            if index not in recorded:
+                rows = {n: store.group[f"acts/{n}"][index * store.chunk_rows:(index + 1) * store.chunk_rows]
+                        for n in store.names}
+                writer.record(index, rows)
+        meta.pop("stats", None)
+        meta.update(n_tokens=0, complete=False, sharded=True)
+        group.attrs["xc"] = meta  # the commit of the conversion
+    for array in _row_arrays(group, meta):  # room for every writer, without resizes while they write
+        if array.shape[0] < SHARDED_ROWS:
+            array.resize((SHARDED_ROWS, *array.shape[1:]))
+
+
+def _row_arrays(group: zarr.Group, meta: dict) -> list[zarr.Array]:
+    names = [f"acts/{s['name']}" for s in meta["sources"]] + [name for name, _ in TOKEN_ARRAYS]
+    return [group[name] for name in names]
+
+
+class ChunkWriter:
+    """Writes whole chunks at their places in a store that several processes write at once.
+
+    Rows of chunk i are rows [i * chunk_rows, (i + 1) * chunk_rows) of the store. After a chunk's
+    rows are written, its record (row count, per-source sum and sum of squared norms, float64)
+    is saved as progress/chunk-i.npz under a temporary name and renamed: the commit. A killed
+    writer leaves every recorded chunk valid; finish_sharded merges the records.
+    """
+
+    def __init__(self, path, group: zarr.Group | None = None):
+        self.path = Path(path)
+        self.group = group if group is not None else zarr.open_group(str(self.path), mode="r+")
+        self.meta = dict(self.group.attrs["xc"])
+        self.sources = [Source.from_json(s) for s in self.meta["sources"]]
+        self.dtype = self.meta["dtype"]
+        self.arrays = dict(zip([f"acts/{s.name}" for s in self.sources] + [n for n, _ in TOKEN_ARRAYS],
+                               _row_arrays(self.group, self.meta)))
+        self.chunk_rows = int(self.arrays[f"acts/{self.sources[0].name}"].chunks[0])
+
+    def committed(self) -> set[int]:
+        return committed_chunks(self.path)
+
+    def write(self, index: int, acts: dict[str, np.ndarray], ids: dict[str, np.ndarray]) -> None:
+        """Write chunk `index` (all its rows, or the store's last rows) and commit it."""
+        rows = next(iter(acts.values())).shape[0]
+        if not 0 < rows <= self.chunk_rows:
+            raise ValueError(f"a chunk holds 1 to {self.chunk_rows} rows, not {rows}")
+        start = index * self.chunk_rows
+        encoded = {s.name: encode_rows(acts[s.name], self.dtype) for s in self.sources}
+        writes = [(self.arrays[f"acts/{n}"], values) for n, values in encoded.items()]
+        writes += [(self.arrays[name], ids[name].astype(dtype)) for name, dtype in TOKEN_ARRAYS]
+
+        async def write_all():
+            await asyncio.gather(*(a.async_array.setitem(slice(start, start + rows), v) for a, v in writes))
+
+        zarr_sync(write_all())
+        self.record(index, encoded)
+
+    def record(self, index: int, stored: dict[str, np.ndarray]) -> None:
+        """Commit chunk `index` whose stored rows (in the storage dtype) are `stored`."""
+        sums, sq_norms = {}, []
+        for i, s in enumerate(self.sources):
+            acc = StatsAccumulator(s.d)
+            acc.add(decode_rows(stored[s.name]))  # the stored values, as StoreWriter counts them
+            sums[f"sum_{i}"] = acc.sum
+            sq_norms.append(acc.sum_sq_norm)
+        count = next(iter(stored.values())).shape[0]
+        final = _record_path(self.path, index)
+        temporary = final.with_name(f".{final.name}.{os.getpid()}")
+        with open(temporary, "wb") as handle:
+            np.savez(handle, count=np.int64(count), sum_sq_norm=np.array(sq_norms), **sums)
+        os.replace(temporary, final)
+
+
+def finish_sharded(path, n_tokens: int, **extra_meta) -> None:
+    """Finish a store written by ChunkWriters: check that its chunks are exactly those of n_tokens rows,
+    merge their statistics in chunk order (as StoreWriter adds them: the same figures), trim the
+    arrays, and commit. Called by one process, after every writer is done."""
+    path = Path(path)
+    writer = ChunkWriter(path)
+    chunk_rows = writer.chunk_rows
+    n_chunks = -(-n_tokens // chunk_rows)
+    committed = writer.committed()
+    if any(index >= n_chunks for index in committed):
+        raise BadInput(f"the corpus now yields fewer tokens than {str(path)!r} already holds; "
+                       f"it must not change between runs")
+    missing = sorted(set(range(n_chunks)) - committed)
+    if missing:
+        raise XcError(f"{len(missing)} chunks of {str(path)!r} were not written (first: {missing[0]}); "
+                      f"continue with --resume")
+    stats = {s.name: StatsAccumulator(s.d) for s in writer.sources}
+    for index in range(n_chunks):
+        with np.load(_record_path(path, index)) as record:
+            expected = min(chunk_rows, n_tokens - index * chunk_rows)
+            if int(record["count"]) != expected:
+                raise BadInput(f"chunk {index} of {str(path)!r} holds {int(record['count'])} rows where the "
+                               f"corpus now gives {expected}; it must not change between runs")
+            for i, s in enumerate(writer.sources):
+                acc = stats[s.name]
+                acc.count += expected
+                acc.sum += record[f"sum_{i}"]
+                acc.sum_sq_norm += float(record["sum_sq_norm"][i])
+
+    async def trim():  # only the shape changes: no chunk lies beyond n_tokens
+        await asyncio.gather(*(a.async_array.resize((n_tokens, *a.shape[1:]), delete_outside_chunks=False)
+                               for a in writer.arrays.values()))
+
+    zarr_sync(trim())
+    recorded = {}
+    for s in writer.sources:
+        result = stats[s.name].result()
+        writer.group[f"stats/{s.name}/mean"][:] = result["mean"]
+        recorded[s.name] = {"count": result["count"], "mean_sq_norm": result["mean_sq_norm"],
+                            "mean": f"stats/{s.name}/mean"}
+    meta = dict(writer.meta)
+    meta.pop("sharded", None)
+    meta.update(n_tokens=n_tokens, complete=True, stats=recorded, **extra_meta)
+    writer.group.attrs["xc"] = meta
+    remove_progress(path)
+
+
+def remove_progress(path) -> None:
+    """Delete the commit records once the store is complete (also those a kill left behind)."""
+    shutil.rmtree(Path(path) / PROGRESS, ignore_errors=True)

@@ -1,0 +1,449 @@
+"""The Neuronpedia export: a crosscoder's feature dashboards in Neuronpedia's v1 layout.
+
+Neuronpedia has no crosscoder type, so every written source of the crosscoder
+becomes one Neuronpedia source `{modelId}/{layer}-{set}`, all with the same
+feature indices: latent i is feature i everywhere. What differs between them is
+the decoder slice: logit lens, vector and neuron alignment. The activation
+records are the same (one latent). Facts Neuronpedia has no column for (decoder
+norm per source, relative norm, class from `xc classify`) go to `xc-latents.jsonl`
+and, summarised, to each Source.notes. The layout and the importer's rules are
+xcli.export.neuronpedia_schema; the dashboard statistics are xcli.export.dashboards.
+
+Work is resumable: the statistics of passes 1 and 2 are saved in the output
+folder; batch files are written atomically (activations first, then features,
+whose presence marks the batch done), so a rerun with --resume skips them.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xcli import console, files
+from xcli.crosscoder import model as cc
+from xcli.data.store import ActivationStore, open_store
+from xcli.devices import resolve_device
+from xcli.errors import BadInput
+from xcli.export import dashboards as db
+from xcli.export import neuronpedia_schema as npd
+from xcli.export.common import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    SIDECAR,
+    Slice,
+    decoder_raw,
+    default_set_name,
+    fingerprint,
+    json_safe,
+    latent_facts,
+    output_state,
+    parse_assignments,
+    parse_features,
+    plan_slices,
+    read_classes,
+    write_json,
+)
+from xcli.export.config import ExportConfig
+from xcli.lm.config import ModelSpec
+from xcli.lm.models import load_tokenizer, model_facts, read_unembedding, resolve_folder
+from xcli.version import __version__
+
+LOGIT_ROWS = 10  # top and bottom tokens of the logit lens
+ALIGNMENT_ROWS = 3
+OUT_OF_RANGE = "<|outofrange|>"
+# TransformerLens hook names of xc harvest's named sites (Neuronpedia's hookName).
+# Tensor names that hold a model's unembedding (lm_head) or, when tied, its input embedding.
+BYTE_LEVEL_MARKS = {"\u0120": " ", "\u010a": "\n", "\u0109": "\t", "\u2581": " "}  # Ġ Ċ ĉ ▁
+
+
+# -- inputs ------------------------------------------------------------------------
+
+
+def model_folder(name: str, where: str, revision: str | None) -> Path:
+    """The local folder of a model the export needs (its unembedding and facts); never the network."""
+    try:
+        return resolve_folder(ModelSpec(name, where, revision))[0]
+    except BadInput as e:
+        raise BadInput(f"{e}; or pass --model-path {name}=PATH") from None
+
+
+def store_model_ids(store: ActivationStore) -> dict[str, tuple[str, str | None]]:
+    """alias -> (path or hub id, revision), as xc harvest records them in the store."""
+    models = store.meta.get("harvest", {}).get("models", [])
+    return {m["alias"]: (m["id"], m.get("revision")) for m in models if isinstance(m, dict) and "alias" in m}
+
+
+def tokenizer_named(name: str):
+    """The tokenizer in a local folder or the local Hugging Face cache, with the option that changes it."""
+    try:
+        return load_tokenizer(ModelSpec.parse(name, allow_alias=False))
+    except BadInput as e:
+        raise BadInput(f"tokenizer {name!r} could not be loaded offline: {e}; pass --tokenizer with a local folder") from None
+
+
+def token_strings(tokenizer) -> list[str]:
+    """Display string of every token id (byte-level and sentencepiece marks become spaces/newlines)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    out = []
+    for piece in pieces:
+        text = piece or ""
+        for mark, plain in BYTE_LEVEL_MARKS.items():
+            text = text.replace(mark, plain)
+        out.append(text)
+    return out
+
+
+# -- the sources of a Neuronpedia export ---------------------------------------------
+
+
+# -- the Neuronpedia export ---------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Everything checked and loaded before the first byte is written."""
+
+    config: ExportConfig
+    model: cc.Crosscoder
+    store: ActivationStore
+    latents: np.ndarray
+    slices: list[Slice]
+    set_name: str
+    strings: list[str]
+    tokens: np.ndarray
+    sequence_starts: np.ndarray
+    classes: dict[int, dict]
+    device: torch.device
+    identity: dict
+
+    @property
+    def n_batches(self) -> int:
+        return -(-len(self.latents) // self.config.batch_size)
+
+    def batch_positions(self, b: int) -> np.ndarray:
+        return np.arange(b * self.config.batch_size, min((b + 1) * self.config.batch_size, len(self.latents)))
+
+    def batch_done(self, b: int) -> bool:
+        return all((x.dir(self.config.output) / "features" / f"batch-{b}.jsonl.gz").exists() for x in self.slices)
+
+
+def prepare(config: ExportConfig) -> Plan:
+    """Read and check every input; raises BadInput before anything is written."""
+    device = resolve_device(config.device)
+    model = cc.load(config.checkpoint, device)
+    store = open_store(config.store)
+    if store.n_tokens == 0:
+        raise BadInput(f"store {str(config.store)!r} holds no tokens")
+    for s in model.sources:
+        if s.name not in model.read:
+            continue
+        if s.name not in store.names:
+            raise BadInput(f"store {str(config.store)!r} has no source {s.name!r}, which the crosscoder reads; "
+                           f"it has: {', '.join(store.names)}")
+        if store.source(s.name).d != s.d:
+            raise BadInput(f"source {s.name!r} is {store.source(s.name).d} wide in the store but {s.d} in the "
+                           f"checkpoint")
+    ids = store.token_arrays()
+    if ids is None:
+        raise BadInput(f"store {str(config.store)!r} has no token arrays; dashboards need the tokens of every row")
+    latents = parse_features(config.features, model.n_latents)
+    set_name = config.set_name or default_set_name(model.n_latents)
+    models = list(dict.fromkeys(s.model for s in model.sources))
+    model_ids = parse_assignments(config.model_ids, "--model-id", models, allow_bare=True)
+    model_paths = parse_assignments(config.model_paths, "--model-path", models, allow_bare=True)
+    slices = plan_slices(model, set_name, model_ids)
+    classes = read_classes(config.classes, model.n_latents) if config.classes else {}
+    recorded = store_model_ids(store)
+    folders, unembeddings = {}, {}
+    for x in slices:
+        name = x.source.model
+        if name not in folders:
+            where, revision = (model_paths[name], None) if name in model_paths else recorded.get(name, (name, None))
+            folders[name] = model_folder(name, where, revision)
+            unembeddings[name] = read_unembedding(folders[name]).to(device)  # once: every batch needs it
+        x.folder, x.facts = folders[name], model_facts(folders[name])
+        w_u = unembeddings[name]
+        if w_u.shape[1] == x.source.d:
+            x.unembedding = w_u
+        else:
+            console.warn(f"source {x.source.name!r} is {x.source.d} wide but the unembedding of {name!r} is "
+                         f"{w_u.shape[1]} wide: no logit lens for it")
+    tokenizer_name = config.tokenizer or store.meta.get("tokenizer") or str(folders[slices[0].source.model])
+    strings = token_strings(tokenizer_named(tokenizer_name))
+    if not store.complete:
+        console.warn(f"store {str(config.store)!r} is incomplete: exporting its {store.n_tokens} committed tokens")
+    identity = {
+        "checkpoint": str(config.checkpoint.resolve()), "checkpoint_fingerprint": fingerprint(config.checkpoint),
+        "store": str(Path(config.store).resolve()), "store_tokens": store.n_tokens,
+        "features": config.features, "top_k": config.top_k, "batch_size": config.batch_size,
+        "window": config.window, "vectors": config.vectors, "set_name": set_name,
+        "creator_id": config.creator_id, "creator_name": config.creator_name,
+        "classes": str(config.classes.resolve()) if config.classes else None,
+        "sources": {x.source.name: f"{x.model_id}/{x.source_id}" for x in slices},
+    }
+    return Plan(config, model, store, latents, slices, set_name, strings,
+                np.asarray(ids["tokens"]), db.sequence_starts(np.asarray(ids["sequence"])),
+                classes, device, identity)
+
+
+def export_neuronpedia(config: ExportConfig) -> Path:
+    """Write the Neuronpedia export at config.output and return its path."""
+    plan = prepare(config)
+    state, manifest = output_state(config, plan.identity)
+    out = config.output
+    if manifest and manifest.get("complete") and all(plan.batch_done(b) for b in range(plan.n_batches)):
+        console.info(f"{out} is complete and was exported with the same arguments: nothing to do")
+        return out
+    if state == "new" and out.exists():
+        files.remove(out)  # --overwrite, now that every input is known to be good
+    stamp = manifest["created_at"] if manifest else npd.created_at()
+    out.mkdir(exist_ok=True)
+    manifest = write_manifest(plan, stamp, complete=False)
+    write_sidecar(plan)
+    for x in plan.slices:
+        write_metadata(plan, x, stamp)
+    stats = dashboard_stats(plan)
+    write_batches(plan, stats, stamp)
+    write_manifest(plan, stamp, complete=True)
+    files.remove(db.state_path(out))
+    return out
+
+
+def write_manifest(plan: Plan, stamp: str, complete: bool) -> dict:
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "kind": "neuronpedia", "complete": complete,
+        "created_at": stamp, "created_by": f"xc {__version__}", "identity": plan.identity,
+        "n_latents": plan.model.n_latents, "features": len(plan.latents), "n_tokens": plan.store.n_tokens,
+        "sidecar": SIDECAR,
+        "sources": [{"source": x.source.name, "model": x.source.model, "modelId": x.model_id,
+                     "sourceId": x.source_id, "batches": plan.n_batches} for x in plan.slices],
+        "conventions": {
+            "activation_units": "the crosscoder's latent activations (decoder norms not folded in)",
+            "logit_lens": "decoder row in raw activation units @ W_U^T, no final norm",
+            "vector": "decoder row in raw activation units",
+            "intervals": "5 equal-width intervals of (0, max]; zeros are in none; binContains is their share "
+                         "of all tokens; 5 samples each by a fixed hash of (row, latent)",
+            "frac_nonzero": "non-zero activations / all stored tokens",
+        },
+    }
+    write_json(plan.config.output / MANIFEST, manifest)
+    return manifest
+
+
+def write_sidecar(plan: Plan) -> None:
+    """One row per exported latent: the crosscoder facts Neuronpedia has no column for."""
+    norms, relative = latent_facts(plan.model)
+    names = plan.model.write
+    rows = []
+    for i in plan.latents.tolist():
+        rows.append({
+            "index": i,
+            "decoder_norm": dict(zip(names, npd.round_sig(norms[i]))),
+            "relative_norm": {n: (None if np.isnan(v) else npd.round_sig([v])[0]) for n, v in zip(names, relative[i])},
+            "class": plan.classes.get(i, {}).get("class"),
+            "classify": json_safe(plan.classes[i]) if i in plan.classes else None,
+            "neuronpedia": [f"{x.model_id}/{x.source_id}/{i}" for x in plan.slices],
+        })
+    npd.write_jsonl(plan.config.output / SIDECAR, rows)
+
+
+def source_notes(plan: Plan, x: Slice) -> str:
+    counts = Counter(plan.classes.get(int(i), {}).get("class") or "unclassified" for i in plan.latents)
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if plan.classes else "not given"
+    others = [f"{y.model_id}/{y.source_id}" for y in plan.slices if y is not x]
+    return (f"Crosscoder exported by xc {__version__}: {plan.model.n_latents} latents ({plan.model.arch}) shared by "
+            f"{len(plan.model.sources)} sources ({', '.join(s.name for s in plan.model.sources)}). Feature i here is "
+            f"latent i, the same feature as index i in {', '.join(others) or 'no other source'}; this source shows "
+            f"the decoder slice of {x.source.name} (model {x.source.model}, site {x.source.site}, layer "
+            f"{x.source.layer}). Decoder norms per source, relative norms and classes per latent are in "
+            f"{SIDECAR} beside the export. Classes: {classes}.")
+
+
+def write_metadata(plan: Plan, x: Slice, stamp: str) -> None:
+    c, folder = plan.config, x.dir(plan.config.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    description = (f"Crosscoder {plan.model.n_latents} latents, {x.source.site} {x.source.layer}")[:128]
+    creator = {"creatorId": c.creator_id}
+    rows = {
+        "release": {"name": plan.set_name, "description": f"xc crosscoder {plan.set_name}",
+                    "descriptionShort": plan.set_name, "urls": [], "creatorName": c.creator_name,
+                    "creatorNameShort": c.creator_name, **creator, "visibility": "PUBLIC", "isNewUi": False,
+                    "featured": False, "defaultSourceSetName": plan.set_name, "defaultSourceId": x.source_id,
+                    "defaultUmapSourceIds": [], "createdAt": stamp},
+        "model": {"id": x.model_id, "displayName": x.model_id, "displayNameShort": x.model_id, **creator,
+                  "instruct": x.model_id.endswith("-it"), "tlensId": None, "dimension": x.facts["dimension"],
+                  "thinking": False, "visibility": "PUBLIC", "defaultSourceSetName": plan.set_name,
+                  "defaultSourceId": x.source_id, "inferenceEnabled": False, "layers": x.facts["layers"],
+                  "neuronsPerLayer": x.facts["neurons"], "owner": c.creator_name, "website": None,
+                  "createdAt": stamp, "updatedAt": stamp},
+        "sourceset": {"modelId": x.model_id, "name": plan.set_name, "description": description, "type": "Crosscoder",
+                      "creatorName": c.creator_name, "creatorEmail": None, **creator, "urls": [],
+                      "releaseName": plan.set_name, "visibility": "PUBLIC", "hasDashboards": True,
+                      "allowInferenceSearch": False, "hasGraphs": False, "graphEnabled": False,
+                      "similarityMatrixEnabled": False, "defaultRange": 1, "defaultShowBreaks": True,
+                      "showDfa": False, "showCorrelated": False, "showHeadAttribution": False, "showUmap": False,
+                      "createdAt": stamp},
+        "source": {"id": x.source_id, "modelId": x.model_id, "setName": plan.set_name, **creator,
+                   "visibility": "PUBLIC", "hasDashboards": True, "inferenceEnabled": False, "hasUmap": False,
+                   "hasUmapLogSparsity": False, "hasUmapClusters": False,
+                   "num_prompts": len(plan.sequence_starts), "num_tokens_in_prompt": _int_or_none(
+                       plan.store.meta.get("context_length")),
+                   "dataset": plan.store.meta["dataset"] if isinstance(plan.store.meta.get("dataset"), str) else None,
+                   "notes": source_notes(plan, x), "createdAt": stamp},
+    }
+    for name, row in rows.items():
+        npd.write_jsonl(folder / f"{name}.jsonl", [row])
+
+
+def _int_or_none(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def dashboard_stats(plan: Plan) -> db.DashboardStats:
+    """Passes 1 and 2, each saved in the output so that a resumed export skips it."""
+    path = db.state_path(plan.config.output)
+    stats = db.DashboardStats.load(path) if path.exists() else None
+    if stats is not None and (not np.array_equal(stats.latents, plan.latents) or stats.n_tokens != plan.store.n_tokens
+                              or stats.top_values.shape[1] != plan.config.top_k):
+        stats = None  # left by another run: start again
+    if stats is None:
+        stats = db.first_pass(plan.store, plan.model, plan.latents, plan.config.top_k, plan.device)
+        stats.save(path)
+    if stats.passes_done < 2:
+        stats = db.second_pass(plan.store, plan.model, stats, plan.device)
+        stats.save(path)
+    return stats
+
+
+def write_batches(plan: Plan, stats: db.DashboardStats, stamp: str) -> None:
+    """Pass 3 and the batch files, in groups of batches whose windows fit WINDOW_BUDGET."""
+    c = plan.config
+    before = (3 * c.window) // 4
+    after = c.window - before - 1
+    per_batch = c.batch_size * (c.top_k + db.N_INTERVALS * db.PER_INTERVAL) * c.window
+    group_size = max(1, db.WINDOW_BUDGET // per_batch)
+    todo = [b for b in range(plan.n_batches) if not plan.batch_done(b)]
+    if len(todo) < plan.n_batches:
+        console.info(f"export: {plan.n_batches - len(todo)} of {plan.n_batches} batches already written")
+    bar = console.progress(total=len(todo), desc="export: batches", unit="batch")
+    for g in range(0, len(todo), group_size):
+        group = todo[g:g + group_size]
+        positions = np.concatenate([plan.batch_positions(b) for b in group])
+        examples = db.choose_examples(stats, positions, plan.sequence_starts, plan.store.n_tokens, before, after)
+        examples = db.read_windows(plan.store, plan.model, stats, examples, plan.device)
+        for b in group:
+            write_batch(plan, stats, examples, b, stamp)
+            bar.update(1)
+    bar.close()
+
+
+def activation_records(plan: Plan, stats: db.DashboardStats, examples: db.Examples, position: int) -> list[dict]:
+    """The examples of one latent as Activation fields shared by every source (no ids yet)."""
+    n_tokens = stats.n_tokens
+    top = float(stats.max_nonzero[position])
+    records = []
+    first, last = np.searchsorted(examples.position, [position, position + 1])
+    for e in range(first, last):
+        start, stop, row = int(examples.start[e]), int(examples.stop[e]), int(examples.row[e])
+        values = npd.round_sig(examples.values[e, :stop - start])
+        high = max(values)
+        j = int(examples.interval[e])
+        if j < 0:
+            group, bins = "top", (-1, npd.round_sig([top])[0], -1)
+        else:
+            group = f"interval{j}"
+            count = int(stats.interval_counts[position, j])
+            bins = tuple(npd.round_sig([j * top / db.N_INTERVALS, (j + 1) * top / db.N_INTERVALS,
+                                        count / n_tokens]))
+        records.append({
+            "group": group, "rank": int(examples.rank[e]),
+            "tokens": [plan.strings[t] if t < len(plan.strings) else OUT_OF_RANGE
+                       for t in plan.tokens[start:stop].tolist()],
+            "values": values, "maxValue": high, "maxValueTokenIndex": values.index(high), "minValue": min(values),
+            "binMin": bins[0], "binMax": bins[1], "binContains": bins[2],
+            "qualifyingTokenIndex": row - start, "dataIndex": str(row),
+        })
+    return records
+
+
+def logit_lens(x: Slice, directions: torch.Tensor, strings: list[str], device) -> list[dict]:
+    """Top/bottom tokens and the histogram of each direction @ W_U^T (no final norm, as SAEDashboard)."""
+    empty = {"pos_str": [], "pos_values": [], "neg_str": [], "neg_values": [],
+             "logits_hist_data_bar_heights": [], "logits_hist_data_bar_values": []}
+    if x.unembedding is None:
+        return [dict(empty) for _ in range(len(directions))]
+    with torch.no_grad():
+        logits = directions.to(device) @ x.unembedding.T
+        n = min(LOGIT_ROWS, logits.shape[1])
+        pos, neg = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+        heights, centres = db.row_histograms(logits)
+    pos_values, neg_values, centres = pos.values.cpu(), neg.values.cpu(), centres.cpu()
+    pos_ids, neg_ids, heights = pos.indices.tolist(), neg.indices.tolist(), heights.tolist()
+
+    def names(ids):
+        return [strings[t] if t < len(strings) else OUT_OF_RANGE for t in ids]
+
+    return [{"pos_str": names(pos_ids[i]), "pos_values": npd.round_sig(pos_values[i]),
+             "neg_str": names(neg_ids[i]), "neg_values": npd.round_sig(neg_values[i]),
+             "logits_hist_data_bar_heights": heights[i], "logits_hist_data_bar_values": npd.round_sig(centres[i])}
+            for i in range(len(directions))]
+
+
+def write_batch(plan: Plan, stats: db.DashboardStats, examples: db.Examples, b: int, stamp: str) -> None:
+    """features/ and activations/ batch-b of every source: activations first, features mark it done."""
+    c = plan.config
+    positions = plan.batch_positions(b)
+    latents = plan.latents[positions]
+    records = {int(p): activation_records(plan, stats, examples, int(p)) for p in positions}
+    for x in plan.slices:
+        folder = x.dir(c.output)
+        if (folder / "features" / f"batch-{b}.jsonl.gz").exists():
+            continue  # written by an earlier run
+        directions = decoder_raw(plan.model, x.source.name, latents)
+        lens = logit_lens(x, directions, plan.strings, plan.device)
+        activations, features = [], []
+        for k, (p, i) in enumerate(zip(positions.tolist(), latents.tolist())):
+            for r in records[p]:
+                activations.append({
+                    "id": npd.activation_id(x.model_id, x.source_id, i, r["group"], r["rank"]),
+                    "modelId": x.model_id, "layer": x.source_id, "index": str(i),
+                    **{key: v for key, v in r.items() if key not in ("group", "rank")},
+                    "creatorId": c.creator_id, "createdAt": stamp,
+                })
+            features.append(feature_row(plan, stats, x, p, i, directions[k], lens[k], records[p], stamp))
+        for sub in ("features", "activations"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        if activations:
+            npd.write_jsonl_gz(folder / "activations" / f"batch-{b}.jsonl.gz", activations)
+        npd.write_jsonl_gz(folder / "features" / f"batch-{b}.jsonl.gz", features)
+
+
+def feature_row(plan: Plan, stats: db.DashboardStats, x: Slice, p: int, i: int, direction: torch.Tensor,
+                lens: dict, records: list[dict], stamp: str) -> dict:
+    max_act = max((r["maxValue"] for r in records), default=0.0)
+    heights, centres = [], []
+    if int(stats.nonzero[p]) > 0:
+        lo, hi = stats.bin_edges(p)
+        heights = stats.hist[p].tolist()
+        centres = npd.round_sig(lo + (np.arange(db.N_BINS) + 0.5) * (hi - lo) / db.N_BINS)
+    d = direction.double()
+    n_align = min(ALIGNMENT_ROWS, len(d))
+    align = d.topk(n_align)
+    l1 = float(d.abs().sum())
+    return {
+        "modelId": x.model_id, "layer": x.source_id, "index": str(i), "sourceSetName": plan.set_name,
+        "creatorId": plan.config.creator_id, "createdAt": stamp, "maxActApprox": max_act,
+        "hasVector": plan.config.vectors, "vector": npd.round_sig(d) if plan.config.vectors else [],
+        "vectorLabel": None, "vectorDefaultSteerStrength": max_act, "hookName": x.hook_name,
+        "topkCosSimIndices": [], "topkCosSimValues": [],
+        "neuron_alignment_indices": align.indices.tolist(), "neuron_alignment_values": npd.round_sig(align.values),
+        "neuron_alignment_l1": npd.round_sig(align.values.abs() / l1) if l1 > 0 else [0.0] * n_align,
+        "correlated_neurons_indices": [], "correlated_neurons_pearson": [], "correlated_neurons_l1": [],
+        "correlated_features_indices": [], "correlated_features_pearson": [], "correlated_features_l1": [],
+        **lens,
+        "frac_nonzero": npd.round_sig([int(stats.nonzero[p]) / stats.n_tokens])[0],
+        "freq_hist_data_bar_heights": heights, "freq_hist_data_bar_values": centres,
+        "decoder_weights_dist": [],
+    }

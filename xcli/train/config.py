@@ -1,0 +1,155 @@
+"""The options of `xc train`: one declaration each (xcli.options), no torch."""
+
+import dataclasses
+from dataclasses import dataclass
+
+from xcli.crosscoder.config import (
+    ARCHS,
+    FACTORIZATIONS,
+    FMX_ARCHS,
+    SOURCE_PARALLEL_ARCHS,
+    activation_of,
+    check_fmx_options,
+)
+from xcli.errors import BadInput
+from xcli.lm.config import check_device, device_option
+from xcli.options import count, name_list, option, whole_numbers
+
+DTYPES = ("auto", "float32", "bfloat16")
+TRAIN_ARCHS = ARCHS + FMX_ARCHS
+# Fields that do not change the weights: a resumed run may differ in these.
+RUN_CONTROL = ("stores", "output", "device", "log", "log_every", "checkpoint_every", "resume", "overwrite",
+               "allow_incomplete", "split_sources")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `xc train` needs. None means "choose a default" (xcli.train.loop.resolve)."""
+
+    stores: tuple[str, ...] = option(help="Activation stores whose rows line up (same tokens).", argument=True,
+                                     multiple=True, metavar="STORE...")
+    output: str = option(help="The checkpoint to write (.safetensors; format in xc-checkpoint(5)).",
+                         flags=("-o", "--output"), metavar="FILE")
+    sources: tuple[str, ...] | None = option(
+        None, "Comma-separated sources to train on. Default: every source of the stores, or those --read and "
+              "--write name.", metavar="NAMES", parse=name_list)
+    read: tuple[str, ...] | None = option(None, "Comma-separated sources the encoder reads. Default: all "
+                                                "training sources.", metavar="NAMES", parse=name_list)
+    write: tuple[str, ...] | None = option(
+        None, "Comma-separated sources the decoder reconstructs. Default: all training sources. Reading layer n "
+              "and writing layer n+1 makes a transcoder.", metavar="NAMES", parse=name_list)
+    arch: str = option(
+        "batchtopk", "relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; batchtopk: "
+        "the k*B best per batch, with a learned threshold at inference. fmx: a factorized masked crosscoder "
+        "(fmxcoder) over layers of one model, selecting with batchtopk; fmx-topk and fmx-relu select with topk "
+        "and relu. See --factorization, --ranks, --mask-prob.", choices=TRAIN_ARCHS)
+    latents: int | None = option(None, "Dictionary size F.")
+    expansion: float | None = option(None, "Dictionary size as a multiple of the widest source's width "
+                                           "(default 16).")
+    k: int | None = option(None, "Active latents per token, for topk and batchtopk (default 32).")
+    l1: float | None = option(None, "Sparsity penalty lambda for relu (default 2.0); it warms up over the first "
+                                    "5% of steps.")
+    batch_size: int = option(4096, "Tokens per step.", metavar="N", parse=count)
+    tokens: int | None = option(None, "Training tokens, e.g. 50M (rounded up to whole batches; several epochs "
+                                      "when it exceeds the store). Default: one pass over the training rows.",
+                                metavar="N", parse=count)
+    steps: int | None = option(None, "Training steps, instead of --tokens.")
+    lr: float | None = option(None, "Peak Adam learning rate. Default: 2e-4 / sqrt(F / 16384).")
+    warmup: int | None = option(None, "Steps of linear learning-rate warmup. Default: min(1000, 5% of steps).")
+    decay: float = option(0.2, "Fraction of the steps, at the end, over which the learning rate falls linearly "
+                               "to zero.")
+    clip: float = option(1.0, "Maximum gradient norm (0: no clipping).")
+    k_aux: int | None = option(None, "Dead latents used per token by the AuxK loss (topk, batchtopk). Default: "
+                                     "half the summed width of the written sources; 0 turns AuxK off.")
+    dead_tokens: int = option(10_000_000, "A latent that has not fired for this many training tokens counts as "
+                                          "dead.", metavar="N", parse=count, cli_default="10M")
+    eval_fraction: float = option(0.01, "Fraction of the store's chunks held out to report FVU, L0 and dead "
+                                        "latents on (at least one chunk when above 0; 0: no evaluation).")
+    shuffle_buffer: int = option(65536, "Rows shuffled together in memory (whole chunks); memory use grows with "
+                                        "it, not with the store.", metavar="N", parse=count)
+    seed: int = option(0, "Seed of the initialisation and the data order.")
+    device: str = device_option("training runs")
+    dtype: str = option(
+        "auto", "Compute dtype of the encoder matmul; weights and Adam state stay float32. auto: bfloat16 on "
+        "CUDA GPUs with bf16 and on CPUs with AMX or AVX512-BF16, else float32. The choice is recorded, and "
+        "--resume must use the same one.", choices=DTYPES)
+    log: str | None = option(None, "Write metrics as JSON lines: loss parts, FVU per source, L0, dead fraction, "
+                                   "lr, tokens/s; and held-out evaluations. Under torchrun, spell it --log-file "
+                                   "(torchrun claims --log).", flags=("--log", "--log-file"), metavar="FILE")
+    log_every: int = option(100, "Steps between metrics lines.")
+    checkpoint_every: int = option(1000, "Steps between checkpoints (with evaluation, and the training state "
+                                         "that --resume uses).")
+    resume: bool = option(False, "Continue an interrupted run from its last checkpoint (same options); ends "
+                                 "with the same weights as an uninterrupted run. Does nothing if the checkpoint "
+                                 "is complete.")
+    overwrite: bool = option(False, "Replace an existing checkpoint, log and training state.")
+    allow_incomplete: bool = option(False, "Train on a store whose harvest has not finished.")
+    factorization: str | None = option(
+        None, "fmx: how encoder and decoder (layer x activation x latent) tensors are factorized: tr, a tensor "
+              "ring, W[l,a,i] = trace(G_layer[l] G_act[a] G_latent[i]); cp, a CP decomposition, W[l,a,i] = "
+              "sum_r layer[l,r] act[a,r] latent[i,r]. Default: tr.", choices=FACTORIZATIONS)
+    ranks: tuple[int, ...] | None = option(
+        None, "fmx: the ranks, R1,R2,R3 for tr (one number sets all three) or R for cp. Default: ceil(sqrt(L*d)) "
+              "each for tr and L*d for cp (L layers of width d), so the joint rank is not limited; lower ranks "
+              "share more across layers but reconstruct worse.", metavar="R[,R2,R3]", parse=whole_numbers)
+    mask_prob: float | None = option(
+        None, "Stochastic layer masking: in training, zero each read source's encoder input per token with this "
+              "probability, while the loss still reconstructs the clean activations. Default: 0.05 for fmx "
+              "archs, 0 otherwise.")
+    split_sources: bool = option(
+        False, "Under torchrun: split the sources over the ranks instead of training data-parallel, for a "
+               "crosscoder too big for one GPU (many layers). Each rank holds the encoder, decoder and Adam state "
+               "of a contiguous group of sources (balanced by width), reads only their columns of the store and "
+               "trains on every batch; the ranks exchange the B x F encoder sums and the latent gradients. topk "
+               "and batchtopk only; at most as many ranks as sources. The checkpoint and training state are the "
+               "usual ones (rank 0 needs host memory for the whole crosscoder). No effect in one process.")
+
+    @property
+    def activation(self) -> str:
+        """relu, topk or batchtopk."""
+        return activation_of(self.arch)
+
+    def __post_init__(self):
+        def positive(name, value, zero_ok=False):
+            if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+                raise BadInput(f"--{name.replace('_', '-')} {value} must be {'>= 0' if zero_ok else 'positive'}")
+
+        if not self.stores:
+            raise BadInput("give at least one activation store")
+        if self.arch not in TRAIN_ARCHS:
+            raise BadInput(f"--arch {self.arch!r} is not known; use one of {', '.join(TRAIN_ARCHS)}")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"--dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for label, names in (("--sources", self.sources), ("--read", self.read), ("--write", self.write)):
+            if names is not None and not names:
+                raise BadInput(f"{label} names no source; give one or more source names, separated by commas")
+        if self.latents is not None and self.expansion is not None:
+            raise BadInput("--latents and --expansion both set the dictionary size; give one of them")
+        if self.tokens is not None and self.steps is not None:
+            raise BadInput("--tokens and --steps both set the length of training; give one of them")
+        if self.k is not None and self.activation == "relu":
+            raise BadInput("--k applies to --arch topk and batchtopk; relu uses --l1")
+        if self.l1 is not None and self.activation != "relu":
+            raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses --k")
+        for name in ("latents", "expansion", "k", "batch_size", "tokens", "steps", "lr", "dead_tokens",
+                     "shuffle_buffer", "log_every", "checkpoint_every"):
+            positive(name, getattr(self, name))
+        for name in ("l1", "warmup", "clip", "k_aux"):
+            positive(name, getattr(self, name), zero_ok=True)
+        if not 0 <= self.decay <= 1:
+            raise BadInput(f"--decay {self.decay} must be between 0 and 1")
+        if not 0 <= self.eval_fraction < 1:
+            raise BadInput(f"--eval-fraction {self.eval_fraction} must be at least 0 and below 1")
+        if self.resume and self.overwrite:
+            raise BadInput("--resume continues a run and --overwrite starts over; give one of them")
+        check_fmx_options(self.arch, self.factorization, self.ranks, self.mask_prob)
+        if self.split_sources and self.arch not in SOURCE_PARALLEL_ARCHS:
+            raise BadInput(f"--split-sources trains --arch {' or '.join(SOURCE_PARALLEL_ARCHS)}, not {self.arch}")
+        if self.split_sources and self.mask_prob:
+            raise BadInput("--mask-prob does not combine with --split-sources")
+        check_device(self.device)
+
+    def hyperparameters(self) -> dict:
+        """The fields that determine the weights (recorded in the checkpoint, compared on resume)."""
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
