@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--jobs 2] [--dir /tmp/xc-quality] [--no-readme]
 
-For each preset of `xc synth` (diff, layers, diff-layers; xcli.data.config.PRESETS) it runs
+For each preset of `xc synth` (diff, layers, diff-layers; xcli.data.synth.PRESETS) it runs
 the command line as a user would:
 
     xc synth PRESET -o STORE
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from xcli.data.config import PRESETS  # noqa: E402
+from xcli.data.synth import PRESETS  # noqa: E402
 
 ARCHS = ("relu", "topk", "batchtopk")
 BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from xcli.analysis.evaluate import EvalConfig, evaluate
 from xcli.cli import cli
 from xcli.data import synth
-from xcli.data.config import PRESETS
 from xcli.data.store import open_store
+from xcli.data.synth import PRESETS
 from xcli.errors import BadInput
 from xcli.train import loop as tr
 

@@ -244,7 +244,7 @@ def test_token_strings_show_byte_level_and_sentencepiece_spaces():
 
 def test_round_sig_keeps_six_significant_digits():
     values = np.array([0.0, 1.0, -2.5, 123456789.0, 1.23456789e-7, -9.99999951, 0.30000001])
-    assert npd.round_sig(values) == [float(f"{v:.6g}") for v in values]
+    assert ex.round_sig(values) == [float(f"{v:.6g}") for v in values]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])

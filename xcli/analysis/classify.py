@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from xcli.analysis.config import ClassifyConfig
+from xcli.analysis.config import ROW_FORMATS, ClassifyConfig
 from xcli.analysis.latent_stats import scan_store
 from xcli.crosscoder.model import Crosscoder
 from xcli.data.store import ActivationStore
@@ -61,7 +61,6 @@ from xcli.devices import resolve_device
 from xcli.errors import BadInput
 from xcli.source import Source
 
-FORMATS = ("jsonl", "csv", "table")
 DEAD_NORM = 1e-8  # a latent whose decoder rows sum to less than this writes nothing
 # Latent Scaling ratios divide by the owner's betas (about 1 for a latent that reconstructs
 # its own model); below this they are noise and the verdict is "undetermined".
@@ -336,8 +335,8 @@ TABLE_COLUMNS = ["latent", "class", "rel_norm_B_over_A", "delta_norm_B_over_A", 
 
 def write_rows(result: Classification, fmt: str, out) -> None:
     """Write every latent's row to the text stream `out` as JSON lines, CSV or a table."""
-    if fmt not in FORMATS:
-        raise BadInput(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
+    if fmt not in ROW_FORMATS:
+        raise BadInput(f"--format {fmt!r} is not known; use one of {', '.join(ROW_FORMATS)}")
     if fmt == "jsonl":
         for row in result.rows():
             out.write(json.dumps(row) + "\n")

@@ -6,6 +6,9 @@ from xcli.errors import BadInput
 from xcli.lm.config import MODEL_DTYPES, check_device, device_option
 from xcli.options import count, name_list, option, pair
 
+ROW_FORMATS = ("jsonl", "csv", "table")
+"""How `xc classify` writes its rows (xcli.analysis.classify.write_rows)."""
+
 
 @dataclass(frozen=True)
 class ClassifyConfig:

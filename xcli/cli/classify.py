@@ -5,12 +5,10 @@ import sys
 import click
 
 from xcli import console
-from xcli.analysis.config import ClassifyConfig
+from xcli.analysis.config import ROW_FORMATS, ClassifyConfig
 from xcli.cli.params import build, common_options, config_options
 from xcli.errors import BadInput
 from xcli.files import read_path_argument
-
-FORMATS = ("jsonl", "csv", "table")
 
 
 @click.command("classify")
@@ -22,7 +20,7 @@ FORMATS = ("jsonl", "csv", "table")
 @click.option("--plot", "plot_dir", metavar="DIR", help="Also draw figures into DIR (created if missing): "
               "relative_norm.png, cosine_shared.png, layer_profiles.png (cross-layer), latent_scaling.png "
               "(with --store). Needs matplotlib: pip install 'xcli[plot]'.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(ROW_FORMATS), default="jsonl", show_default=True,
               help="Rows as JSON lines, CSV (nested fields as field.key columns) or an aligned text table of "
                    "the main columns.")
 @click.option("-o", "--output", metavar="FILE", help="Write the rows to FILE (atomically) and print its "

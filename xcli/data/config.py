@@ -8,9 +8,6 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from xcli.data.corpus import describe_data
 from xcli.errors import BadInput
 from xcli.lm.config import MODEL_DTYPES, SITES, ModelSpec, check_device, check_dtype, device_option, parse_layers
 from xcli.options import count, name_list, option, pair
@@ -30,6 +27,14 @@ def chunk_rows_option(help: str = "Token rows per Zarr chunk: the unit of readin
 
 def codec_option(help: str):
     return option(DEFAULT_CODEC, help, choices=CODECS)
+
+
+def describe_data(data: str) -> str:
+    """The identity of a --data argument: an absolute path, '-' or a dataset name."""
+    if data == "-":
+        return "-"
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else data
 
 
 # -- xc harvest ----------------------------------------------------------------------------------------
@@ -140,8 +145,10 @@ class HarvestConfig:
 
 # -- xc synth ------------------------------------------------------------------------------------------
 
-def frequency_weights(frequencies: str, n: int) -> np.ndarray:
+def frequency_weights(frequencies: str, n: int):
     """Unnormalised firing weights of features 0..n-1 for a --frequencies value."""
+    import numpy as np  # here, not at the top: `xc --help` reads this module and needs no numpy
+
     kind, _, value = frequencies.partition(":")
     g = np.arange(n, dtype=np.float64)
     try:
@@ -245,19 +252,6 @@ class SynthSpec:
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-
-PRESETS = {
-    # Two models, one layer: shared, exclusive and scale-changed features (model diffing).
-    "diff": SynthSpec(models=("a", "b"), width=32, shared=48, exclusive=16, scaled=8, scale=0.3, active=4.0),
-    # One model, six layers: features spanning 1-6 layers, turning 15 degrees per layer.
-    "layers": SynthSpec(models=("m",), layers=6, width=24, shared=96, exclusive=0, span=(1, 6), drift=15.0,
-                        active=4.0),
-    # Two models of four layers: diffing and depth at once, with correlated, Zipf-like firing.
-    "diff-layers": SynthSpec(models=("a", "b"), layers=4, width=24, shared=48, exclusive=12, span=(1, 4),
-                             drift=10.0, model_angle=10.0, active=4.0, frequencies="zipf:0.5",
-                             correlation=0.3),
-}
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,6 @@ from xcli.errors import BadInput
 TOKENIZE_GROUP = 64  # documents tokenized per call: fast tokenizers batch well
 
 
-def describe_data(data: str) -> str:
-    """The identity of a --data argument: an absolute path, '-' or a dataset name."""
-    if data == "-":
-        return "-"
-    path = Path(data).expanduser()
-    return str(path.resolve()) if path.exists() else data
-
-
 def check_data(data: str) -> None:
     """Fail early on a --data argument that cannot be read."""
     if data == "-":

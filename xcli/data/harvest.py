@@ -31,8 +31,8 @@ import torch
 
 from xcli import console, files
 from xcli.data import store as st
-from xcli.data.config import HarvestConfig
-from xcli.data.corpus import Batch, Packing, batches, check_data, describe_data, read_documents, windows
+from xcli.data.config import HarvestConfig, describe_data
+from xcli.data.corpus import Batch, Packing, batches, check_data, read_documents, windows
 from xcli.devices import resolve_device
 from xcli.distributed import SINGLE, Comm, launched, local_device, process_group, together
 from xcli.errors import BadInput, XcError

@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from xcli.data.config import PRESETS, SynthSpec, SynthStore, frequency_weights
+from xcli.data.config import SynthSpec, SynthStore, frequency_weights
 from xcli.data.store import StoreWriter
 from xcli.errors import BadInput
 from xcli.files import atomic_path, check_output
@@ -136,6 +136,19 @@ def truth_path(store_path) -> Path:
 
 
 # -- the general generator ----------------------------------------------------------------------
+
+PRESETS = {
+    # Two models, one layer: shared, exclusive and scale-changed features (model diffing).
+    "diff": SynthSpec(models=("a", "b"), width=32, shared=48, exclusive=16, scaled=8, scale=0.3, active=4.0),
+    # One model, six layers: features spanning 1-6 layers, turning 15 degrees per layer.
+    "layers": SynthSpec(models=("m",), layers=6, width=24, shared=96, exclusive=0, span=(1, 6), drift=15.0,
+                        active=4.0),
+    # Two models of four layers: diffing and depth at once, with correlated, Zipf-like firing.
+    "diff-layers": SynthSpec(models=("a", "b"), layers=4, width=24, shared=48, exclusive=12, span=(1, 4),
+                             drift=10.0, model_angle=10.0, active=4.0, frequencies="zipf:0.5",
+                             correlation=0.3),
+}
+
 
 def load_spec(spec: str | None, **overrides) -> SynthSpec:
     """A preset name or a JSON file of SynthSpec fields (or None: the defaults), with overrides

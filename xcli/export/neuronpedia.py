@@ -25,7 +25,7 @@ from xcli import console, files
 from xcli.crosscoder import model as cc
 from xcli.data.store import ActivationStore, open_store
 from xcli.devices import resolve_device
-from xcli.errors import BadInput
+from xcli.errors import BadInput, XcError
 from xcli.export import dashboards as db
 from xcli.export import neuronpedia_schema as npd
 from xcli.export.common import (
@@ -74,6 +74,22 @@ def store_model_ids(store: ActivationStore) -> dict[str, tuple[str, str | None]]
     """alias -> (path or hub id, revision), as xc harvest records them in the store."""
     models = store.meta.get("harvest", {}).get("models", [])
     return {m["alias"]: (m["id"], m.get("revision")) for m in models if isinstance(m, dict) and "alias" in m}
+
+
+def round_sig(values, digits: int = 6) -> list[float]:
+    """Numbers rounded to `digits` significant digits, as short JSON floats (vectorised)."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    if not np.isfinite(a).all():
+        raise XcError("a NaN or inf reached an export row; the checkpoint or the model weights hold non-finite "
+                      "numbers")
+    out = a.copy()
+    nonzero = a != 0
+    exponent = np.zeros(a.shape, dtype=np.int64)
+    exponent[nonzero] = np.floor(np.log10(np.abs(a[nonzero]))).astype(np.int64)
+    for e in np.unique(exponent[nonzero]):
+        sel = nonzero & (exponent == e)
+        out[sel] = np.round(a[sel], int(digits - 1 - e))
+    return out.tolist()
 
 
 def tokenizer_named(name: str):
@@ -240,8 +256,8 @@ def write_sidecar(plan: Plan) -> None:
     for i in plan.latents.tolist():
         rows.append({
             "index": i,
-            "decoder_norm": dict(zip(names, npd.round_sig(norms[i]))),
-            "relative_norm": {n: (None if np.isnan(v) else npd.round_sig([v])[0]) for n, v in zip(names, relative[i])},
+            "decoder_norm": dict(zip(names, round_sig(norms[i]))),
+            "relative_norm": {n: (None if np.isnan(v) else round_sig([v])[0]) for n, v in zip(names, relative[i])},
             "class": plan.classes.get(i, {}).get("class"),
             "classify": json_safe(plan.classes[i]) if i in plan.classes else None,
             "neuronpedia": [f"{x.model_id}/{x.source_id}/{i}" for x in plan.slices],
@@ -347,15 +363,15 @@ def activation_records(plan: Plan, stats: db.DashboardStats, examples: db.Exampl
     first, last = np.searchsorted(examples.position, [position, position + 1])
     for e in range(first, last):
         start, stop, row = int(examples.start[e]), int(examples.stop[e]), int(examples.row[e])
-        values = npd.round_sig(examples.values[e, :stop - start])
+        values = round_sig(examples.values[e, :stop - start])
         high = max(values)
         j = int(examples.interval[e])
         if j < 0:
-            group, bins = "top", (-1, npd.round_sig([top])[0], -1)
+            group, bins = "top", (-1, round_sig([top])[0], -1)
         else:
             group = f"interval{j}"
             count = int(stats.interval_counts[position, j])
-            bins = tuple(npd.round_sig([j * top / db.N_INTERVALS, (j + 1) * top / db.N_INTERVALS,
+            bins = tuple(round_sig([j * top / db.N_INTERVALS, (j + 1) * top / db.N_INTERVALS,
                                         count / n_tokens]))
         records.append({
             "group": group, "rank": int(examples.rank[e]),
@@ -385,9 +401,9 @@ def logit_lens(x: Slice, directions: torch.Tensor, strings: list[str], device) -
     def names(ids):
         return [strings[t] if t < len(strings) else OUT_OF_RANGE for t in ids]
 
-    return [{"pos_str": names(pos_ids[i]), "pos_values": npd.round_sig(pos_values[i]),
-             "neg_str": names(neg_ids[i]), "neg_values": npd.round_sig(neg_values[i]),
-             "logits_hist_data_bar_heights": heights[i], "logits_hist_data_bar_values": npd.round_sig(centres[i])}
+    return [{"pos_str": names(pos_ids[i]), "pos_values": round_sig(pos_values[i]),
+             "neg_str": names(neg_ids[i]), "neg_values": round_sig(neg_values[i]),
+             "logits_hist_data_bar_heights": heights[i], "logits_hist_data_bar_values": round_sig(centres[i])}
             for i in range(len(directions))]
 
 
@@ -427,7 +443,7 @@ def feature_row(plan: Plan, stats: db.DashboardStats, x: Slice, p: int, i: int, 
     if int(stats.nonzero[p]) > 0:
         lo, hi = stats.bin_edges(p)
         heights = stats.hist[p].tolist()
-        centres = npd.round_sig(lo + (np.arange(db.N_BINS) + 0.5) * (hi - lo) / db.N_BINS)
+        centres = round_sig(lo + (np.arange(db.N_BINS) + 0.5) * (hi - lo) / db.N_BINS)
     d = direction.double()
     n_align = min(ALIGNMENT_ROWS, len(d))
     align = d.topk(n_align)
@@ -435,15 +451,15 @@ def feature_row(plan: Plan, stats: db.DashboardStats, x: Slice, p: int, i: int, 
     return {
         "modelId": x.model_id, "layer": x.source_id, "index": str(i), "sourceSetName": plan.set_name,
         "creatorId": plan.config.creator_id, "createdAt": stamp, "maxActApprox": max_act,
-        "hasVector": plan.config.vectors, "vector": npd.round_sig(d) if plan.config.vectors else [],
+        "hasVector": plan.config.vectors, "vector": round_sig(d) if plan.config.vectors else [],
         "vectorLabel": None, "vectorDefaultSteerStrength": max_act, "hookName": x.hook_name,
         "topkCosSimIndices": [], "topkCosSimValues": [],
-        "neuron_alignment_indices": align.indices.tolist(), "neuron_alignment_values": npd.round_sig(align.values),
-        "neuron_alignment_l1": npd.round_sig(align.values.abs() / l1) if l1 > 0 else [0.0] * n_align,
+        "neuron_alignment_indices": align.indices.tolist(), "neuron_alignment_values": round_sig(align.values),
+        "neuron_alignment_l1": round_sig(align.values.abs() / l1) if l1 > 0 else [0.0] * n_align,
         "correlated_neurons_indices": [], "correlated_neurons_pearson": [], "correlated_neurons_l1": [],
         "correlated_features_indices": [], "correlated_features_pearson": [], "correlated_features_l1": [],
         **lens,
-        "frac_nonzero": npd.round_sig([int(stats.nonzero[p]) / stats.n_tokens])[0],
+        "frac_nonzero": round_sig([int(stats.nonzero[p]) / stats.n_tokens])[0],
         "freq_hist_data_bar_heights": heights, "freq_hist_data_bar_values": centres,
         "decoder_weights_dist": [],
     }

@@ -22,9 +22,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
-from xcli.errors import BadInput, XcError
+from xcli.errors import BadInput
 from xcli.files import atomic_path
 
 GZIP_LEVEL = 5
@@ -122,22 +120,6 @@ def activation_id(model_id: str, source_id: str, index: int, group: str, rank: i
     """A cuid-shaped id that is the same on every run, so a re-import does not duplicate rows."""
     digest = hashlib.sha1(f"{model_id}/{source_id}/{index}/{group}/{rank}".encode()).hexdigest()
     return "c" + digest[:24]
-
-
-def round_sig(values, digits: int = 6) -> list[float]:
-    """Numbers rounded to `digits` significant digits, as short JSON floats (vectorised)."""
-    a = np.asarray(values, dtype=np.float64).ravel()
-    if not np.isfinite(a).all():
-        raise XcError("a NaN or inf reached an export row; the checkpoint or the model weights hold non-finite "
-                      "numbers")
-    out = a.copy()
-    nonzero = a != 0
-    exponent = np.zeros(a.shape, dtype=np.int64)
-    exponent[nonzero] = np.floor(np.log10(np.abs(a[nonzero]))).astype(np.int64)
-    for e in np.unique(exponent[nonzero]):
-        sel = nonzero & (exponent == e)
-        out[sel] = np.round(a[sel], int(digits - 1 - e))
-    return out.tolist()
 
 
 def write_jsonl_gz(path: Path, rows: list[dict]) -> None:
