@@ -1,7 +1,7 @@
 """Harvest throughput against a bare forward pass of the same model on the same batches.
 
     python benchmarks/harvest_speed.py [--tokens 2048] [--repeats 9] [--layers all] [--dtype float32]
-                                       [--threads N]
+                                       [--threads N] [--device cuda] [--json FILE] [--small]
 
 A GPT-2-small-shaped model (12 layers, d=768) with random weights is saved to a
 temporary folder (throughput does not depend on the weight values; nothing is
@@ -12,10 +12,13 @@ downloaded). The same token batches are then run, in alternating order, repeated
              conversion to the storage dtype, and writing the store (writer thread)
 
 Model loading and store creation are outside both timings. Prints tokens/s per
-run, the medians, and the median of the per-pair ratios bare/harvest time.
+run, the medians, and the median of the per-pair ratios bare/harvest time. On a
+GPU both run there, timed to the end of the device's work. --small uses a 2-layer,
+d=64 model instead (checks the script quickly).
 """
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -31,11 +34,13 @@ from xcli import files  # noqa: E402
 from xcli.data.harvest import HarvestConfig, open_writer, prepare  # noqa: E402
 
 
-def build_model(root: Path) -> Path:
+def build_model(root: Path, small: bool = False) -> Path:
+    """A GPT-2-small-shaped model (12 layers, d=768; small: 2 layers, d=64) with random weights."""
     from transformers import AutoModel, GPT2Config
 
     tokenizer = tiny_models.build_tokenizer(root / "tokenizer")
-    config = GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257,
+    width, layers, heads = (64, 2, 2) if small else (768, 12, 12)
+    config = GPT2Config(n_embd=width, n_layer=layers, n_head=heads, n_positions=1024, vocab_size=50257,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = AutoModel.from_config(config)
@@ -53,46 +58,59 @@ def main():
     parser.add_argument("--layers", default="all")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    parser.add_argument("--small", action="store_true", help="a 2-layer, d=64 model: checks the script")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-batch breakdown")
     args = parser.parse_args()
+    device = torch.device(args.device)
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     root = Path(tempfile.mkdtemp(prefix="xc-bench-"))
     try:
-        model_path = build_model(root)
+        model_path = build_model(root, args.small)
         corpus = root / "corpus.txt"
         corpus.write_text("\n".join(tiny_models.corpus_lines(args.tokens // 10, seed=1, min_words=20)) + "\n")
 
         def config(name):
             return HarvestConfig(models=(f"gpt2={model_path}",), data=str(corpus), output=root / name,
                                  layers=args.layers, context_length=args.context_length, tokens=args.tokens,
-                                 batch_size=args.batch_size, dtype=args.dtype, device="cpu")
+                                 batch_size=args.batch_size, dtype=args.dtype, device=args.device)
 
         run = prepare(config("probe.zarr"))
         batches = list(run.batches)  # the same batches for both
         model = run.models[0].model
         n_sources = len(run.sources)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2-small shape, {args.dtype}; "
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; "
+              f"{'2 x 64' if args.small else 'GPT-2-small'} shape, {args.dtype}; "
               f"{len(batches)} batches of {args.batch_size}x{args.context_length}; {n_sources} sources "
               f"({args.layers}), stored as {run.store_dtype}", flush=True)
 
         def bare():
+            synchronize()
             start, rows = time.perf_counter(), 0
             with torch.inference_mode():
                 for batch in batches:
-                    ids, mask = torch.from_numpy(batch.ids), torch.from_numpy(batch.mask)
+                    ids, mask = torch.from_numpy(batch.ids).to(device), torch.from_numpy(batch.mask).to(device)
                     model(input_ids=ids, attention_mask=mask)
                     rows += int(run.keep_mask(batch).sum())
                     if rows >= args.tokens:
                         break
+            synchronize()
             return min(rows, args.tokens), time.perf_counter() - start
 
         def harvest(i):
             cfg = config(f"run{i}.zarr")
             run.config, run.batches = cfg, iter(batches)
             writer = open_writer(run, "new")
+            synchronize()
             start = time.perf_counter()
-            run.stream(writer)
+            run.stream(writer)  # ends when the writer has stored every row
             elapsed = time.perf_counter() - start
             files.remove(cfg.output)
             return writer.n_tokens, elapsed
@@ -114,7 +132,14 @@ def main():
         print(f"median: bare {statistics.median(rates['bare']):.0f} tok/s, harvest "
               f"{statistics.median(rates['harvest']):.0f} tok/s, harvest/bare time {statistics.median(ratios):.3f}x "
               f"(target <= 1.15x)", flush=True)
-        breakdown(run, batches, model, config("parts.zarr"))
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "device": str(device), "torch": torch.__version__, "shape": "2x64" if args.small else "gpt2-small",
+                "dtype": args.dtype, "tokens": args.tokens, "repeats": args.repeats, "sources": n_sources,
+                "bare_tokens_per_s": rates["bare"], "harvest_tokens_per_s": rates["harvest"],
+                "harvest_over_bare_time": ratios, "median_ratio": statistics.median(ratios)}, indent=1))
+        if not args.no_breakdown and device.type == "cpu":
+            breakdown(run, batches, model, config("parts.zarr"))
         run.close()
     finally:
         files.remove(root)

@@ -20,9 +20,11 @@ decode (both sparse decodes, forward), backward (autograd: all gradients), optim
 
     python benchmarks/train_gpu.py                     # on a GPU, the full sweep
     python benchmarks/train_gpu.py --device cpu --quick  # tiny shapes: checks the script runs
+    python benchmarks/train_gpu.py --json speed.json   # also every figure as JSON (gpu_check.py)
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -160,6 +162,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device, TFLOP/s")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     args = parser.parse_args()
     if args.quick:  # new defaults; options given still win
         parser.set_defaults(d=64, latents="512,1024", k=8, batches="256,512", steps=2, repeats=2)
@@ -214,6 +217,17 @@ def main():
             del model, opt, x, state, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.json:
+        figures = {
+            "device": name, "torch": torch.__version__, "triton": triton_version, "arch": args.arch,
+            "dtype": args.dtype, "sources": args.sources, "d": args.d, "k": args.k, "peak_tflops": peak,
+            "flops_per_token": "2*D*F + 8*k*D",
+            "speed": [{"latents": f, "batch": b, "kernels": v, "ms_per_step": ms, "tokens_per_s": tps,
+                       "tflops": tf, "fraction_of_peak": tf / peak if peak else None, "gemm_tflops": gemm}
+                      for f, b, v, ms, tps, tf, _, gemm in speed],
+            "split": [{"latents": f, "batch": b, "kernels": v, "seconds": parts} for f, b, v, parts in split],
+        }
+        Path(args.json).write_text(json.dumps(figures, indent=1))
     print("\n| F | batch | kernels | ms/step | tokens/s | TFLOP/s counted | % of bf16 peak | GEMM alone TFLOP/s |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     for f, b, v, ms, tps, tf, pct, gemm in speed:

@@ -15,6 +15,7 @@ an uninterrupted run would have seen.
 import hashlib
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -281,6 +282,10 @@ class Prefetcher:
 
     def __init__(self, source: Iterator[Batch], depth: int):
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.waited = 0.0
+        """Seconds the consumer has waited for a batch, the first one not counted: time its
+        device may have sat idle because the store could not keep up."""
+        self.served = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="xc-prefetch")
         self.thread.start()
@@ -307,7 +312,11 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Batch:
+        started = time.perf_counter()
         item = self.queue.get()
+        if self.served:
+            self.waited += time.perf_counter() - started
+        self.served += 1
         if item is self._DONE:
             raise StopIteration
         if isinstance(item, BaseException):

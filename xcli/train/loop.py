@@ -600,6 +600,7 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
     bar = console.progress(total=cfg.steps, initial=state.step, desc="train", unit="step")
     try:
         with stream.prefetched(state.position) as batches, deferred_interrupt() as interrupted:
+            waited = 0.0  # the loader's waits up to the last metrics line
             while state.step < cfg.steps:
                 batch = next(batches)
                 x = {n: t.to(device, non_blocking=True).float() for n, t in batch.data.items()}
@@ -612,7 +613,8 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
                     state.last_train["dead_fraction"] = float((state.since_fired >= cfg.dead_tokens).float().mean())
                     record = {"kind": "train", "step": state.step, "tokens": state.tokens,
                               "epoch": state.tokens / stream.rows_per_epoch, **state.last_train,
-                              "lr": lr_at(state.step - 1, cfg)}
+                              "lr": lr_at(state.step - 1, cfg), "loader_wait_s": batches.waited - waited}
+                    waited = batches.waited
                     if cfg.activation == "relu":
                         record["l1"] = l1_at(state.step - 1, cfg)
                     if cfg.activation == "batchtopk":
