@@ -447,6 +447,47 @@ def test_nan_in_the_data_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
     assert all(torch.isfinite(t).all() for t in weights(out).values())
 
 
+@pytest.mark.parametrize("lr,stopped_by", [("1e39", ("the weights became non-finite",)),
+                                           ("1e38", ("the weights became non-finite", "the loss is"))])
+def test_weights_that_become_non_finite_are_never_checkpointed(small_store, tmp_path, lr, stopped_by):
+    """An optimizer step so large that the weights overflow (1e39 > float32's max) though loss and gradients
+    were finite: the run stops before writing anything. 1e38 may leave finite (huge) weights, and then
+    the next step's loss stops it. Either way every checkpoint on disk holds finite weights."""
+    out = tmp_path / "x.safetensors"
+    args = ["train", str(small_store), "-o", str(out), "--latents", "16", "--k", "2", "--batch-size", "64",
+            "--steps", "20", "--checkpoint-every", "1", "--lr", lr, "--clip", "0", "--warmup", "0",
+            "--device", "cpu", "--dtype", "float32"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and result.stdout == ""
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("xc: error: ") and any(text in message for text in stopped_by)
+    if out.exists():
+        assert all(torch.isfinite(t).all() for t in weights(out).values())
+        state = torch.load(tr.state_path(out), weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+    else:
+        assert "no checkpoint had been written yet" in message
+
+
+@pytest.mark.parametrize("option,value", [("--lr", "inf"), ("--lr", "nan"), ("--clip", "nan"), ("--l1", "inf")])
+def test_non_finite_options_are_refused(small_store, tmp_path, option, value):
+    arch = ["--arch", "relu"] if option == "--l1" else []
+    result = CliRunner().invoke(cli, ["train", str(small_store), "-o", str(tmp_path / "x.safetensors"),
+                                      option, value, *arch])
+    assert result.exit_code == 2 and f"{option} {float(value)} must be" in result.stderr and "finite" in result.stderr
+
+
+def test_a_diverging_run_is_warned_about(small_store, tmp_path):
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(cli, ["train", str(small_store), "-o", str(out), "--latents", "16", "--k", "2",
+                                      "--batch-size", "64", "--steps", "20", "--lr", "30", "--clip", "0",
+                                      "--warmup", "0", "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0 and result.stdout == f"{out}\n"
+    fvu = xcli.load(out).metadata["training"]["fvu_total"]
+    assert fvu > 100  # seen: about 1e4
+    assert result.stderr.count("may be diverging") == 1 and f"held-out FVU is {fvu:.4g}" in result.stderr
+
+
 # -- the command line ------------------------------------------------------------------------------------
 
 def test_cli_reads_the_store_from_stdin_and_prints_only_the_path(small_store, tmp_path):

@@ -1,6 +1,7 @@
 """The options of `xc train`: one declaration each (xcli.options), no torch."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from xcli.crosscoder.config import (
@@ -111,8 +112,11 @@ class TrainConfig:
 
     def __post_init__(self):
         def positive(name, value, zero_ok=False):
-            if value is not None and (value < 0 or (value == 0 and not zero_ok)):
-                raise BadInput(f"--{name.replace('_', '-')} {value} must be {'>= 0' if zero_ok else 'positive'}")
+            if value is None:
+                return
+            if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+                raise BadInput(f"--{name.replace('_', '-')} {value} must be {'>= 0' if zero_ok else 'positive'}"
+                               f" and finite")
 
         if not self.stores:
             raise BadInput("give at least one activation store")

@@ -576,6 +576,7 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         """Rank 0 evaluates and writes; the other ranks go on and wait for it at the next collective.
         Split over sources, every rank evaluates its sources and sends them to rank 0's host copy."""
         nonlocal last_saved
+        stop_on_nonfinite_weights(model, state, cfg, last_saved, comm, device)  # before anything is written
         last_saved = state.step
         optimizer_state = None
         if shard:
@@ -591,6 +592,10 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
             state.last_eval = held_out_metrics(model, stores, eval_chunks, cfg.batch_size, device, "float32")
         if with_eval and state.last_eval:
             emit({"kind": "eval", "step": state.step, "tokens": state.tokens, **state.last_eval})
+            fvu = state.last_eval.get("fvu_total")
+            if fvu is not None and fvu > 1:
+                console.warn(f"held-out FVU is {fvu:.4g} at step {state.step}: worse than predicting the mean; "
+                             f"training may be diverging (lower --lr)")
         whole = host if shard else model
         if not complete:
             save_state(state_path(cfg.output), whole, optimizer_state if shard else opt.state_dict(), cfg, stores, state)
@@ -692,6 +697,19 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
     state.step += 1
     state.tokens += rows
     return parts
+
+
+def stop_on_nonfinite_weights(model: Crosscoder, state: TrainState, cfg: TrainConfig, last_saved: int | None,
+                              comm: Comm, device: torch.device) -> None:
+    """No checkpoint or state holds a NaN or inf: an optimizer step with finite gradients can still make
+    them (a huge --lr). Every rank checks its parameters; all stop together."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if not comm.any(bool(bad), device):
+        return
+    kept = (f"the last good checkpoint (step {last_saved}) is kept at {cfg.output}" if last_saved is not None
+            else "no checkpoint had been written yet")
+    raise XcError(f"the weights became non-finite ({', '.join(bad[:3]) or 'on another rank'}) by step {state.step}: "
+                  f"training stopped; {kept}. Lower --lr")
 
 
 def stop_on_nonfinite(loss: Tensor, grad_norm: Tensor, state: TrainState, cfg: TrainConfig,
