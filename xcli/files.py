@@ -14,6 +14,9 @@ from pathlib import Path
 
 from xcli.errors import BadInput
 
+UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
+os.umask(UMASK)
+
 
 def check_output(path, overwrite: bool = False, resume: bool = False) -> Path:
     """Refuse to write over an existing output unless asked to."""
@@ -49,6 +52,8 @@ def atomic_path(path, overwrite: bool = False):
     tmp = temp_path_for(path)
     try:
         yield tmp
+        if tmp.is_file():  # some writers (safetensors) create 0600 files: give the mode open() would
+            os.chmod(tmp, 0o666 & ~UMASK)
         if path.exists():
             if not overwrite:
                 raise BadInput(f"output {str(path)!r} appeared while writing; pass --overwrite to replace it")

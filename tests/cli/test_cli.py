@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -134,6 +135,19 @@ def test_atomic_path_file_and_folder(tmp_path):
         (tmp / "fresh").write_text("y")
     assert sorted(p.name for p in folder.iterdir()) == ["fresh"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_path_gives_files_the_mode_open_would(tmp_path):
+    """safetensors creates its files 0600; outputs get the usual mode under the user's umask."""
+    import os
+
+    from safetensors.numpy import save_file
+
+    target = tmp_path / "x.safetensors"
+    with files.atomic_path(target) as tmp:
+        save_file({"a": np.zeros(2)}, str(tmp))
+    assert target.stat().st_mode & 0o777 == 0o666 & ~files.UMASK
+    os.umask(files.UMASK)  # the test reads it the same way; nothing changed
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

@@ -37,6 +37,9 @@ def cosine(u, v):
     (dict(correlation=1.0), "--correlation"),
     (dict(magnitude=(2, 1)), "--magnitude"),
     (dict(model_angle=120), "--model-angle"),
+    (dict(noise=float("nan")), "--noise nan must be finite"),
+    (dict(magnitude=(0.5, float("inf"))), "--magnitude 0.5,inf must be finite"),
+    (dict(drift=float("nan")), "--drift nan must be finite"),
 ])
 def test_bad_specs_are_refused(fields, message):
     with pytest.raises(BadInput, match=message.replace("-", r"\-")):
@@ -195,6 +198,7 @@ def test_cli_reads_a_json_spec_and_options_override_it(tmp_path):
     (["--span", "3"], "MIN-MAX"),
     (["--active", "0"], "--active"),
     (["--frequencies", "zipf"], "--frequencies"),
+    (["--noise", "nan"], "--noise nan must be finite"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
     spec = tmp_path / "bad.json"

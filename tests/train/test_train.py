@@ -469,6 +469,13 @@ def test_weights_that_become_non_finite_are_never_checkpointed(small_store, tmp_
         assert "no checkpoint had been written yet" in message
 
 
+def test_log_and_checkpoint_must_be_different_files(small_store, tmp_path):
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(cli, ["train", str(small_store), "-o", str(out), "--log", str(out)])
+    assert result.exit_code == 2 and "--log" in result.stderr and "is the checkpoint -o names" in result.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("option,value", [("--lr", "inf"), ("--lr", "nan"), ("--clip", "nan"), ("--l1", "inf")])
 def test_non_finite_options_are_refused(small_store, tmp_path, option, value):
     arch = ["--arch", "relu"] if option == "--l1" else []

@@ -5,6 +5,7 @@ store (xcli.data.store) takes its choices from here.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,10 @@ class SynthSpec:
     seed: int = option(0, "Everything random derives from it.")
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # NaN passes every comparison below: refuse it first
+            values = getattr(self, f.name) if isinstance(getattr(self, f.name), tuple) else (getattr(self, f.name),)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise BadInput(f"--{f.name.replace('_', '-')} {','.join(map(str, values))} must be finite")
         models = tuple(self.models)
         object.__setattr__(self, "models", models)
         object.__setattr__(self, "magnitude", tuple(float(x) for x in self.magnitude))

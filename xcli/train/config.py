@@ -3,6 +3,7 @@
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from xcli.crosscoder.config import (
     ARCHS,
@@ -146,6 +147,8 @@ class TrainConfig:
             raise BadInput(f"--eval-fraction {self.eval_fraction} must be at least 0 and below 1")
         if self.resume and self.overwrite:
             raise BadInput("--resume continues a run and --overwrite starts over; give one of them")
+        if self.log is not None and Path(self.log).resolve() == Path(self.output).resolve():
+            raise BadInput(f"--log {self.log!r} is the checkpoint -o names; give the metrics another file")
         check_fmx_options(self.arch, self.factorization, self.ranks, self.mask_prob)
         if self.split_sources and self.arch not in SOURCE_PARALLEL_ARCHS:
             raise BadInput(f"--split-sources trains --arch {' or '.join(SOURCE_PARALLEL_ARCHS)}, not {self.arch}")
