@@ -5,6 +5,7 @@ doing work and `atomic_path` while writing, so a crash never leaves a
 half-written artifact under the final name and nothing is clobbered silently.
 """
 
+import io
 import os
 import shutil
 import sys
@@ -78,3 +79,19 @@ def read_path_argument(value: str) -> str:
     if len(lines) != 1:
         raise BadInput(f"expected one path on stdin for '-', got {len(lines)} lines")
     return lines[0]
+
+
+def utf8_stdin():
+    """stdin as strict UTF-8 text: Python's own stdin lets bad bytes through as surrogates, which
+    fail later, far from their cause."""
+    return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="strict")
+
+
+def read_utf8(path, option: str) -> str:
+    """A text file as UTF-8; other bytes are bad input that names the file and the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{option} {str(path)!r} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); "
+                       f"convert it first, e.g. iconv -f latin1 -t utf-8") from None

@@ -256,6 +256,30 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(models, corpus_file, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("where", ["folder", "stdin", "file"])
+def test_text_that_is_not_utf8_is_bad_input_and_leaves_nothing(models, tmp_path, where):
+    good = "\n".join(tiny_models.corpus_lines(200, seed=9))
+    bad = "the cat sat on the mat caf\xe9\n".encode("latin-1")  # latin-1, not UTF-8
+    args = ["harvest", "-m", str(models["gpt2"]), "--layers", "0", "-c", "16", "--chunk-rows", "64",
+            "-o", str(tmp_path / "out.zarr")]
+    kwargs = {}
+    if where == "folder":
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "a.txt").write_text(good)
+        (tmp_path / "docs" / "b.txt").write_bytes(bad)
+        args += ["-d", str(tmp_path / "docs")]
+    elif where == "stdin":
+        args += ["-d", "-"]
+        kwargs["input"] = good.encode() + b"\n" + bad
+    else:
+        (tmp_path / "c.txt").write_bytes(good.encode() + b"\n" + bad)
+        args += ["-d", str(tmp_path / "c.txt")]
+    result = invoke(args, **kwargs)
+    assert_bad_input(result, "is not UTF-8 text")
+    assert not (tmp_path / "out.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.zarr")]
+
+
 def test_bad_record_deep_in_the_corpus_leaves_nothing(models, tmp_path):
     lines = [json.dumps({"text": d}) for d in tiny_models.corpus_lines(300, seed=8)]
     lines[250] = json.dumps({"title": "no text here"})

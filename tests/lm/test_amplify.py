@@ -391,6 +391,16 @@ def test_refuses_bad_options_before_loading_anything(args, fragment):
     assert_refused(cli_run(args), fragment)
 
 
+def test_prompts_that_are_not_utf8_are_refused(tmp_path):
+    bad = "caf\xe9 au lait\n".encode("latin-1")
+    (tmp_path / "p.txt").write_bytes(bad)
+    common = ["amplify", "--before", "x", "--after", "y", "--alpha", "1", "--prompts"]
+    from_file = CliRunner().invoke(cli, [*common, str(tmp_path / "p.txt")])
+    assert_refused(from_file, "--prompts", "is not UTF-8 text (byte 3 is 0xe9)")
+    from_stdin = CliRunner().invoke(cli, [*common, "-"], input=bad)
+    assert_refused(from_stdin, "--prompts - (stdin) is not UTF-8 text")
+
+
 def test_cli_runs_from_the_local_hugging_face_cache(tiny, tmp_path):
     """A hub id resolves offline through the local cache; JSON on stdout, count summary on stderr."""
     snapshot = tmp_path / "hub" / "models--xc-test--tiny-gpt2" / "snapshots" / ("0" * 40)

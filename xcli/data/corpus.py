@@ -16,7 +16,6 @@ of the corpus, which may be shorter. Nothing here holds more than a few document
 """
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from xcli.errors import BadInput
+from xcli.files import read_utf8, utf8_stdin
 
 TOKENIZE_GROUP = 64  # documents tokenized per call: fast tokenizers batch well
 
@@ -99,9 +99,9 @@ def read_documents(data: str, text_field: str = "text", split: str = "train") ->
     """Non-empty documents of --data, lazily, in a fixed order."""
     path = Path(data).expanduser()
     if data == "-":
-        texts = (line for _, line in _lines(Path("<stdin>"), sys.stdin))
+        texts = (line for _, line in _lines(Path("<stdin>"), utf8_stdin()))
     elif path.is_dir():
-        texts = (p.read_text(encoding="utf-8") for p in sorted(path.rglob("*.txt")))
+        texts = (read_utf8(p, "--data file") for p in sorted(path.rglob("*.txt")))
     elif path.suffix == ".jsonl":
         texts = _jsonl(path, text_field)
     elif path.exists():

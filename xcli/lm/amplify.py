@@ -31,6 +31,7 @@ from torch import Tensor
 from xcli import console
 from xcli.devices import resolve_device
 from xcli.errors import BadInput
+from xcli.files import read_utf8, utf8_stdin
 from xcli.lm.config import SITES, AmplifyConfig, ModelSpec, Sampling, SteerConfig  # noqa: F401 (read here by callers)
 from xcli.lm.models import (
     check_same_tokenizer,
@@ -62,14 +63,15 @@ def eos_ids(*models, tokenizer) -> list[int]:
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line ('-' for stdin); blank lines are skipped."""
-    import sys
-
     if path == "-":
-        text = sys.stdin.read()
+        try:
+            text = utf8_stdin().read()
+        except UnicodeDecodeError as e:
+            raise BadInput(f"--prompts - (stdin) is not UTF-8 text (byte {e.start}); convert it first") from None
     else:
         if not Path(path).is_file():
             raise BadInput(f"--prompts {path!r} does not exist (give a text file with one prompt per line, or -)")
-        text = Path(path).read_text()
+        text = read_utf8(path, "--prompts")
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise BadInput(f"--prompts {path!r} holds no prompts (one per line; blank lines are skipped)")
