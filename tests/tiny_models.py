@@ -99,3 +99,74 @@ def corpus_lines(n: int, seed: int = 0, min_words: int = 3, max_words: int = 40)
         idx = torch.randint(0, len(words), (length,), generator=g).tolist()
         lines.append(" ".join(words[i] for i in idx))
     return lines
+
+
+# -- real tokenizer kinds, trained offline on a few texts (xc export's token strings) ---------------
+
+def _wrap(tok, path: Path | None, **special):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=CONTEXT, **special)
+    if path is not None:
+        fast.save_pretrained(path)
+    return fast
+
+
+def build_byte_level_tokenizer(path: Path | None, texts: list[str], vocab_size: int = 2000):
+    """GPT-2-style byte-level BPE (as GPT-2, Llama 3, Qwen, NeoX): `<|endoftext|>` is BOS, EOS and UNK."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    end = "<|endoftext|>"
+    return _wrap(tok, path, bos_token=end, eos_token=end, unk_token=end)
+
+
+def build_wordpiece_tokenizer(path: Path | None, texts: list[str], vocab_size: int = 2000):
+    """BERT-style WordPiece (`##` continuations), [CLS] TEXT [SEP] around every text; keeps case and accents."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return _wrap(tok, path, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                 mask_token="[MASK]")
+
+
+def build_sentencepiece_tokenizer(path: Path | None, texts: list[str], vocab_size: int = 2000):
+    """Llama-2-style SentencePiece BPE as `tokenizers` writes it: `▁` for spaces, byte fallback (`<0xE2>`),
+    a decoder that strips the leading space, <s> before every text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return _wrap(tok, path, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_unigram_tokenizer(path: Path | None, texts: list[str], vocab_size: int = 300):
+    """T5/ALBERT-style SentencePiece Unigram: `▁` for spaces (Metaspace), NFKC, </s> as EOS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, unk_token="<unk>",
+                                                           special_tokens=["<pad>", "</s>", "<unk>"]))
+    return _wrap(tok, path, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")

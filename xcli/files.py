@@ -5,6 +5,7 @@ doing work and `atomic_path` while writing, so a crash never leaves a
 half-written artifact under the final name and nothing is clobbered silently.
 """
 
+import fcntl
 import io
 import os
 import shutil
@@ -95,3 +96,39 @@ def read_utf8(path, option: str) -> str:
     except UnicodeDecodeError as e:
         raise BadInput(f"{option} {str(path)!r} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x}); "
                        f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+@contextmanager
+def output_lock(path):
+    """One writer per output: an exclusive OS lock on `.NAME.lock` beside it, held while the block runs.
+
+    A second xc writing the same output stops at once with one line (exit 2). The lock dies with its
+    process (kill -9 included), and the file goes when the block ends."""
+    path = Path(path)
+    if not path.parent.is_dir():  # the command's own check says what is wrong
+        yield
+        return
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BadInput(f"output {str(path)!r} is being written by another xc process (pid {holder}); "
+                           f"wait for it to finish, or stop it") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file that its last holder removed while we opened it
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.unlink(lock)
+        os.close(fd)

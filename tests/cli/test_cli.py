@@ -168,3 +168,70 @@ def test_dash_reads_one_path_from_stdin(monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("a\nb\n"))
     with pytest.raises(BadInput, match="one path"):
         files.read_path_argument("-")
+
+
+# -- one writer per output ---------------------------------------------------------------------------
+
+def test_output_lock_refuses_a_second_writer_and_goes_away(tmp_path):
+    target = tmp_path / "x.safetensors"
+    with files.output_lock(target):
+        assert (tmp_path / ".x.safetensors.lock").exists()
+        with pytest.raises(BadInput, match=r"being written by another xc process \(pid \d+\)"):
+            with files.output_lock(target):
+                pass
+    assert list(tmp_path.iterdir()) == []
+    with files.output_lock(target):  # free again
+        pass
+
+
+@pytest.mark.parametrize("command", ["synth", "train", "harvest", "export"])
+def test_a_second_writer_of_the_same_output_exits_2_at_once(tmp_path, command, tiny, corpus_file):
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "x"
+    store = tmp_path / "s.zarr"
+    if command == "train":
+        assert CliRunner().invoke(cli, ["synth", "diff", "--tokens", "2048", "--chunk-rows", "256",
+                                        "-o", str(store)]).exit_code == 0
+    args = {"synth": ["synth", "diff", "-o", str(out)],
+            "train": ["train", str(store), "-o", str(out)],
+            "harvest": ["harvest", "-m", str(tiny["gpt2"]), "--layers", "0", "-d", str(corpus_file), "-o", str(out)],
+            "export": ["export", str(tmp_path / "x.safetensors"), "--format", "saelens", "-o", str(out)]}
+    with files.output_lock(out):
+        result = CliRunner().invoke(cli, args[command])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "is being written by another xc process" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+HOLDER = """
+import sys
+from xcli.files import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("ending", ["finishes", "is killed with -9"])
+def test_a_lock_held_by_another_process_and_what_it_leaves(tmp_path, ending):
+    """Another process writing the output (here a stand-in that holds the lock): xc stops at once and names
+    it. Once it finishes, or dies by kill -9 (the OS drops its lock; a stale lock file stays), xc runs."""
+    out = tmp_path / "s.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    second = subprocess.run([sys.executable, "-m", "xcli", "synth", "diff", "--tokens", "4096", "-o", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and second.stdout == "" and f"(pid {holder.pid})" in second.stderr
+    if ending == "finishes":
+        holder.communicate("")
+        assert not (tmp_path / ".s.zarr.lock").exists()
+    else:
+        holder.kill()
+        holder.wait()
+        assert (tmp_path / ".s.zarr.lock").exists()
+    third = subprocess.run([sys.executable, "-m", "xcli", "synth", "diff", "--tokens", "4096", "-o", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and third.stdout.strip() == str(out), third.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr", "s.zarr.truth.safetensors"]

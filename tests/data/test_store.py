@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import zarr
@@ -107,3 +109,56 @@ def test_bad_inputs(tmp_path):
     write(tmp_path / "s.zarr", 10, sources())
     with pytest.raises(BadInput, match="not in"):
         st.open_store(tmp_path / "s.zarr").source("nope")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_xarray_opens_a_store_with_the_values_of_xcs_reader(tmp_path, sharded):
+    """Every array has Zarr v3 dimension names: rows share "token", a source's width is "<source>.d"."""
+    import xarray as xr  # in the [test] extra: a client of the store, never skipped
+    srcs, path = sources(), tmp_path / "s.zarr"
+    if sharded:  # the create path of several writers (xc harvest under torchrun)
+        rng = np.random.default_rng(3)
+        st.create_sharded(path, srcs, {"tokenizer": "t"}, dtype="float32", chunk_rows=16)
+        writer = st.ChunkWriter(path)
+        for index, rows in enumerate((16, 16, 8)):
+            writer.write(index, {s.name: rng.normal(size=(rows, s.d)).astype(np.float32) for s in srcs},
+                         {k: np.arange(index * 16, index * 16 + rows) for k in ("tokens", "sequence", "position")})
+        st.finish_sharded(path, 40)
+    else:
+        write(path, 40, srcs)
+    store = st.open_store(path)
+    group = zarr.open_group(str(path), mode="r")
+    for s in srcs:
+        assert group[f"acts/{s.name}"].metadata.dimension_names == ("token", f"{s.name}.d")
+        assert group[f"stats/{s.name}/mean"].metadata.dimension_names == (f"{s.name}.d",)
+    root = xr.open_zarr(path, consolidated=False)
+    assert dict(root.sizes) == {"token": 40}
+    ids = store.token_arrays()
+    for name in ("tokens", "sequence", "position"):
+        assert root[name].dims == ("token",) and np.array_equal(root[name].values, ids[name])
+    acts = xr.open_zarr(path, group="acts", consolidated=False)
+    for s in srcs:
+        assert acts[s.name].dims == ("token", f"{s.name}.d") and acts[s.name].dtype == np.float32
+        np.testing.assert_array_equal(acts[s.name].values, store.read(s.name, 0, 40))
+        mean = xr.open_zarr(path, group=f"stats/{s.name}", consolidated=False)["mean"]
+        np.testing.assert_array_equal(mean.values, store.stats(s.name)["mean"])
+    tree = xr.open_datatree(path, engine="zarr", consolidated=False)  # the whole store at once
+    assert tree["acts"].sizes["token"] == 40
+
+
+def test_reader_accepts_a_store_without_dimension_names(tmp_path):
+    """Stores written before the arrays had dimension names still read as they did."""
+    srcs = sources()
+    data = write(tmp_path / "s.zarr", 40, srcs)
+    for path in (tmp_path / "s.zarr").rglob("zarr.json"):
+        meta = json.loads(path.read_text())
+        if meta.get("node_type") == "array":
+            meta.pop("dimension_names")
+            path.write_text(json.dumps(meta))
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert group[f"acts/{srcs[0].name}"].metadata.dimension_names is None
+    store = st.open_store(tmp_path / "s.zarr")
+    for s in srcs:
+        np.testing.assert_array_equal(store.read(s.name, 0, 40), data[s.name])
+        np.testing.assert_allclose(store.stats(s.name)["mean"], data[s.name].astype(np.float64).mean(0), rtol=1e-12)
+    assert store.token_arrays()["tokens"].tolist() == list(range(40))

@@ -1,4 +1,4 @@
-"""xc export: dashboards against brute force, the Neuronpedia rules, resume, bad input, SAELens slices."""
+"""xc export: dashboards against brute force, the Neuronpedia rules, resume, bad input (SAELens: test_saelens.py)."""
 
 import gzip
 import json
@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 import tiny_models
 from xcli.cli import cli
@@ -25,7 +24,7 @@ from xcli.export import ExportConfig, export
 from xcli.export import dashboards as db
 from xcli.export import neuronpedia as ex
 from xcli.export import neuronpedia_schema as npd
-from xcli.export.common import SIDECAR, plan_slices
+from xcli.export.common import SIDECAR, crosscoder_id, default_set_name, plan_slices
 from xcli.lm.models import read_unembedding
 from xcli.source import Source
 
@@ -110,9 +109,20 @@ def config(setup, output, **kw) -> ExportConfig:
     return ExportConfig(setup["checkpoint"], output, **args)
 
 
+def source_id(checkpoint: Path) -> str:
+    """The Neuronpedia source id of layer 1 under the default set name: 1-xc-24-{8 hex digits of the checkpoint}."""
+    return "1-" + default_set_name(N_LATENTS, crosscoder_id(checkpoint))
+
+
+def source_dir(out: Path, model_id: str) -> Path:
+    """The one source folder of a model in an export (its name holds the crosscoder's id)."""
+    (folder,) = (out / "v1" / model_id).iterdir()
+    return folder
+
+
 def rows_by_index(out: Path, model_id: str, table: str) -> dict[int, list[dict]]:
     rows = {}
-    for path in sorted((out / "v1" / model_id / "1-xc-24" / table).glob("batch-*.jsonl.gz")):
+    for path in sorted((source_dir(out, model_id) / table).glob("batch-*.jsonl.gz")):
         for row in read_gz(path):
             rows.setdefault(int(row["index"]), []).append(row)
     return rows
@@ -216,7 +226,7 @@ def test_sidecar_and_notes_carry_the_crosscoder_facts(setup):
             assert r["classify"]["norm"] == {"a": pytest.approx(0.1 * i), "b": None}
         else:
             assert r["class"] is None and r["classify"] is None
-    source = json.loads((out / "v1" / "gpt2" / "1-xc-24" / "source.jsonl").read_text())
+    source = json.loads((source_dir(out, "gpt2") / "source.jsonl").read_text())
     assert "xc-latents.jsonl" in source["notes"] and "unclassified 12" in source["notes"]
 
 
@@ -272,7 +282,7 @@ def test_models_are_found_through_the_harvest_record(setup, tmp_path):
     out = export(ExportConfig(ckpt, tmp_path / "np", store=store_path, features="3,7-9", batch_size=3,
                                     top_k=2, model_ids=("base=gpt2-small",)))
     assert sorted(p.name for p in (out / "v1").iterdir()) == ["chat", "gpt2-small"]
-    rows = [r for p in sorted((out / "v1" / "gpt2-small" / "1-xc-24" / "features").iterdir()) for r in read_gz(p)]
+    rows = [r for p in sorted((source_dir(out, "gpt2-small") / "features").iterdir()) for r in read_gz(p)]
     assert [r["index"] for r in rows] == ["3", "7", "8", "9"] and all(len(r["pos_str"]) == 10 for r in rows)
     assert npd.check_export(out)["features"] == 8
 
@@ -301,7 +311,8 @@ def test_every_file_loads_and_check_passes(setup):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["features"] == 2 * N_LATENTS and summary["activations"] > 0 and summary["warnings"] == []
-    assert {(s["modelId"], s["sourceId"]) for s in summary["sources"]} == {("gpt2", "1-xc-24"), ("gpt2_b", "1-xc-24")}
+    sid = source_id(setup["checkpoint"])
+    assert {(s["modelId"], s["sourceId"]) for s in summary["sources"]} == {("gpt2", sid), ("gpt2_b", sid)}
 
 
 def rewrite_gz(path: Path, change) -> None:
@@ -334,7 +345,7 @@ CORRUPTIONS = {
 def test_check_fails_on_a_corrupted_export(setup, tmp_path, name):
     table, change, message = CORRUPTIONS[name]
     out = shutil.copytree(setup["out"], tmp_path / "np")
-    rewrite_gz(out / "v1" / "gpt2" / "1-xc-24" / table / "batch-1.jsonl.gz", change)
+    rewrite_gz(source_dir(out, "gpt2") / table / "batch-1.jsonl.gz", change)
     result = CliRunner().invoke(cli, ["export", "--check", str(out)])
     assert result.exit_code == 2 and result.stdout == ""
     assert message in result.stderr.splitlines()[0], result.stderr
@@ -344,7 +355,7 @@ def test_check_fails_on_a_corrupted_export(setup, tmp_path, name):
 @pytest.mark.parametrize("name", ["unknown metadata key", "not gzipped", "truncated", "missing batch"])
 def test_check_fails_on_a_broken_layout(setup, tmp_path, name):
     out = shutil.copytree(setup["out"], tmp_path / "np")
-    source = out / "v1" / "gpt2_b" / "1-xc-24"
+    source = source_dir(out, "gpt2_b")
     batch = source / "features" / "batch-2.jsonl.gz"
     if name == "unknown metadata key":
         row = json.loads((source / "source.jsonl").read_text())
@@ -364,6 +375,264 @@ def test_check_fails_on_a_broken_layout(setup, tmp_path, name):
     assert message in result.stderr, result.stderr
 
 
+# -- what Neuronpedia's importer needs --------------------------------------------------------
+
+SCHEMA_PLACES = [os.environ.get("XC_NEURONPEDIA_SCHEMA"), Path(__file__).parent / "neuronpedia" / "schema.prisma"]
+TABLES = {"release": "SourceRelease", "model": "Model", "sourceset": "SourceSet", "source": "Source",
+          "features": "Neuron", "activations": "Activation", "explanations": "Explanation"}
+PRISMA_KINDS = {"String": "str", "Int": "int", "Float": "float", "Boolean": "bool", "DateTime": "datetime",
+                "Json": "any", "Visibility": "visibility"}
+# The README beside schema.prisma lists these (NOT NULL, no database default); it was read from the schema.
+README_NOT_NULL = {
+    "model": {"id", "creatorId", "layers", "neuronsPerLayer", "owner"},
+    "release": {"name", "description", "creatorName", "creatorId"},
+    "sourceset": {"modelId", "name", "description", "creatorName", "creatorId"},
+    "source": {"id", "modelId", "setName", "creatorId"},
+    "features": {"modelId", "layer", "index"},
+    "activations": {"id", "modelId", "layer", "index", "maxValue", "maxValueTokenIndex", "minValue", "creatorId"},
+}
+
+
+def prisma_columns(schema: str, model: str) -> dict[str, tuple[str | None, bool]]:
+    """Scalar fields of a Prisma model: name -> (our column kind, NOT NULL without a database default).
+
+    Relation fields (their type is another model) are not columns. Lists are nullable columns in Prisma's
+    PostgreSQL tables. cuid() and uuid() defaults are filled in by Prisma's client, not by the database."""
+    import re
+
+    body = re.search(rf"^model {model} \{{(.*?)^\}}", schema, re.S | re.M).group(1)
+    enums = set(re.findall(r"^enum (\w+) \{", schema, re.M))
+    columns = {}
+    for line in body.splitlines():
+        line = re.sub(r'Unsupported\("[^"]*"\)', "Unsupported", line.split("//")[0].strip())
+        match = re.match(r"(\w+)\s+(\w+)(\[\]|\?)?\s*(.*)", line)
+        if not match or line.startswith("@@"):
+            continue
+        name, base, modifier, attributes = match.groups()
+        if base not in PRISMA_KINDS and base not in enums and base != "Unsupported":
+            continue  # a relation
+        kind = None if base == "Unsupported" else PRISMA_KINDS.get(base, base.lower())
+        if kind and modifier == "[]":
+            kind = f"[{kind}]"
+        elif kind and modifier == "?":
+            kind += "?"
+        db_default = "@default(" in attributes and not re.search(r"@default\((cuid|uuid)\(\)\)", attributes)
+        columns[name] = (kind, modifier is None and not db_default)
+    return columns
+
+
+def checker_columns(table: str) -> dict:
+    return npd.METADATA_COLUMNS[table] if table in npd.METADATA_COLUMNS else npd.DATA_TABLES[table][0]
+
+
+def test_the_checkers_columns_and_not_null_sets_are_the_schemas():
+    path = next((Path(p) for p in SCHEMA_PLACES if p and Path(p).is_file()), None)
+    if path is None:
+        pytest.skip("Neuronpedia's schema.prisma is not here (set XC_NEURONPEDIA_SCHEMA)")
+    schema = path.read_text()
+    for table, model in TABLES.items():
+        columns = prisma_columns(schema, model)
+        assert set(npd.NOT_NULL[table]) == {n for n, (_, required) in columns.items() if required}, table
+        ours = checker_columns(table)
+        assert set(ours) == set(columns), table
+        for name, (kind, _) in columns.items():
+            assert kind is None or ours[name] == kind, (table, name)
+
+
+def test_the_checkers_not_null_sets_are_the_readmes():
+    for table, required in README_NOT_NULL.items():
+        assert set(npd.NOT_NULL[table]) == required, table
+    assert npd.DATA_TABLES["activations"][1] == npd.NOT_NULL["activations"]
+
+
+def metadata_row(out: Path, model_id: str, name: str) -> dict:
+    return json.loads((source_dir(out, model_id) / f"{name}.jsonl").read_text())
+
+
+def test_metadata_rows_load_on_a_fresh_instance(setup):
+    out = setup["out"]
+    rows = {m: {name: metadata_row(out, m, name) for name in npd.METADATA_FILES} for m in ("gpt2", "gpt2_b")}
+    for m, meta in rows.items():
+        for name, row in meta.items():
+            assert all(row.get(k) is not None for k in npd.NOT_NULL[name]), (m, name)
+            assert set(row) <= set(npd.METADATA_COLUMNS[name]), (m, name)
+        # The model row is inserted before its source set and source: it names neither.
+        assert meta["model"]["defaultSourceSetName"] is None and meta["model"]["defaultSourceId"] is None
+        assert meta["source"]["dataset"] is None or not npd.local_path(meta["source"]["dataset"])
+    assert rows["gpt2"]["release"] == rows["gpt2_b"]["release"]  # created once, from whichever folder comes first
+    assert rows["gpt2"]["sourceset"]["description"] == rows["gpt2_b"]["sourceset"]["description"]
+
+
+def test_a_local_corpus_is_published_by_name():
+    assert ex.public_dataset("/home/me/corpora/pile-10k.txt") == "pile-10k.txt"
+    assert ex.public_dataset("NeelNanda/pile-10k") == "NeelNanda/pile-10k"
+    assert ex.public_dataset("synthetic") == "synthetic"
+    assert ex.public_dataset("-") is None and ex.public_dataset(None) is None
+
+
+def activation_ids(out: Path) -> set[str]:
+    return {r["id"] for p in out.rglob("activations/batch-*.jsonl.gz") for r in read_gz(p)}
+
+
+def feature_keys(out: Path) -> set[tuple]:
+    return {(r["modelId"], r["layer"], r["index"]) for p in out.rglob("features/batch-*.jsonl.gz") for r in read_gz(p)}
+
+
+def test_two_crosscoders_never_collide_and_a_reexport_is_idempotent(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    subset = dict(features="0-6", top_k=2, window=4, batch_size=7)
+    # The same crosscoder saved again, with other training metadata: the same names and ids.
+    again = cc.save(setup["model"], tmp_path / "again.safetensors", extra={"training": {"steps": 123}})
+    assert crosscoder_id(again) == crosscoder_id(setup["checkpoint"])
+    first = export(ExportConfig(setup["checkpoint"], tmp_path / "first", store=setup["store"], **subset))
+    same = export(ExportConfig(again, tmp_path / "same", store=setup["store"], **subset))
+    assert sorted(p.relative_to(same) for p in same.rglob("*.jsonl*")) == \
+           sorted(p.relative_to(first) for p in first.rglob("*.jsonl*"))
+    assert activation_ids(same) == activation_ids(first) and activation_ids(first)
+    # Another crosscoder of the same width over the same models: another set name, no shared row.
+    other = cc.save(sparse_crosscoder(sources_for(setup["tiny"]), open_store(setup["store"]), seed=1),
+                    tmp_path / "other.safetensors")
+    second = export(ExportConfig(other, tmp_path / "second", store=setup["store"], **subset))
+    assert source_dir(second, "gpt2").name != source_dir(first, "gpt2").name
+    assert not feature_keys(second) & feature_keys(first)
+    assert not activation_ids(second) & activation_ids(first)
+    assert metadata_row(second, "gpt2", "release")["name"] != metadata_row(first, "gpt2", "release")["name"]
+    # --set-name names the set; activation ids still differ between crosscoders.
+    named = [export(ExportConfig(ckpt, tmp_path / f"named-{n}", store=setup["store"], set_name="mine", **subset))
+             for n, ckpt in enumerate((setup["checkpoint"], other))]
+    assert source_dir(named[0], "gpt2").name == source_dir(named[1], "gpt2").name == "1-mine"
+    assert not activation_ids(named[0]) & activation_ids(named[1])
+
+
+def test_the_writer_keeps_folders_under_the_listing_limit_and_temp_files_out_of_v1(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(npd, "MAX_FILES", 3)  # 24 features at --batch-size 7 would be 4 files per folder
+    renames, real_replace = [], os.replace
+
+    def replace(src, dst):
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(npd.os, "replace", replace)
+    out = tmp_path / "np"
+    result = CliRunner().invoke(cli, ["export", str(setup["checkpoint"]), "--store", str(setup["store"]), "-o",
+                                      str(out), "--top-k", "2", "--window", "4", "--batch-size", "7"])
+    assert result.exit_code == 0, result.stderr
+    assert "--batch-size 7 would put 4 files in a folder" in result.stderr and "writing 8 features per file" in \
+        result.stderr
+    for folder in out.rglob("*"):
+        if folder.name in ("features", "activations"):
+            assert len(list(folder.iterdir())) <= 3
+    assert json.loads((out / "xc-export.json").read_text())["features_per_file"] == 8
+    batch_renames = [(src, dst) for src, dst in renames if (out / "v1") in dst.parents]
+    assert batch_renames and all((out / "v1") not in src.parents for src, _ in batch_renames)
+    assert not (out / npd.TEMP_DIR).exists()
+    assert npd.check_export(out)["features"] == 2 * N_LATENTS
+
+
+def edit_row(path: Path, change) -> None:
+    row = json.loads(path.read_text())
+    path.write_text(json.dumps(change(row) or row) + "\n")
+
+
+def without(*keys):
+    return lambda row: {k: v for k, v in row.items() if k not in keys}
+
+
+def with_values(**values):
+    return lambda row: {**row, **values}
+
+
+def edit_gz_text(path: Path, change) -> None:
+    with gzip.open(path, "rt") as f:
+        text = f.read()
+    with gzip.open(path, "wt") as f:
+        f.write(change(text))
+
+
+def plant_too_many_files(out: Path) -> None:
+    """4 batch files in gpt2's features/ with a limit of 3 (set by the test); every other folder down to 3."""
+    (out / "xc-export.json").unlink()  # the manifest would miss the deleted batches
+    for path in (source_dir(out, "gpt2_b") / "features" / "batch-3.jsonl.gz",
+                 source_dir(out, "gpt2_b") / "activations" / "batch-3.jsonl.gz",
+                 source_dir(out, "gpt2") / "activations" / "batch-3.jsonl.gz"):
+        path.unlink()
+
+
+PLANTED = {
+    "model names its default source set": (
+        lambda out: edit_row(source_dir(out, "gpt2") / "model.jsonl", with_values(
+            defaultSourceSetName=source_dir(out, "gpt2").name[2:], defaultSourceId=source_dir(out, "gpt2").name)),
+        "defaultSourceSetName, defaultSourceId must be null"),
+    "model without layers, owner, creatorId": (
+        lambda out: edit_row(source_dir(out, "gpt2") / "model.jsonl", without("layers", "owner", "creatorId")),
+        "required column(s) creatorId, layers, owner missing"),
+    "release without creatorName": (
+        lambda out: edit_row(source_dir(out, "gpt2") / "release.jsonl", without("creatorName")),
+        "required column(s) creatorName missing"),
+    "sourceset without description": (
+        lambda out: edit_row(source_dir(out, "gpt2") / "sourceset.jsonl", without("description")),
+        "required column(s) description missing"),
+    "source without creatorId": (
+        lambda out: edit_row(source_dir(out, "gpt2") / "source.jsonl", without("creatorId")),
+        "required column(s) creatorId missing"),
+    "release with a relation key": (
+        lambda out: edit_row(source_dir(out, "gpt2") / "release.jsonl", with_values(sourceSets=[])),
+        "unknown column(s) sourceSets (the importer's Prisma create would fail)"),
+    "model with Infinity": (
+        lambda out: (source_dir(out, "gpt2") / "model.jsonl").write_text(
+            (source_dir(out, "gpt2") / "model.jsonl").read_text().replace('"dimension": 32', '"dimension": Infinity')),
+        "Infinity is not valid JSON"),
+    "activations without max and min": (
+        lambda out: rewrite_gz(source_dir(out, "gpt2") / "activations" / "batch-1.jsonl.gz", lambda rows: [
+            without("maxValue", "minValue", "maxValueTokenIndex")(r) for r in rows]),
+        "required column(s) maxValue, maxValueTokenIndex, minValue missing"),
+    "activations without creatorId": (
+        lambda out: rewrite_gz(source_dir(out, "gpt2") / "activations" / "batch-1.jsonl.gz", lambda rows: [
+            without("creatorId")(r) for r in rows]),
+        "required column(s) creatorId missing"),
+    "a number past a double": (
+        lambda out: edit_gz_text(source_dir(out, "gpt2") / "features" / "batch-1.jsonl.gz",
+                                 lambda text: text.replace('"maxActApprox": ', '"maxActApprox": 1e999, "x": ', 1)),
+        "1e999 is out of range of a double"),
+    "an integer past 32 bits": (
+        lambda out: rewrite_gz(source_dir(out, "gpt2") / "activations" / "batch-1.jsonl.gz",
+                               set_first("maxValueTokenIndex", 1 << 31)),
+        "maxValueTokenIndex must be an integer of 32 bits, not 2147483648"),
+    "too many files": (plant_too_many_files, "features: holds 4 files; the importer lists at most 3 keys"),
+    "a temp file in features": (
+        lambda out: (source_dir(out, "gpt2") / "features" / ".batch-3.jsonl.gz.tmp-4242-0123abcd").write_bytes(b"x"),
+        "is a temp file left by an interrupted write"),
+    "a temp metadata file": (
+        lambda out: (source_dir(out, "gpt2_b") / ".source.jsonl.tmp-4242-0123abcd").write_text("{"),
+        "is a temp file left by an interrupted write"),
+    "release rows differ": (
+        lambda out: edit_row(source_dir(out, "gpt2_b") / "release.jsonl", with_values(description="another")),
+        "release.jsonl in description; the importer creates this release row once"),
+    "a local dataset path": (
+        lambda out: edit_row(source_dir(out, "gpt2") / "source.jsonl", with_values(dataset="/home/me/corpus.txt")),
+        "dataset '/home/me/corpus.txt' publishes a local path"),
+    "a feature of another set": (
+        lambda out: rewrite_gz(source_dir(out, "gpt2") / "features" / "batch-1.jsonl.gz",
+                               set_first("sourceSetName", "other")),
+        "sourceSetName 'other' is not the set"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANTED))
+def test_check_reports_what_the_importer_rejects_or_skips(setup, tmp_path, monkeypatch, name):
+    plant, message = PLANTED[name]
+    out = shutil.copytree(setup["out"], tmp_path / "np")
+    if name == "too many files":
+        monkeypatch.setattr(npd, "MAX_FILES", 3)
+    plant(out)
+    with pytest.raises(npd.ExportProblems) as caught:
+        npd.check_export(out)
+    assert len(caught.value.problems) == 1 and message in caught.value.problems[0], caught.value.problems
+    result = CliRunner().invoke(cli, ["export", "--check", str(out)])
+    assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert message in result.stderr.splitlines()[0], result.stderr
+
+
 # -- resume -----------------------------------------------------------------------
 
 def test_rerun_skips_finished_batches(setup, tmp_path, monkeypatch):
@@ -375,9 +644,13 @@ def test_rerun_skips_finished_batches(setup, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, setup_args)  # complete, same arguments: nothing to do
     assert result.exit_code == 0 and result.stdout == f"{out}\n", result.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("batch-*.jsonl.gz")} == before
-    gone = [out / "v1" / "gpt2" / "1-xc-24" / t / "batch-2.jsonl.gz" for t in ("features", "activations")]
+    gone = [source_dir(out, "gpt2") / t / "batch-2.jsonl.gz" for t in ("features", "activations")]
     for path in gone:
         path.unlink()
+    # What a killed run leaves: temp files beside v1/, and inside it where an older xc wrote them. Both go.
+    (out / npd.TEMP_DIR).mkdir()
+    (out / npd.TEMP_DIR / "batch-2.jsonl.gz.4242-0123abcd").write_bytes(b"half")
+    (source_dir(out, "gpt2") / "features" / ".batch-2.jsonl.gz.tmp-4242-0123abcd").write_bytes(b"half")
     result = CliRunner().invoke(cli, setup_args + ["--resume"])
     assert result.exit_code == 0, result.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("batch-*.jsonl.gz") if p not in gone} == \
@@ -400,7 +673,7 @@ def test_an_interrupted_export_resumes_to_identical_files(setup, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         export(config(setup, out))
     monkeypatch.setattr(ex, "write_batch", real_write)
-    assert sorted(p.name for p in (out / "v1" / "gpt2" / "1-xc-24" / "features").iterdir()) == \
+    assert sorted(p.name for p in (source_dir(out, "gpt2") / "features").iterdir()) == \
            ["batch-0.jsonl.gz", "batch-1.jsonl.gz"]
     with pytest.raises(npd.ExportProblems, match="incomplete"):
         npd.check_export(out)
@@ -422,14 +695,14 @@ def test_an_export_killed_with_sigkill_resumes_to_identical_files(setup, tmp_pat
             "--batch-size", "7", "--window", "8", "--classes", str(setup["classes"]), "--vectors"]
     env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH}
     proc = subprocess.Popen([sys.executable, "-c", slow, *args], env=env, stderr=subprocess.PIPE)
-    first = out / "v1" / "gpt2_b" / "1-xc-24" / "features" / "batch-0.jsonl.gz"
+    first = out / "v1" / "gpt2_b" / source_id(setup["checkpoint"]) / "features" / "batch-0.jsonl.gz"
     deadline = time.time() + 60
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
-    assert not (out / "v1" / "gpt2" / "1-xc-24" / "features" / "batch-3.jsonl.gz").exists()
+    assert not (source_dir(out, "gpt2") / "features" / "batch-3.jsonl.gz").exists()
     done = subprocess.run([sys.executable, "-m", "xcli", *args, "--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{out}\n"
@@ -495,67 +768,3 @@ def test_an_existing_folder_is_not_clobbered(setup, tmp_path):
                                       "-o", str(out), "--features", "0-2", "--overwrite"])
     assert result.exit_code == 0, result.stderr
     assert not (out / "keep.txt").exists() and npd.check_export(out)["features"] == 6
-
-
-# -- SAELens ------------------------------------------------------------------------
-
-def saelens_forward(folder: Path, x: torch.Tensor):
-    """SAELens's inference maths for standard, jumprelu and topk SAEs, from cfg.json and the weights."""
-    cfg = json.loads((folder / "cfg.json").read_text())
-    w = load_file(str(folder / "sae_weights.safetensors"))
-    pre = (x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]
-    if cfg["architecture"] == "standard":
-        f = torch.relu(pre)
-    elif cfg["architecture"] == "jumprelu":
-        f = torch.relu(pre) * (pre > w["threshold"])
-    else:
-        top = pre.topk(cfg["k"], dim=-1)
-        f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-    return cfg, w, f, f @ w["W_dec"] + w["b_dec"]
-
-
-@pytest.mark.parametrize("arch,k", [("relu", None), ("batchtopk", 3), ("topk", 3)])
-def test_saelens_slices_reproduce_the_crosscoder_on_their_source(setup, tmp_path, arch, k):
-    store = open_store(setup["store"])
-    model = sparse_crosscoder(sources_for(setup["tiny"]), store, arch, k)
-    with torch.no_grad():
-        for b in model.b_dec:
-            b.normal_(0, 0.1)
-    ckpt = cc.save(model, tmp_path / "xc.safetensors")
-    result = CliRunner().invoke(cli, ["export", str(ckpt), "--format", "saelens", "-o", str(tmp_path / "saes"),
-                                      "--model-id", f"{setup['tiny']['gpt2']}=gpt2-small"])
-    assert result.exit_code == 0, result.stderr
-    norm_sum = model.decoder_norms().sum(dim=1).detach()
-    for source in model.sources:
-        x = torch.from_numpy(store.read(source.name, 0, 100))
-        alone = {s.name: (x if s.name == source.name else torch.zeros(100, s.d)) for s in model.sources}
-        with torch.no_grad():
-            f = model.encode(alone)
-            expected_recon = model.decode(f)[source.name]
-        cfg, w, f_sae, recon = saelens_forward(tmp_path / "saes" / source.name, x)
-        assert set(w) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if arch == "batchtopk" else set())
-        assert w["W_enc"].shape == (source.d, N_LATENTS) and w["W_dec"].shape == (N_LATENTS, source.d)
-        assert cfg["d_in"] == source.d and cfg["d_sae"] == N_LATENTS
-        assert f.count_nonzero() > 0
-        torch.testing.assert_close(f_sae, f * norm_sum if arch == "topk" else f, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(recon, expected_recon, rtol=1e-4, atol=1e-5)
-    cfg = json.loads((tmp_path / "saes" / "a.resid_post.1" / "cfg.json").read_text())
-    assert cfg["metadata"]["neuronpedia_id"] == "gpt2-small/1-xc-24"
-    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
-
-
-@pytest.mark.parametrize("arch,k", [("relu", None), ("batchtopk", 3), ("topk", 3)])
-def test_saelens_itself_loads_the_slices(setup, tmp_path, arch, k):
-    """Runs where sae-lens is installed (checked with sae-lens 6.54.12); skipped otherwise."""
-    sae_lens = pytest.importorskip("sae_lens")
-    store = open_store(setup["store"])
-    model = sparse_crosscoder(sources_for(setup["tiny"]), store, arch, k)
-    ckpt = cc.save(model, tmp_path / "xc.safetensors")
-    export(ExportConfig(ckpt, tmp_path / "saes", format="saelens"))
-    for source in model.sources:
-        sae = sae_lens.SAE.load_from_disk(str(tmp_path / "saes" / source.name), device="cpu")
-        x = torch.from_numpy(store.read(source.name, 0, 100))
-        with torch.no_grad():
-            _, _, f_ours, recon_ours = saelens_forward(tmp_path / "saes" / source.name, x)
-            torch.testing.assert_close(sae.encode(x), f_ours, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(sae.decode(sae.encode(x)), recon_ours, rtol=1e-4, atol=1e-5)

@@ -22,6 +22,7 @@ process writes, row for row.
 import itertools
 import queue
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -395,13 +396,21 @@ def harvest(config: HarvestConfig) -> Path | None:
     """
     if launched():
         device = local_device(resolve_device(config.device))
-        with process_group(device) as comm:
+        with process_group(device) as comm, ExitStack() as held:
             quiet = console.settings.quiet
             console.settings.quiet = quiet or not comm.main  # one rank speaks
-            try:
+            try:  # rank 0 holds the output's lock for the job; if it cannot, every rank stops
+                together(comm, (lambda: held.enter_context(files.output_lock(config.output))) if comm.main
+                         else None, catching=BadInput)
                 return harvest_sharded(config, comm, device)
             finally:
                 console.settings.quiet = quiet
+    with files.output_lock(config.output):
+        return harvest_alone(config)
+
+
+def harvest_alone(config: HarvestConfig) -> Path:
+    """One process: a new store, a resumed one, or nothing to do."""
     if config.resume and st.is_sharded(config.output):
         return harvest_sharded(config, SINGLE)
     state = existing_store_state(config)

@@ -9,6 +9,9 @@ Layout (the public contract, documented in man/xc-store.5):
       position                   (n_tokens,) int32   position of the row inside that window
       stats/<source>/mean        (d_source,) float64 mean activation vector
 
+Every array has Zarr v3 dimension names: "token" for rows, "<source>.d" for a source's
+width, so that `xarray.open_zarr(STORE, group="acts", consolidated=False)` opens it.
+
 attrs["xc"] = {"format": "activations", "version": 1, "sources": [{name, model, revision,
 site, layer, d}, ...], "n_tokens", "complete", "dtype", "tokenizer", "context_length",
 "dataset", "created_by", "stats": {source: {"count", "mean_sq_norm", "mean"}}, ...}.
@@ -21,7 +24,8 @@ each writes whole chunks at their places and commits each by a record file in
 progress/; the process that finishes the store merges the records, trims the
 arrays and commits n_tokens, so the finished store is like any other.
 Readers accept float16/float32/bfloat16-as-uint16 arrays and stores without
-statistics or token arrays (e.g. written by other tools), computing what they need.
+statistics, token arrays or dimension names (e.g. written by other tools or by an
+earlier xc), computing what they need.
 """
 
 import asyncio
@@ -44,6 +48,14 @@ FORMAT, VERSION = "activations", 1
 PROGRESS = "progress"
 SHARDED_ROWS = 1 << 40
 TOKEN_ARRAYS = (("tokens", "int32"), ("sequence", "int64"), ("position", "int32"))
+# Zarr v3 dimension names (what xarray.open_zarr needs): every row array shares ROW_DIM; a source's
+# width is "<source>.d", in its activations and its statistics alike. Readers do not need them.
+ROW_DIM = "token"
+
+
+def width_dim(name: str) -> str:
+    """The dimension name of source `name`'s width."""
+    return f"{name}.d"
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -211,12 +223,13 @@ def _create(path: Path, sources: list[Source], meta: dict | None, dtype: str, ch
     compressors = _compressors(codec)
     for s in sources:
         group.create_array(f"acts/{s.name}", shape=(rows, s.d), chunks=(chunk_rows, s.d),
-                           dtype=STORAGE_DTYPES[dtype], compressors=compressors, fill_value=0)
+                           dtype=STORAGE_DTYPES[dtype], compressors=compressors, fill_value=0,
+                           dimension_names=(ROW_DIM, width_dim(s.name)))
         group.create_array(f"stats/{s.name}/mean", shape=(s.d,), chunks=(s.d,),
-                           dtype="float64", compressors=None, fill_value=0.0)
+                           dtype="float64", compressors=None, fill_value=0.0, dimension_names=(width_dim(s.name),))
     for name, np_dtype in TOKEN_ARRAYS:
         group.create_array(name, shape=(rows,), chunks=(chunk_rows,), dtype=np_dtype,
-                           compressors=None, fill_value=0)
+                           compressors=None, fill_value=0, dimension_names=(ROW_DIM,))
     group.attrs["xc"] = {
         "format": FORMAT, "version": VERSION, "sources": [s.to_json() for s in sources],
         "n_tokens": 0, "complete": False, "dtype": dtype, "codec": codec,

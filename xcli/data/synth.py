@@ -40,7 +40,7 @@ from safetensors.numpy import save_file
 from xcli.data.config import SynthSpec, SynthStore, frequency_weights
 from xcli.data.store import StoreWriter
 from xcli.errors import BadInput
-from xcli.files import atomic_path, check_output
+from xcli.files import atomic_path, check_output, output_lock
 from xcli.source import Source, validate_source_names
 
 TRUTH_FORMAT, TRUTH_VERSION = "planted-dictionary", 2
@@ -227,15 +227,16 @@ def generate(spec: SynthSpec, path, *, chunk_rows: int = SynthStore.chunk_rows, 
     """Write the store `path` for `spec` and its truth beside it (`truth_path(path)`); return the truth."""
     if chunk_rows < 1:
         raise BadInput(f"--chunk-rows {chunk_rows} must be at least 1")
-    path = check_output(path, overwrite)
-    check_output(truth_path(path), overwrite)
-    truth = plant_spec(spec, np.random.default_rng([spec.seed, 0]))
-    sources = [Source(n, m, "synthetic", layer, spec.width)
-               for n, m, layer in zip(truth.names, truth.source_models, truth.layers)]
-    groups = np.random.default_rng([spec.seed, 2]).permutation(spec.n_features) // spec.group_size
-    meta = {"dataset": "synthetic", "synthetic": {**spec.to_json(), "truth": truth_path(path).name}}
-    write_store(path, truth, sources, meta, spec.tokens, spec.seed, spec.magnitude, spec.noise,
-                spec.correlation, groups, chunk_rows, dtype, codec, overwrite)
+    with output_lock(path):
+        path = check_output(path, overwrite)
+        check_output(truth_path(path), overwrite)
+        truth = plant_spec(spec, np.random.default_rng([spec.seed, 0]))
+        sources = [Source(n, m, "synthetic", layer, spec.width)
+                   for n, m, layer in zip(truth.names, truth.source_models, truth.layers)]
+        groups = np.random.default_rng([spec.seed, 2]).permutation(spec.n_features) // spec.group_size
+        meta = {"dataset": "synthetic", "synthetic": {**spec.to_json(), "truth": truth_path(path).name}}
+        write_store(path, truth, sources, meta, spec.tokens, spec.seed, spec.magnitude, spec.noise,
+                    spec.correlation, groups, chunk_rows, dtype, codec, overwrite)
     return truth
 
 

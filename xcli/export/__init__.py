@@ -12,18 +12,20 @@ saelens.py writes one SAELens SAE per source slice.
 from pathlib import Path
 
 from xcli.export.config import FORMATS, ExportConfig
+from xcli.files import output_lock
 
 
 def export(config: ExportConfig) -> Path:
-    """Write the export at config.output in config.format; returns the folder."""
+    """Write the export at config.output in config.format (one writer at a time); returns the folder."""
     # The writers import torch; `xc --help` imports only the config.
-    if config.format == "saelens":
-        from xcli.export.saelens import export_saelens
+    with output_lock(config.output):
+        if config.format == "saelens":
+            from xcli.export.saelens import export_saelens
 
-        return export_saelens(config)
-    from xcli.export.neuronpedia import export_neuronpedia
+            return export_saelens(config)
+        from xcli.export.neuronpedia import export_neuronpedia
 
-    return export_neuronpedia(config)
+        return export_neuronpedia(config)
 
 
 __all__ = ["FORMATS", "ExportConfig", "export"]

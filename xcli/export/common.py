@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from xcli import files
 from xcli.crosscoder import model as cc
 from xcli.errors import BadInput
 from xcli.export import neuronpedia_schema as npd
 from xcli.export.config import ExportConfig
+from xcli.lm.config import ModelSpec
+from xcli.lm.models import post_norm, resolve_folder
 from xcli.source import Source
 
 MANIFEST = "xc-export.json"
@@ -29,6 +32,10 @@ MANIFEST_FORMAT, MANIFEST_VERSION = "xc-export", 1
 # TransformerLens hook names of xc harvest's named sites (Neuronpedia's hookName, SAELens's hook_name).
 HOOK_NAMES = {"resid_pre": "hook_resid_pre", "resid_post": "hook_resid_post",
               "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+# In a post-LN model (BERT) a block's output is normalised: TransformerLens's BertBlock names it
+# hook_normalized_resid_post (its hook_resid_post is the sum before that LayerNorm, which xc does not
+# store). A block's input, resid_pre, is the previous block's normalised output: hook_resid_pre still.
+POST_NORM_HOOK_NAMES = {**HOOK_NAMES, "resid_post": "hook_normalized_resid_post"}
 
 
 def parse_features(spec: str, n_latents: int) -> np.ndarray:
@@ -110,8 +117,28 @@ class Slice:
         return root / "v1" / self.model_id / self.source_id
 
 
-def plan_slices(model: cc.Crosscoder, set_name: str, model_ids: dict[str, str]) -> list[Slice]:
-    """(modelId, sourceId) of every written source; sources sharing a (model, layer) get a __site suffix."""
+def hook_name(source: Source, folder: Path | None = None) -> str | None:
+    """The TransformerLens hook name of a named site; post-LN models (told by the model's config) differ."""
+    names = POST_NORM_HOOK_NAMES if folder is not None and post_norm(folder) else HOOK_NAMES
+    return f"blocks.{source.layer}.{names[source.site]}" if source.site in names and source.layer is not None \
+        else None
+
+
+def local_model_folder(name: str) -> Path | None:
+    """The folder of a model named by path or hub id, when it is on this machine (local cache only); else None."""
+    try:
+        return resolve_folder(ModelSpec(name, name, None))[0]
+    except BadInput:
+        return None
+
+
+def plan_slices(model: cc.Crosscoder, set_name: str, model_ids: dict[str, str],
+                folders: dict[str, Path | None] | None = None) -> list[Slice]:
+    """(modelId, sourceId) of every written source; sources sharing a (model, layer) get a __site suffix.
+
+    `folders` (model -> its folder) tells post-LN models for the hook names; a model it does not
+    name is looked up as a local path or a hub id in the local cache, and taken as pre-LN if absent.
+    """
     written = [s for s in model.sources if s.name in model.write]
     ids = {m: model_ids.get(m, slug(m)) for m in dict.fromkeys(s.model for s in written)}
     for m, model_id in ids.items():
@@ -123,14 +150,16 @@ def plan_slices(model: cc.Crosscoder, set_name: str, model_ids: dict[str, str]) 
     if clash:
         raise BadInput(f"models {', '.join(clash)} would all be Neuronpedia model {ids[clash[0]]!r}; "
                        f"name them with --model-id MODEL=ID")
+    folders = dict(folders or {})
+    for m in ids:
+        if m not in folders:
+            folders[m] = local_model_folder(m)
     slices = []
     for s in written:
         if s.layer is None and "embed" not in s.site:
             raise BadInput(f"source {s.name!r} has no layer; a Neuronpedia source id starts with one")
         layer = "e" if s.layer is None else str(s.layer)
-        slices.append(Slice(s, ids[s.model], f"{layer}-{set_name}",
-                            f"blocks.{s.layer}.{HOOK_NAMES[s.site]}" if s.site in HOOK_NAMES and s.layer is not None
-                            else None))
+        slices.append(Slice(s, ids[s.model], f"{layer}-{set_name}", hook_name(s, folders[s.model])))
     counts = Counter((x.model_id, x.source_id) for x in slices)
     for x in slices:
         if counts[(x.model_id, x.source_id)] > 1:
@@ -142,8 +171,31 @@ def plan_slices(model: cc.Crosscoder, set_name: str, model_ids: dict[str, str]) 
     return slices
 
 
-def default_set_name(n_latents: int) -> str:
-    return f"xc-{n_latents // 1024}k" if n_latents % 1024 == 0 else f"xc-{n_latents}"
+def default_set_name(n_latents: int, crosscoder: str) -> str:
+    """xc-{latents}-{first 8 hex digits of crosscoder_id}, e.g. xc-16k-3f9a0c21: unique per crosscoder."""
+    width = f"{n_latents // 1024}k" if n_latents % 1024 == 0 else str(n_latents)
+    return f"xc-{width}-{crosscoder[:8]}"
+
+
+CROSSCODER_DEFINITION = ("format", "arch", "n_latents", "k", "sources", "read", "write")
+
+
+def crosscoder_id(path: Path) -> str:
+    """The checkpoint's identity: SHA-256 of its tensors (name, shape, float32 values) and of the metadata that
+    defines the crosscoder (CROSSCODER_DEFINITION; not the xc version, training log or file name).
+
+    The same crosscoder saved again gives the same id, any other crosscoder another one. Exports derive their
+    default source-set name and their Activation ids from it, so two crosscoders never collide on a
+    Neuronpedia instance and a re-export of one is idempotent. Reads the tensors one at a time.
+    """
+    meta = cc.read_metadata(path)
+    digest = hashlib.sha256(json.dumps({k: meta.get(k) for k in CROSSCODER_DEFINITION}, sort_keys=True).encode())
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in sorted(f.keys()):
+            tensor = f.get_tensor(name).float().contiguous()
+            digest.update(f"\n{name}:{list(tensor.shape)}\n".encode())
+            digest.update(tensor.numpy().reshape(-1).view(np.uint8))
+    return digest.hexdigest()
 
 
 def decoder_raw(model: cc.Crosscoder, name: str, latents) -> torch.Tensor:

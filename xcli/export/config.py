@@ -32,15 +32,19 @@ class ExportConfig:
         flags=("--model-path",), metavar="[MODEL=]PATH", multiple=True)
     tokenizer: str | None = option(None, "Tokenizer for token strings. Default: the one recorded in the store, "
                                          "else the first model's.", metavar="PATH")
-    set_name: str | None = option(None, "Neuronpedia source set; source ids are LAYER-NAME. Default: "
-                                        "xc-{latents}, e.g. xc-16k.", metavar="NAME")
+    set_name: str | None = option(None, "Neuronpedia source set (and release); source ids are LAYER-NAME. "
+                                        "Default: xc-{latents}-{id}, e.g. xc-16k-3f9a0c21, where id is a hash of "
+                                        "the checkpoint's tensors: unique per crosscoder, the same on every "
+                                        "re-export. Activation ids derive from that hash either way.",
+                                  metavar="NAME")
     features: str = option("all", "Latents to export: all, 7, 0-99 (inclusive) or a comma list such as 0-9,42.",
                            metavar="SPEC")
     top_k: int = option(20, "Top activating examples per feature (plus 5 samples in each of 5 activation "
                             "intervals).")
-    batch_size: int = option(128, "Features per batch-N.jsonl.gz file (keep files per folder under 1000).")
+    batch_size: int = option(128, "Features per batch-N.jsonl.gz file. Raised (with a note) when a folder would "
+                                  "hold more than 1000 files: Neuronpedia's importer lists at most 1000.")
     window: int = option(64, "Tokens shown per example: the example token, up to 3/4 of the window before it and "
-                             "the rest after, never crossing into another sequence.")
+                             "the rest after, never crossing into another document or context window.")
     classes: Path | None = option(None, "Output of `xc classify`: each latent's class and statistics go to "
                                         "xc-latents.jsonl and the class counts to Source.notes.",
                                   metavar="CLASSIFY.jsonl")

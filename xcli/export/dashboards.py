@@ -12,8 +12,9 @@ the rows with the crosscoder, keeping only the chosen latents:
    members and keeps 5 of them: the ones with the smallest pseudo-random key
    hash(row, latent) ("bottom-k" sampling: uniform, independent of batch sizes
    and of which other latents are exported, and the same on every run);
-3. context windows: for each chosen example, the rows of the same sequence
-   around it, re-encoded to read the latent's value on every token.
+3. context windows: for each chosen example, the rows of the same document in
+   the same sequence around it (`context_starts`), re-encoded to read the
+   latent's value on every token.
 
 Passes 1 and 2 keep O(F·k) numbers, never a (tokens, F) matrix. Pass 3 holds the
 windows of one group of latents at a time (WINDOW_BUDGET values), re-encoding
@@ -287,11 +288,13 @@ class Examples:
         return len(self.row)
 
 
-def choose_examples(stats: DashboardStats, positions: np.ndarray, sequence_starts: np.ndarray,
+def choose_examples(stats: DashboardStats, positions: np.ndarray, run_starts: np.ndarray,
                     n_tokens: int, before: int, after: int) -> Examples:
     """Top examples (by value) then interval samples (top interval first, by value) of each latent.
 
-    Examples come sorted by position, so one latent's examples are a contiguous run.
+    Examples come sorted by position, so one latent's examples are a contiguous run. A window
+    stays inside the run of rows (`run_starts`: their first rows, e.g. `context_starts`) that
+    holds its example.
     """
     cols = {k: [] for k in ("position", "interval", "rank", "row")}
 
@@ -310,10 +313,9 @@ def choose_examples(stats: DashboardStats, positions: np.ndarray, sequence_start
             add(int(p), j, [int(r) for r in rows[rows >= 0][order]])
     arrays = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
     row = arrays["row"]
-    # The window stays inside the sequence: runs of equal `sequence` ids in store order.
-    run = np.searchsorted(sequence_starts, row, side="right") - 1
-    run_start = sequence_starts[run]
-    run_stop = np.append(sequence_starts[1:], n_tokens)[run]
+    run = np.searchsorted(run_starts, row, side="right") - 1
+    run_start = run_starts[run]
+    run_stop = np.append(run_starts[1:], n_tokens)[run]
     start = np.maximum(row - before, run_start)
     stop = np.minimum(row + after + 1, run_stop)
     return Examples(**arrays, start=start, stop=stop)
@@ -322,6 +324,35 @@ def choose_examples(stats: DashboardStats, positions: np.ndarray, sequence_start
 def sequence_starts(sequence: np.ndarray) -> np.ndarray:
     """First row of every run of equal sequence ids."""
     return np.flatnonzero(np.r_[True, sequence[1:] != sequence[:-1]]) if len(sequence) else np.zeros(0, np.int64)
+
+
+def context_starts(sequence: np.ndarray, position: np.ndarray, tokens: np.ndarray | None = None,
+                   separator=(), prefix: int = 0, suffix: int = 0) -> np.ndarray:
+    """First row of every run of rows that is one document inside one window: what a context may show.
+
+    xc harvest packs documents into windows with a separator (EOS or SEP) between two of them
+    and stores no row of a special token unless asked to. So a run ends
+    - where `sequence` changes (another window);
+    - where `position` does not step by 1 inside a window: rows were left out between, and
+      inside a window's text only special tokens are left out, the separator among them;
+    - after a stored `separator` token (stores with special tokens), except in the first
+      `prefix` positions of a window and before its last `suffix` rows: the tokens put before
+      and after every window (GPT-2's BOS is its EOS, BERT's closing SEP its separator).
+    """
+    n = len(sequence)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    new = np.ones(n, dtype=bool)
+    new[1:] = sequence[1:] != sequence[:-1]
+    new[1:] |= np.diff(position) != 1
+    if tokens is not None and len(separator):
+        after = np.flatnonzero(np.isin(tokens[:-1], np.asarray(separator)) & (position[:-1] >= prefix)) + 1
+        if suffix and len(after):
+            ends = np.append(sequence_starts(sequence)[1:], n)
+            end = ends[np.searchsorted(ends, after, side="right")]  # the first row past the row's window
+            after = after[end - after > suffix]
+        new[after] = True
+    return np.flatnonzero(new)
 
 
 def read_windows(store: ActivationStore, model, stats: DashboardStats, examples: Examples, device) -> Examples:

@@ -23,6 +23,7 @@ import torch
 
 from xcli import console, files
 from xcli.crosscoder import model as cc
+from xcli.data.corpus import Packing
 from xcli.data.store import ActivationStore, open_store
 from xcli.devices import resolve_device
 from xcli.errors import BadInput, XcError
@@ -34,9 +35,11 @@ from xcli.export.common import (
     MANIFEST_VERSION,
     SIDECAR,
     Slice,
+    crosscoder_id,
     decoder_raw,
     default_set_name,
     fingerprint,
+    hook_name,
     json_safe,
     latent_facts,
     output_state,
@@ -54,8 +57,7 @@ from xcli.version import __version__
 LOGIT_ROWS = 10  # top and bottom tokens of the logit lens
 ALIGNMENT_ROWS = 3
 OUT_OF_RANGE = "<|outofrange|>"
-# TransformerLens hook names of xc harvest's named sites (Neuronpedia's hookName).
-# Tensor names that hold a model's unembedding (lm_head) or, when tied, its input embedding.
+# Space and newline marks of byte-level and SentencePiece vocabularies, for a tokenizer that cannot decode.
 BYTE_LEVEL_MARKS = {"\u0120": " ", "\u010a": "\n", "\u0109": "\t", "\u2581": " "}  # Ġ Ċ ĉ ▁
 
 
@@ -101,14 +103,47 @@ def tokenizer_named(name: str):
 
 
 def token_strings(tokenizer) -> list[str]:
-    """Display string of every token id (byte-level and sentencepiece marks become spaces/newlines)."""
-    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    """Display string of every token id: the text the token adds when the tokenizer decodes it.
+
+    Neuronpedia shows one string per token and joins them, so a token's string is what it
+    adds after other text: each id is decoded after an anchor (the tokens of "a") and the
+    anchor's text is taken off. So byte-level pieces (GPT-2, Llama 3, Qwen, NeoX: `ĠcafÃ©`)
+    show their text (` café`), SentencePiece's `▁` and WordPiece's word starts a space (which
+    decoders drop from a text's first token), and `##` continuations nothing. A token that is
+    an incomplete UTF-8 sequence shows its bytes decoded with replacement (`�`). Special
+    tokens show as written. A tokenizer without a decoder shows its pieces.
+    """
+    n = len(tokenizer)
+    pieces = [piece or "" for piece in tokenizer.convert_ids_to_tokens(list(range(n)))]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        anchor = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    except Exception:  # a tokenizer-like object that cannot encode: no anchor
+        anchor = []
+    if backend is not None:
+        if backend.decoder is None:
+            return pieces  # no decoder: decode() would only join the pieces with spaces
+        head = backend.decode(anchor, skip_special_tokens=False)
+        texts = backend.decode_batch([anchor + [i] for i in range(n)], skip_special_tokens=False)
+    elif hasattr(tokenizer, "convert_tokens_to_string") and anchor:  # a tokenizer without a Rust backend
+        anchor_pieces = tokenizer.convert_ids_to_tokens(anchor)
+        head = tokenizer.convert_tokens_to_string(anchor_pieces)
+        texts = [tokenizer.convert_tokens_to_string([*anchor_pieces, p]) if p else "" for p in pieces]
+    else:  # vocabulary only: undo the usual space and newline marks
+        texts, head = [], ""
+        for piece in pieces:
+            for mark, plain in BYTE_LEVEL_MARKS.items():
+                piece = piece.replace(mark, plain)
+            texts.append(piece)
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
     out = []
-    for piece in pieces:
-        text = piece or ""
-        for mark, plain in BYTE_LEVEL_MARKS.items():
-            text = text.replace(mark, plain)
-        out.append(text)
+    for i, (piece, text) in enumerate(zip(pieces, texts)):
+        if i in special or not piece:
+            out.append(piece)
+        elif text.startswith(head):
+            out.append(text[len(head):])
+        else:  # the decoder changed the anchor (it never should): the token decoded alone
+            out.append(tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False))
     return out
 
 
@@ -133,13 +168,29 @@ class Plan:
     classes: dict[int, dict]
     device: torch.device
     identity: dict
+    context_starts: np.ndarray | None = None  # first row of every document piece of a window (None: sequence_starts)
+
+    @property
+    def batch_size(self) -> int:
+        """Features per batch file: --batch-size, raised so that no folder holds more than npd.MAX_FILES files."""
+        return npd.features_per_file(self.config.batch_size, len(self.latents))
 
     @property
     def n_batches(self) -> int:
-        return -(-len(self.latents) // self.config.batch_size)
+        return -(-len(self.latents) // self.batch_size)
 
     def batch_positions(self, b: int) -> np.ndarray:
-        return np.arange(b * self.config.batch_size, min((b + 1) * self.config.batch_size, len(self.latents)))
+        return np.arange(b * self.batch_size, min((b + 1) * self.batch_size, len(self.latents)))
+
+    @property
+    def crosscoder(self) -> str:
+        """The checkpoint's identity (common.crosscoder_id): Activation ids derive from it."""
+        return self.identity["crosscoder"]
+
+    @property
+    def temp_dir(self) -> Path:
+        """Where batch and metadata files are written before their rename: beside v1/, never inside."""
+        return self.config.output / npd.TEMP_DIR
 
     def batch_done(self, b: int) -> bool:
         return all((x.dir(self.config.output) / "features" / f"batch-{b}.jsonl.gz").exists() for x in self.slices)
@@ -165,7 +216,13 @@ def prepare(config: ExportConfig) -> Plan:
     if ids is None:
         raise BadInput(f"store {str(config.store)!r} has no token arrays; dashboards need the tokens of every row")
     latents = parse_features(config.features, model.n_latents)
-    set_name = config.set_name or default_set_name(model.n_latents)
+    crosscoder = crosscoder_id(config.checkpoint)
+    set_name = config.set_name or default_set_name(model.n_latents, crosscoder)
+    per_file = npd.features_per_file(config.batch_size, len(latents))
+    if per_file != config.batch_size:
+        console.warn(f"--batch-size {config.batch_size} would put {-(-len(latents) // config.batch_size)} files in "
+                     f"a folder, and Neuronpedia's importer lists at most {npd.MAX_FILES}: writing {per_file} "
+                     f"features per file")
     models = list(dict.fromkeys(s.model for s in model.sources))
     model_ids = parse_assignments(config.model_ids, "--model-id", models, allow_bare=True)
     model_paths = parse_assignments(config.model_paths, "--model-path", models, allow_bare=True)
@@ -180,6 +237,7 @@ def prepare(config: ExportConfig) -> Plan:
             folders[name] = model_folder(name, where, revision)
             unembeddings[name] = read_unembedding(folders[name]).to(device)  # once: every batch needs it
         x.folder, x.facts = folders[name], model_facts(folders[name])
+        x.hook_name = hook_name(x.source, folders[name])  # the folder found here tells post-LN models
         w_u = unembeddings[name]
         if w_u.shape[1] == x.source.d:
             x.unembedding = w_u
@@ -187,11 +245,13 @@ def prepare(config: ExportConfig) -> Plan:
             console.warn(f"source {x.source.name!r} is {x.source.d} wide but the unembedding of {name!r} is "
                          f"{w_u.shape[1]} wide: no logit lens for it")
     tokenizer_name = config.tokenizer or store.meta.get("tokenizer") or str(folders[slices[0].source.model])
-    strings = token_strings(tokenizer_named(tokenizer_name))
+    tokenizer = tokenizer_named(tokenizer_name)
+    strings = token_strings(tokenizer)
     if not store.complete:
         console.warn(f"store {str(config.store)!r} is incomplete: exporting its {store.n_tokens} committed tokens")
     identity = {
         "checkpoint": str(config.checkpoint.resolve()), "checkpoint_fingerprint": fingerprint(config.checkpoint),
+        "crosscoder": crosscoder,
         "store": str(Path(config.store).resolve()), "store_tokens": store.n_tokens,
         "features": config.features, "top_k": config.top_k, "batch_size": config.batch_size,
         "window": config.window, "vectors": config.vectors, "set_name": set_name,
@@ -199,9 +259,26 @@ def prepare(config: ExportConfig) -> Plan:
         "classes": str(config.classes.resolve()) if config.classes else None,
         "sources": {x.source.name: f"{x.model_id}/{x.source_id}" for x in slices},
     }
-    return Plan(config, model, store, latents, slices, set_name, strings,
-                np.asarray(ids["tokens"]), db.sequence_starts(np.asarray(ids["sequence"])),
-                classes, device, identity)
+    tokens, sequence = np.asarray(ids["tokens"]), np.asarray(ids["sequence"])
+    separator, prefix, suffix = document_marks(store, tokenizer)
+    return Plan(config, model, store, latents, slices, set_name, strings, tokens, db.sequence_starts(sequence),
+                classes, device, identity, context_starts=db.context_starts(
+                    sequence, np.asarray(ids["position"]), tokens, separator, len(prefix), len(suffix)))
+
+
+def document_marks(store: ActivationStore, tokenizer) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The ids put between two documents, before every window (BOS, CLS) and after it (SEP).
+
+    As the store records them (attrs["xc"]["packing"]), else as xc harvest would pack with the
+    tokenizer (stores written by other tools)."""
+    packing = store.meta.get("packing")
+    if isinstance(packing, dict) and isinstance(packing.get("separator"), list):
+        return tuple(tuple(int(t) for t in packing.get(k) or ()) for k in ("separator", "prefix", "suffix"))
+    try:
+        packing = Packing.for_tokenizer(tokenizer, 1 << 30)
+    except Exception:  # a tokenizer that cannot encode: only position gaps mark documents
+        return (), (), ()
+    return packing.separator, packing.prefix, packing.suffix
 
 
 def export_neuronpedia(config: ExportConfig) -> Path:
@@ -216,6 +293,7 @@ def export_neuronpedia(config: ExportConfig) -> Path:
         files.remove(out)  # --overwrite, now that every input is known to be good
     stamp = manifest["created_at"] if manifest else npd.created_at()
     out.mkdir(exist_ok=True)
+    npd.remove_temp_files(out)  # what a killed run left half-written
     manifest = write_manifest(plan, stamp, complete=False)
     write_sidecar(plan)
     for x in plan.slices:
@@ -224,6 +302,7 @@ def export_neuronpedia(config: ExportConfig) -> Path:
     write_batches(plan, stats, stamp)
     write_manifest(plan, stamp, complete=True)
     files.remove(db.state_path(out))
+    npd.remove_temp_files(out)
     return out
 
 
@@ -232,7 +311,7 @@ def write_manifest(plan: Plan, stamp: str, complete: bool) -> dict:
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "kind": "neuronpedia", "complete": complete,
         "created_at": stamp, "created_by": f"xc {__version__}", "identity": plan.identity,
         "n_latents": plan.model.n_latents, "features": len(plan.latents), "n_tokens": plan.store.n_tokens,
-        "sidecar": SIDECAR,
+        "sidecar": SIDECAR, "features_per_file": plan.batch_size,
         "sources": [{"source": x.source.name, "model": x.source.model, "modelId": x.model_id,
                      "sourceId": x.source_id, "batches": plan.n_batches} for x in plan.slices],
         "conventions": {
@@ -242,6 +321,8 @@ def write_manifest(plan: Plan, stamp: str, complete: bool) -> dict:
             "intervals": "5 equal-width intervals of (0, max]; zeros are in none; binContains is their share "
                          "of all tokens; 5 samples each by a fixed hash of (row, latent)",
             "frac_nonzero": "non-zero activations / all stored tokens",
+            "ids": "set name xc-{latents}-{crosscoder[:8]} unless --set-name; Activation.id = 'c' + sha1(crosscoder/"
+                   "modelId/sourceId/feature/group/rank)[:24], crosscoder = identity.crosscoder",
         },
     }
     write_json(plan.config.output / MANIFEST, manifest)
@@ -280,18 +361,22 @@ def source_notes(plan: Plan, x: Slice) -> str:
 def write_metadata(plan: Plan, x: Slice, stamp: str) -> None:
     c, folder = plan.config, x.dir(plan.config.output)
     folder.mkdir(parents=True, exist_ok=True)
-    description = (f"Crosscoder {plan.model.n_latents} latents, {x.source.site} {x.source.layer}")[:128]
+    # The release, model and source-set rows are the same in every folder that holds them: the importer creates
+    # each once, from whichever folder it reads first. The model names no default source set or source: it is
+    # created before them, so those foreign keys would fail on a fresh instance.
+    description = (f"xc crosscoder {plan.crosscoder[:8]}: {plan.model.n_latents} latents ({plan.model.arch}) shared "
+                   f"by {len(plan.model.sources)} sources")[:128]
     creator = {"creatorId": c.creator_id}
     rows = {
         "release": {"name": plan.set_name, "description": f"xc crosscoder {plan.set_name}",
                     "descriptionShort": plan.set_name, "urls": [], "creatorName": c.creator_name,
                     "creatorNameShort": c.creator_name, **creator, "visibility": "PUBLIC", "isNewUi": False,
-                    "featured": False, "defaultSourceSetName": plan.set_name, "defaultSourceId": x.source_id,
+                    "featured": False, "defaultSourceSetName": plan.set_name, "defaultSourceId": None,
                     "defaultUmapSourceIds": [], "createdAt": stamp},
         "model": {"id": x.model_id, "displayName": x.model_id, "displayNameShort": x.model_id, **creator,
                   "instruct": x.model_id.endswith("-it"), "tlensId": None, "dimension": x.facts["dimension"],
-                  "thinking": False, "visibility": "PUBLIC", "defaultSourceSetName": plan.set_name,
-                  "defaultSourceId": x.source_id, "inferenceEnabled": False, "layers": x.facts["layers"],
+                  "thinking": False, "visibility": "PUBLIC", "defaultSourceSetName": None,
+                  "defaultSourceId": None, "inferenceEnabled": False, "layers": x.facts["layers"],
                   "neuronsPerLayer": x.facts["neurons"], "owner": c.creator_name, "website": None,
                   "createdAt": stamp, "updatedAt": stamp},
         "sourceset": {"modelId": x.model_id, "name": plan.set_name, "description": description, "type": "Crosscoder",
@@ -306,11 +391,20 @@ def write_metadata(plan: Plan, x: Slice, stamp: str) -> None:
                    "hasUmapLogSparsity": False, "hasUmapClusters": False,
                    "num_prompts": len(plan.sequence_starts), "num_tokens_in_prompt": _int_or_none(
                        plan.store.meta.get("context_length")),
-                   "dataset": plan.store.meta["dataset"] if isinstance(plan.store.meta.get("dataset"), str) else None,
+                   "dataset": public_dataset(plan.store.meta.get("dataset")),
                    "notes": source_notes(plan, x), "createdAt": stamp},
     }
     for name, row in rows.items():
-        npd.write_jsonl(folder / f"{name}.jsonl", [row])
+        npd.write_jsonl(folder / f"{name}.jsonl", [row], plan.temp_dir)
+
+
+def public_dataset(dataset) -> str | None:
+    """Source.dataset: a dataset name as it is, a local corpus by its file name (never its path), stdin as null."""
+    if not isinstance(dataset, str) or dataset in ("", "-"):
+        return None
+    if npd.local_path(dataset):
+        return Path(dataset).name or None
+    return dataset
 
 
 def _int_or_none(value):
@@ -338,7 +432,7 @@ def write_batches(plan: Plan, stats: db.DashboardStats, stamp: str) -> None:
     c = plan.config
     before = (3 * c.window) // 4
     after = c.window - before - 1
-    per_batch = c.batch_size * (c.top_k + db.N_INTERVALS * db.PER_INTERVAL) * c.window
+    per_batch = plan.batch_size * (c.top_k + db.N_INTERVALS * db.PER_INTERVAL) * c.window
     group_size = max(1, db.WINDOW_BUDGET // per_batch)
     todo = [b for b in range(plan.n_batches) if not plan.batch_done(b)]
     if len(todo) < plan.n_batches:
@@ -347,7 +441,8 @@ def write_batches(plan: Plan, stats: db.DashboardStats, stamp: str) -> None:
     for g in range(0, len(todo), group_size):
         group = todo[g:g + group_size]
         positions = np.concatenate([plan.batch_positions(b) for b in group])
-        examples = db.choose_examples(stats, positions, plan.sequence_starts, plan.store.n_tokens, before, after)
+        runs = plan.sequence_starts if plan.context_starts is None else plan.context_starts
+        examples = db.choose_examples(stats, positions, runs, plan.store.n_tokens, before, after)
         examples = db.read_windows(plan.store, plan.model, stats, examples, plan.device)
         for b in group:
             write_batch(plan, stats, examples, b, stamp)
@@ -423,7 +518,7 @@ def write_batch(plan: Plan, stats: db.DashboardStats, examples: db.Examples, b: 
         for k, (p, i) in enumerate(zip(positions.tolist(), latents.tolist())):
             for r in records[p]:
                 activations.append({
-                    "id": npd.activation_id(x.model_id, x.source_id, i, r["group"], r["rank"]),
+                    "id": npd.activation_id(plan.crosscoder, x.model_id, x.source_id, i, r["group"], r["rank"]),
                     "modelId": x.model_id, "layer": x.source_id, "index": str(i),
                     **{key: v for key, v in r.items() if key not in ("group", "rank")},
                     "creatorId": c.creator_id, "createdAt": stamp,
@@ -432,8 +527,8 @@ def write_batch(plan: Plan, stats: db.DashboardStats, examples: db.Examples, b: 
         for sub in ("features", "activations"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         if activations:
-            npd.write_jsonl_gz(folder / "activations" / f"batch-{b}.jsonl.gz", activations)
-        npd.write_jsonl_gz(folder / "features" / f"batch-{b}.jsonl.gz", features)
+            npd.write_jsonl_gz(folder / "activations" / f"batch-{b}.jsonl.gz", activations, plan.temp_dir)
+        npd.write_jsonl_gz(folder / "features" / f"batch-{b}.jsonl.gz", features, plan.temp_dir)
 
 
 def feature_row(plan: Plan, stats: db.DashboardStats, x: Slice, p: int, i: int, direction: torch.Tensor,

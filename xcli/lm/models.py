@@ -276,6 +276,28 @@ def read_unembedding(folder: Path) -> torch.Tensor:
                        f"the logit lens needs lm_head weights") from None
 
 
+# Model types whose blocks end in a LayerNorm ("add & norm" after each sublayer, as in the original Transformer
+# and BERT), so that a block's output, the residual stream between blocks, is normalised. GPT-2, GPT-NeoX, Llama,
+# Gemma, Qwen, Mistral ... norm a sublayer's input instead (pre-LN). roberta-prelayernorm, megatron-bert and
+# xlm-roberta-xl are pre-LN despite their names.
+POST_NORM_MODEL_TYPES = frozenset({
+    "albert", "bert", "bert-generation", "camembert", "convbert", "data2vec-text", "deberta", "deberta-v2",
+    "distilbert", "electra", "ernie", "layoutlm", "luke", "mpnet", "nezha", "openai-gpt", "rembert", "roberta",
+    "squeezebert", "xlm", "xlm-roberta",
+})
+
+
+def post_norm(folder: Path) -> bool:
+    """Whether the model's blocks end in a LayerNorm (post-LN, BERT-style), as its config.json says."""
+    config = config_json(folder)
+    model_type = config.get("model_type", "")
+    if model_type == "opt":  # OPT-350m norms after its sublayers
+        return config.get("do_layer_norm_before", True) is False
+    if model_type == "flaubert":
+        return not config.get("pre_norm", False)
+    return model_type in POST_NORM_MODEL_TYPES
+
+
 def model_facts(folder: Path) -> dict:
     """Width, layers and MLP neurons, as config.json states them."""
     config = config_json(folder)

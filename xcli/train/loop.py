@@ -28,7 +28,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -43,9 +43,9 @@ from xcli.crosscoder.config import is_fmx
 from xcli.crosscoder.model import Crosscoder, read_metadata, save
 from xcli.data.loader import BatchStream, Position, StoreSet, eval_batches, train_eval_chunks
 from xcli.devices import resolve_device
-from xcli.distributed import SINGLE, Comm, launched, local_device, process_group
+from xcli.distributed import SINGLE, Comm, launched, local_device, process_group, together
 from xcli.errors import BadInput, XcError
-from xcli.files import atomic_path, check_output, remove
+from xcli.files import atomic_path, check_output, output_lock, remove
 from xcli.train.config import TrainConfig
 
 AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
@@ -504,10 +504,12 @@ def train(cfg: TrainConfig, on_log: Callable[[dict], None] | None = None) -> Pat
         groups = source_parallel.assign(widths, cfg.read, cfg.write, int(os.environ["WORLD_SIZE"]))
     if torch.device(cfg.device).type == "cpu":
         keep_freed_memory()
-    with process_group(torch.device(cfg.device)) as comm:
+    with process_group(torch.device(cfg.device)) as comm, ExitStack() as held:
         quiet = console.settings.quiet
         console.settings.quiet = quiet or not comm.main  # one rank speaks
-        try:
+        try:  # rank 0 holds the output's lock for the run; if it cannot, every rank stops
+            together(comm, (lambda: held.enter_context(output_lock(cfg.output))) if comm.main else None,
+                     catching=BadInput)
             return run(cfg, stores, comm, on_log, groups)
         finally:
             console.settings.quiet = quiet
