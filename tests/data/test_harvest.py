@@ -315,6 +315,22 @@ def test_rerun_on_a_complete_store_does_nothing(models, corpus_file, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
 
 
+def test_a_corpus_edited_since_the_store_was_written_is_refused(models, tmp_path):
+    """The store records the corpus's content hash: an edit between a kill and --resume (or before a cron
+    re-run) is refused instead of mixing old and new text; an untouched corpus is still a no-op."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(tiny_models.corpus_lines(80, seed=4)) + "\n")
+    out = tmp_path / "out.zarr"
+    args = ["harvest", "-m", str(models["gpt2"]), "--layers", "1", "-c", "16", "-d", str(corpus), "-o", str(out)]
+    assert invoke(args).exit_code == 0
+    assert invoke(args + ["--resume"]).exit_code == 0  # unchanged: nothing to do
+    corpus.write_text(corpus.read_text().replace("the", "a", 1))
+    stamp = {q: q.stat().st_mtime_ns for q in out.rglob("*")}
+    assert_bad_input(invoke(args + ["--resume"]), "changed since")
+    assert {q: q.stat().st_mtime_ns for q in out.rglob("*")} == stamp
+    assert invoke(args + ["--overwrite"]).exit_code == 0
+
+
 def test_token_budget(models, corpus_file, tmp_path):
     store = run_harvest(models, tmp_path, "a.zarr", data=str(corpus_file), layers="1", tokens=123)
     assert store.n_tokens == 123 and store.meta["corpus_exhausted"] is False

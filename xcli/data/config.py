@@ -5,6 +5,8 @@ store (xcli.data.store) takes its choices from here.
 """
 
 import dataclasses
+import functools
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,29 @@ def describe_data(data: str) -> str:
         return "-"
     path = Path(data).expanduser()
     return str(path.resolve()) if path.exists() else data
+
+
+def data_content(data: str) -> str | None:
+    """SHA-256 of the text a --data argument names (a file, or a folder's .txt files with their names),
+    so that a resume refuses a corpus edited since the store was started. None for stdin and dataset
+    names (a dataset in the local cache is identified by its name and split)."""
+    path = Path(data).expanduser()
+    if data == "-" or not path.exists():
+        return None
+    parts = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    return _content_hash(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in parts), str(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _content_hash(parts: tuple, root: str) -> str:
+    """Hashed once per process for the same files, sizes and times (a harvest asks more than once)."""
+    digest = hashlib.sha256()
+    for name, _, _ in parts:
+        digest.update(f"\n{Path(name).relative_to(root) if name != root else ''}\n".encode())
+        with open(name, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 # -- xc harvest ----------------------------------------------------------------------------------------
@@ -140,6 +165,7 @@ class HarvestConfig:
         return {
             "models": [{"alias": m.alias, "id": model_id(m), "revision": m.revision} for m in self.models],
             "data": describe_data(self.data),
+            "data_content": data_content(self.data),
             **{name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in fields},
         }
 

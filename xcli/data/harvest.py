@@ -57,6 +57,7 @@ def existing_store_state(config: HarvestConfig) -> str:
         files.check_output(out)  # the parent folder must exist
         return "new"
     if config.overwrite:
+        files.check_replaceable(out, "store", [m.id for m in config.models] + [config.data])
         return "new"
     try:
         store = st.open_store(out)
@@ -67,9 +68,14 @@ def existing_store_state(config: HarvestConfig) -> str:
         raise BadInput(f"output {str(out)!r} already exists and is not a store from xc harvest; "
                        f"pass --overwrite to replace it")
     mine = config.identity()
+    if "data_content" not in recorded:  # a store of an earlier xc, which recorded the corpus by path only
+        mine.pop("data_content")
     differ = sorted(k for k in set(mine) | set(recorded) if mine.get(k) != recorded.get(k))
     if store.complete and not differ:
         return "done"
+    if differ == ["data_content"]:
+        raise BadInput(f"the corpus {config.data!r} changed since {str(out)!r} was written from it (its content "
+                       f"differs); pass --overwrite to harvest it again, or restore the corpus")
     if differ:
         raise BadInput(f"output {str(out)!r} already exists, written with other arguments ({', '.join(differ)} "
                        f"differ); pass --overwrite to replace it")
