@@ -7,6 +7,7 @@ half-written artifact under the final name and nothing is clobbered silently.
 
 import fcntl
 import io
+import json
 import os
 import shutil
 import sys
@@ -30,10 +31,137 @@ def check_output(path, overwrite: bool = False, resume: bool = False) -> Path:
     return path
 
 
+# What xc writes at each kind of output, told by the marker it leaves there (check_replaceable).
+# The markers are written down here and not imported, so that this module needs neither torch nor zarr:
+# a store's zarr.json holds attributes["xc"]["format"] (xcli.data.store.FORMAT), a checkpoint's
+# safetensors metadata has "xc" (xcli.crosscoder.model.save), a synth truth's "xc" metadata has the
+# format of xcli.data.synth.TRUTH_FORMAT, an export folder holds xc-export.json (xcli.export.common).
+REPLACEABLE = {"store": "an xc store", "checkpoint": "an xc checkpoint", "truth": "an xc synth truth file",
+               "export": "an xc export folder", "file": "a file xc writes"}
+
+
+def _safetensors_xc(path: Path) -> dict | None:
+    """The parsed "xc" metadata of a safetensors file, {} when it has none, None when it is no safetensors."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= 1 << 27:
+                return None
+            header = json.loads(f.read(size))
+        meta = header.get("__metadata__") or {}
+        return json.loads(meta["xc"]) if "xc" in meta else {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _not_written_by_xc(path: Path, kind: str) -> str | None:
+    """Why `path` is not what xc writes as `kind`, or None when it is."""
+    if kind == "store":
+        try:
+            attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+            if attrs.get("xc", {}).get("format") == "activations":
+                return None
+        except (OSError, ValueError, AttributeError):
+            pass
+        return "no xc metadata"
+    if kind == "export":
+        try:
+            if json.loads((path / "xc-export.json").read_text()).get("format") == "xc-export":
+                return None
+        except (OSError, ValueError, AttributeError):
+            pass
+        return "no xc-export.json manifest"
+    if kind in ("checkpoint", "truth"):
+        if not path.is_file():
+            return "not a file"
+        meta = _safetensors_xc(path)
+        if meta is None:
+            return "not a safetensors file"
+        if kind == "checkpoint" and meta and meta.get("format") != "planted-dictionary":
+            return None
+        if kind == "truth" and isinstance(meta, dict) and meta.get("format") == "planted-dictionary":
+            return None
+        return "no xc metadata"
+    if kind == "file":
+        return None if path.is_file() else "a folder" if path.is_dir() else "not a regular file"
+    raise ValueError(f"unknown output kind {kind!r}")
+
+
+def check_replaceable(path, kind: str, inputs=()) -> None:
+    """Before --overwrite replaces `path`: refuse unless it is what xc writes there (`kind`, one of
+    REPLACEABLE) and neither is nor holds one of the command's `inputs` (compared as resolved paths).
+
+    A missing `path` passes. Refusals are one line (BadInput, exit 2) naming the path and why."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    out = path.resolve()
+    for given in inputs:
+        if given is None or str(given) == "-":
+            continue
+        source = Path(given).expanduser().resolve()
+        if source == out or out in source.parents:
+            how = "is" if source == out else "holds"
+            raise BadInput(f"output {str(path)!r} {how} an input of this command ({str(given)!r}); refusing to "
+                           f"replace it with --overwrite; choose another -o")
+    why = _not_written_by_xc(path, kind)
+    if why is not None:
+        raise BadInput(f"output {str(path)!r} is not {REPLACEABLE[kind]} ({why}); refusing to replace it with "
+                       f"--overwrite; remove it yourself or choose another -o")
+
+
+def inside(root, path) -> Path:
+    """`path`, refused (BadInput) unless it resolves to `root` or somewhere under it.
+
+    Outputs whose paths are built from names read in a file (a checkpoint's source names and
+    layers) pass through here, so a hostile name never writes outside the output folder."""
+    root, path = Path(root), Path(path)
+    resolved_root, resolved = root.resolve(), path.resolve()
+    if resolved != resolved_root and resolved_root not in resolved.parents:
+        raise BadInput(f"refusing to write {str(path)!r}: it is outside the output {str(root)!r}")
+    return path
+
+
 def temp_path_for(path) -> Path:
     """A unique hidden name in the same folder, so the final rename is atomic."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # never signal a process group (0, negative): treat as not ours to judge
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:  # no process has such a number
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Remove the temps of `path` (`.NAME.tmp-PID-xxxxxxxx`, from temp_path_for) whose writer is dead,
+    e.g. killed with SIGKILL; temps of live processes are kept. Returns what was removed."""
+    path = Path(path)
+    prefix = f".{path.name}.tmp-"
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:  # no folder: nothing left there; the caller's own checks say what is wrong
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid, _, tag = name[len(prefix):].partition("-")
+        if not (pid.isdigit() and pid.isascii() and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag)):
+            continue
+        if not _pid_alive(int(pid)):
+            remove(path.parent / name)
+            removed.append(path.parent / name)
+    return removed
 
 
 def remove(path) -> None:
@@ -48,9 +176,11 @@ def remove(path) -> None:
 def atomic_path(path, overwrite: bool = False):
     """Yield a temp path to write; on success move it to `path`, on failure delete it.
 
-    Works for files and folders (a Zarr store, an export directory).
+    Works for files and folders (a Zarr store, an export directory). Temps of the same target left by
+    a writer that died (kill -9) are removed first.
     """
     path = Path(path)
+    remove_stale_temps(path)
     tmp = temp_path_for(path)
     try:
         yield tmp

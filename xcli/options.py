@@ -39,6 +39,14 @@ def option(default: Any = MISSING, help: str = "", **how) -> Any:
     return field(default=default, metadata={"option": Option(help=help, **how)})
 
 
+OVERWRITE_RULE = "Only what xc wrote is replaced, never an input of this command or a folder holding one."
+
+
+def overwrite_option(what: str):
+    """--overwrite, with the rule xcli.files.check_replaceable enforces."""
+    return option(False, f"Replace {what}. {OVERWRITE_RULE}")
+
+
 def option_of(f) -> Option | None:
     """The Option of a dataclass field, or None for fields only Python callers set."""
     return f.metadata.get("option")

@@ -159,6 +159,42 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_atomic_path_removes_temps_of_dead_writers_and_keeps_live_ones(tmp_path):
+    """kill -9 leaves `.NAME.tmp-PID-xxxxxxxx`; the next writer of NAME removes it if PID is dead."""
+    import os
+    import subprocess
+
+    target = tmp_path / "x.zarr"
+    dead = tmp_path / ".x.zarr.tmp-99999999-abcd1234"
+    (dead / "acts").mkdir(parents=True)
+    (dead / "acts" / "chunk").write_bytes(b"0" * 100)
+    dead_file = tmp_path / ".x.zarr.tmp-99999998-0000ffff"
+    dead_file.write_text("partial")
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        live = [tmp_path / f".x.zarr.tmp-{os.getpid()}-12345678", tmp_path / f".x.zarr.tmp-{child.pid}-87654321"]
+        for p in live:
+            p.mkdir()
+        other = [tmp_path / ".y.zarr.tmp-99999999-abcd1234", tmp_path / ".x.zarr.tmp-99999999-notatemp"]
+        for p in other:  # another target's temp, and a name temp_path_for never makes
+            p.mkdir()
+        with files.atomic_path(target) as tmp:
+            tmp.mkdir()
+        assert target.is_dir() and not dead.exists() and not dead_file.exists()
+        assert all(p.exists() for p in live + other)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_killed_synth_leaves_no_temp_after_the_next_write(tmp_path):
+    stale = tmp_path / ".x.zarr.tmp-99999999-abcd1234"
+    (stale / "acts").mkdir(parents=True)
+    result = run(["synth", "diff", "--tokens", "256", "--chunk-rows", "128", "-o", str(tmp_path / "x.zarr")])
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir())[:1] != [stale.name]
+
+
 def test_dash_reads_one_path_from_stdin(monkeypatch):
     import io
 

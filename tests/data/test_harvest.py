@@ -297,9 +297,15 @@ def test_existing_output_is_not_clobbered(models, corpus_file, tmp_path):
     args = ["harvest", "-m", str(models["gpt2"]), "--layers", "1", "-c", "16", "-d", str(corpus_file), "-o", str(out)]
     assert_bad_input(invoke(args), "--overwrite")
     assert (out / "precious").exists()
+    # --overwrite replaces only an xc store, not a folder of someone else's files
+    assert_bad_input(invoke(args + ["--overwrite"]), "is not an xc store")
+    assert [p.name for p in out.iterdir()] == ["precious"]
+    (out / "precious").unlink()
+    out.rmdir()
+    assert invoke(args).exit_code == 0
     result = invoke(args + ["--overwrite"])
     assert result.exit_code == 0 and result.stdout == f"{out}\n"
-    assert not (out / "precious").exists() and st.open_store(out).complete
+    assert st.open_store(out).complete
     # a different run over a complete store is refused, naming what differs
     assert_bad_input(invoke(args[:3] + ["--layers", "2"] + args[5:]), "layers")
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -162,3 +163,125 @@ def test_reader_accepts_a_store_without_dimension_names(tmp_path):
         np.testing.assert_array_equal(store.read(s.name, 0, 40), data[s.name])
         np.testing.assert_allclose(store.stats(s.name)["mean"], data[s.name].astype(np.float64).mean(0), rtol=1e-12)
     assert store.token_arrays()["tokens"].tolist() == list(range(40))
+
+
+# -- damaged stores: opening checks the store against its attributes (xc-store(5)) ------------------
+
+def _xc(args):
+    from click.testing import CliRunner
+
+    from xcli.cli.main import cli
+    return CliRunner().invoke(cli, args)
+
+
+@pytest.fixture(scope="module")
+def good_store(tmp_path_factory):
+    """A synthetic store (4 chunks, no codec) and a checkpoint trained on it."""
+    root = tmp_path_factory.mktemp("damage")
+    store, ckpt = root / "s.zarr", root / "x.safetensors"
+    assert _xc(["synth", "diff", "--tokens", "1024", "--chunk-rows", "256", "-o", str(store)]).exit_code == 0
+    result = _xc(["train", str(store), "-o", str(ckpt), "--latents", "16", "--k", "2", "--batch-size", "64",
+                  "--steps", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return store, ckpt
+
+
+def _attrs(path, change):
+    group = zarr.open_group(str(path), mode="r+")
+    meta = dict(group.attrs["xc"])
+    change(meta)
+    group.attrs["xc"] = meta
+
+
+def _replace_array(path, dtype=None, rows=None):
+    group = zarr.open_group(str(path), mode="r+")
+    name = f"acts/{group.attrs['xc']['sources'][0]['name']}"
+    old = group[name]
+    shape = (rows if rows is not None else old.shape[0], old.shape[1])
+    del group[name]
+    group.create_array(name, data=np.ones(shape, dtype=dtype or old.dtype), chunks=old.chunks)
+
+
+def _chunk_file(path, index=1):
+    group = zarr.open_group(str(path), mode="r")
+    name = group.attrs["xc"]["sources"][0]["name"]
+    return path / "acts" / name / "c" / str(index) / "0"
+
+
+DAMAGE = {
+    "missing chunk": (lambda p: _chunk_file(p).unlink(), r"chunk file\(s\) of array .* are missing"),
+    "truncated chunk": (lambda p: os.truncate(_chunk_file(p), 100), "wrong size"),
+    "n_tokens beyond the rows": (lambda p: _attrs(p, lambda m: m.update(n_tokens=m["n_tokens"] + 1)), "shape"),
+    "negative n_tokens": (lambda p: _attrs(p, lambda m: m.update(n_tokens=-5)), "n_tokens"),
+    "n_tokens not a number": (lambda p: _attrs(p, lambda m: m.update(n_tokens="1024")), "n_tokens"),
+    "wrong shape": (lambda p: _replace_array(p, rows=100), "shape"),
+    "wrong dtype": (lambda p: _replace_array(p, dtype="float64"), "float64"),
+    "no sources": (lambda p: _attrs(p, lambda m: m.pop("sources")), "sources"),
+    "no format": (lambda p: _attrs(p, lambda m: m.pop("format")), "format"),
+    "unknown dtype": (lambda p: _attrs(p, lambda m: m.update(dtype="int8")), "dtype"),
+    "bad source name": (lambda p: _attrs(p, lambda m: m["sources"][0].update(name="../x")), "not valid"),
+    "short tokens": (lambda p: _replace_token_array(p), "'tokens'"),
+}
+
+
+def _replace_token_array(path):
+    group = zarr.open_group(str(path), mode="r+")
+    del group["tokens"]
+    group.create_array("tokens", data=np.zeros(10, dtype=np.int32))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_store_is_one_line_exit_2_for_info_train_and_classify(tmp_path, good_store, damage):
+    import shutil
+    store = tmp_path / "s.zarr"
+    shutil.copytree(good_store[0], store)
+    do, message = DAMAGE[damage]
+    do(store)
+    with pytest.raises(BadInput, match=message):
+        st.open_store(store)
+    (tmp_path / "out").mkdir()
+    for args in (["info", str(store)],
+                 ["train", str(store), "-o", str(tmp_path / "out" / "x.safetensors"), "--latents", "16", "--k", "2",
+                  "--batch-size", "64", "--steps", "2", "--device", "cpu"],
+                 ["classify", str(good_store[1]), "--store", str(store), "--device", "cpu"]):
+        result = _xc(args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2, (args[0], result.output)
+        assert len(lines) == 1 and str(store) in lines[0] and "Traceback" not in result.stderr, (args[0], lines)
+    assert list((tmp_path / "out").iterdir()) == []  # train wrote nothing
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc-lz4"])
+def test_a_corrupt_compressed_chunk_is_found_where_it_is_read(tmp_path, codec):
+    srcs, path = sources(), tmp_path / "s.zarr"
+    write(path, 40, srcs, codec=codec)
+    chunk = path / "acts" / srcs[0].name / "c" / "1" / "0"
+    os.truncate(chunk, 7)
+    store = st.open_store(path)  # sizes of compressed chunks vary: only reading finds it
+    np.testing.assert_array_equal(store.read(srcs[0].name, 0, 16).shape, (16, srcs[0].d))
+    with pytest.raises(BadInput, match=rf"damaged: chunk 'c/1/0' of array 'acts/{srcs[0].name}' cannot be read"):
+        store.read(srcs[0].name, 0, 40)
+    (tmp_path / "out").mkdir()
+    result = _xc(["train", str(path), "-o", str(tmp_path / "out" / "x.safetensors"), "--latents", "16", "--k", "2",
+                  "--batch-size", "8", "--steps", "2", "--device", "cpu", "--eval-fraction", "0"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "cannot be read" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_writers_store_chunks_of_zeros_so_a_store_of_zeros_opens(tmp_path):
+    srcs, path = sources(), tmp_path / "s.zarr"
+    w = st.StoreWriter(path, srcs, dtype="float32", chunk_rows=16)
+    w.append({s.name: np.zeros((40, s.d), np.float32) for s in srcs})
+    w.close()
+    store = st.open_store(path)
+    assert np.all(store.read(srcs[0].name, 0, 40) == 0)
+
+
+def test_a_foreign_store_without_attributes_still_opens_but_is_checked(tmp_path):
+    g = zarr.open_group(str(tmp_path / "f.zarr"), mode="w")
+    g.create_array("acts/a", data=np.ones((30, 4), np.float16), chunks=(8, 4))
+    assert st.open_store(tmp_path / "f.zarr").n_tokens == 30
+    g.create_array("acts/b", data=np.ones((30, 4), np.int64), chunks=(8, 4))
+    with pytest.raises(BadInput, match="acts/b"):
+        st.open_store(tmp_path / "f.zarr")

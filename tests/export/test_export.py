@@ -747,13 +747,14 @@ def test_bad_input_exits_2_and_leaves_nothing(setup, tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "other.safetensors"]
 
 
-def test_a_checkpoint_with_nan_is_a_runtime_failure(setup, tmp_path):
+def test_a_checkpoint_with_nan_is_bad_input(setup, tmp_path):
     model = sparse_crosscoder(sources_for(setup["tiny"]), open_store(setup["store"]))
     with torch.no_grad():
         model.encoder_weight("a.resid_post.1")[0, 3] = float("nan")
     ckpt = cc.save(model, tmp_path / "nan.safetensors")
     result = CliRunner().invoke(cli, ["export", str(ckpt), "--store", str(setup["store"]), "-o", str(tmp_path / "np")])
-    assert result.exit_code == 1 and "non-finite" in result.stderr and "Traceback" not in result.stderr
+    assert result.exit_code == 2 and "non-finite" in result.stderr and "Traceback" not in result.stderr
+    assert "nan.safetensors" in result.stderr and not (tmp_path / "np").exists()
 
 
 def test_an_existing_folder_is_not_clobbered(setup, tmp_path):
@@ -766,5 +767,13 @@ def test_an_existing_folder_is_not_clobbered(setup, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     result = CliRunner().invoke(cli, ["export", str(setup["checkpoint"]), "--store", str(setup["store"]),
                                       "-o", str(out), "--features", "0-2", "--overwrite"])
-    assert result.exit_code == 0, result.stderr
-    assert not (out / "keep.txt").exists() and npd.check_export(out)["features"] == 6
+    # --overwrite replaces only an xc export: a folder of someone else's files stays as it is
+    assert result.exit_code == 2 and "is not an xc export folder" in result.stderr, result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    for features, n in (("0-2", 6), ("0-1", 4)):  # an xc export it does replace
+        result = CliRunner().invoke(cli, ["export", str(setup["checkpoint"]), "--store", str(setup["store"]),
+                                          "-o", str(out), "--features", features, "--overwrite"])
+        assert result.exit_code == 0, result.stderr
+        assert npd.check_export(out)["features"] == n

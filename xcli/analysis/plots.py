@@ -10,7 +10,7 @@ import numpy as np
 
 from xcli.analysis.classify import Classification
 from xcli.errors import BadInput
-from xcli.files import atomic_path, check_output
+from xcli.files import atomic_path, check_output, check_replaceable
 
 NU_FRAME = (-0.5, 1.5)  # the range of nu shown; 0 = model-specific, 1 = shared
 PLOT_FILES = ("relative_norm.png", "cosine_shared.png", "layer_profiles.png", "latent_scaling.png")
@@ -25,8 +25,10 @@ def require_matplotlib() -> None:
         raise BadInput("--plot needs matplotlib, which is not installed; run: pip install 'xcli[plot]'") from None
 
 
-def check_plot_dir(directory, overwrite: bool) -> Path:
-    """Refuse before any work if a figure would be overwritten; create DIR if its parent exists."""
+def check_plot_dir(directory, overwrite: bool, inputs=()) -> Path:
+    """Refuse before any work if a figure would be overwritten; create DIR if its parent exists.
+
+    With `overwrite`, only regular files that are none of the command's `inputs` are replaced."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise BadInput(f"--plot {str(directory)!r} is a file, not a folder")
@@ -35,13 +37,15 @@ def check_plot_dir(directory, overwrite: bool) -> Path:
     if directory.exists():
         for name in PLOT_FILES:
             check_output(directory / name, overwrite=overwrite)
+            if overwrite:
+                check_replaceable(directory / name, "file", inputs)
     return directory
 
 
-def write_plots(result: Classification, directory, overwrite: bool = False) -> list[Path]:
+def write_plots(result: Classification, directory, overwrite: bool = False, inputs=()) -> list[Path]:
     """Draw the figures that apply to this crosscoder; returns the files written."""
     require_matplotlib()
-    directory = check_plot_dir(directory, overwrite)
+    directory = check_plot_dir(directory, overwrite, inputs)
     directory.mkdir(exist_ok=True)
     drawn = []
     for name, draw in (("relative_norm.png", relative_norm_histogram), ("cosine_shared.png", cosine_histogram),

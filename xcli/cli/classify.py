@@ -9,6 +9,7 @@ from xcli.analysis.config import ROW_FORMATS, ClassifyConfig
 from xcli.cli.params import build, common_options, config_options
 from xcli.errors import BadInput
 from xcli.files import read_path_argument
+from xcli.options import OVERWRITE_RULE
 
 
 @click.command("classify")
@@ -25,7 +26,7 @@ from xcli.files import read_path_argument
                    "the main columns.")
 @click.option("-o", "--output", metavar="FILE", help="Write the rows to FILE (atomically) and print its "
               "path, instead of writing the rows to stdout.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file or figures.")
+@click.option("--overwrite", is_flag=True, help=f"Replace an existing output file or figures. {OVERWRITE_RULE}")
 @common_options
 def command(checkpoint, store, plot_dir, fmt, output, overwrite, **options):
     """Label every latent of a crosscoder: shared, exclusive:<model>, mixed or dead.
@@ -54,19 +55,23 @@ def command(checkpoint, store, plot_dir, fmt, output, overwrite, **options):
     from xcli.analysis import classify as cl
     from xcli.crosscoder.model import load
     from xcli.data.store import open_store
-    from xcli.files import atomic_path, check_output
+    from xcli.files import atomic_path, check_output, check_replaceable
 
     config = build(ClassifyConfig, options)
     if config.max_tokens is not None and not store:
         raise BadInput("--max-tokens applies to the store pass; give --store STORE as well")
+    checkpoint = read_path_argument(checkpoint)
+    inputs = [checkpoint, store]  # never replaced by --overwrite
     if output:
         check_output(output, overwrite=overwrite)
+        if overwrite:
+            check_replaceable(output, "file", inputs)
     if plot_dir:
         from xcli.analysis import plots
 
         plots.require_matplotlib()
-        plots.check_plot_dir(plot_dir, overwrite)
-    model = load(read_path_argument(checkpoint))
+        plots.check_plot_dir(plot_dir, overwrite, inputs)
+    model = load(checkpoint)
     result = cl.classify(model, open_store(store) if store else None, config)
     for note in result.notes:
         console.warn(note)
@@ -78,7 +83,7 @@ def command(checkpoint, store, plot_dir, fmt, output, overwrite, **options):
         cl.write_rows(result, fmt, sys.stdout)
         sys.stdout.flush()
     if plot_dir:
-        for path in plots.write_plots(result, plot_dir, overwrite):
+        for path in plots.write_plots(result, plot_dir, overwrite, inputs):
             console.info(f"wrote {path}")
     if not console.settings.quiet:
         cl.print_summary(result, sys.stderr)

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from xcli.crosscoder.config import DEFAULT_MASK_PROB, FACTORIZATIONS, check_ranks, is_fmx
-from xcli.crosscoder.model import Crosscoder, load, read_metadata
+from xcli.crosscoder.model import Crosscoder, check_tensors, finite_tensor, load, read_metadata, where
 from xcli.errors import BadInput
 from xcli.source import Source
 
@@ -215,12 +215,14 @@ def load_factors(path, device: str | torch.device = "cpu") -> FmxCrosscoder:
     if "fmx" not in meta:
         raise BadInput(f"{str(path)!r} is not an fmx checkpoint (no 'fmx' metadata); open it with xcli.load")
     plain = load(path)
-    fmx = meta["fmx"]
+    fmx = check_fmx_metadata(meta, plain, where(path))
     model = FmxCrosscoder(plain.sources, plain.n_latents, plain.arch, plain.k, plain.read, plain.write,
                           fmx["factorization"], tuple(fmx["ranks"]))
     with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
-        for name, tensor in model.extra_tensors().items():
-            tensor.copy_(f.get_tensor(name))
+        factors = model.extra_tensors()
+        check_tensors(f, {**dict.fromkeys(f.keys()), **{k: v.shape for k, v in factors.items()}}, where(path))
+        for name, tensor in factors.items():
+            tensor.copy_(finite_tensor(f, name, where(path)))
         model.b_enc.copy_(plain.b_enc)
         for mine, theirs in zip(model.b_dec, plain.b_dec):
             mine.copy_(theirs)
@@ -228,6 +230,30 @@ def load_factors(path, device: str | torch.device = "cpu") -> FmxCrosscoder:
         model.threshold.copy_(plain.threshold)
     model.metadata = meta
     return model.eval().to(device)
+
+
+def check_fmx_metadata(meta: dict, plain: Crosscoder, where: str) -> dict:
+    """The checkpoint's "fmx" object, checked against its (already checked) crosscoder metadata."""
+    fmx = meta["fmx"]
+    if not isinstance(fmx, dict):
+        raise BadInput(f"{where}: its fmx metadata is not an object")
+    factorization, ranks = fmx.get("factorization"), fmx.get("ranks")
+    if factorization not in FACTORIZATIONS:
+        raise BadInput(f"{where}: fmx.factorization {factorization!r:.40} is not known; "
+                       f"xc reads {', '.join(FACTORIZATIONS)}")
+    want = 3 if factorization == "tr" else 1
+    if not (isinstance(ranks, list) and len(ranks) == want
+            and all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= 2 ** 20 for r in ranks)):
+        raise BadInput(f"{where}: fmx.ranks {ranks!r:.60} is not a list of {want} whole numbers >= 1 "
+                       f"for factorization {factorization}")
+    widths = {s.d for s in plain.sources}
+    if len(widths) != 1 or len(plain.read) < 2 or fmx.get("d") != next(iter(widths)):
+        raise BadInput(f"{where}: fmx metadata needs at least two read sources of one width d; it has widths "
+                       f"{', '.join(str(s.d) for s in plain.sources)}, fmx.d {fmx.get('d')!r:.20} and "
+                       f"{len(plain.read)} read")
+    if fmx.get("encoder_layers") != plain.read or fmx.get("decoder_layers") != plain.write:
+        raise BadInput(f"{where}: fmx.encoder_layers and fmx.decoder_layers must be its read and write lists")
+    return fmx
 
 
 # -- stochastic layer masking ----------------------------------------------------------------------

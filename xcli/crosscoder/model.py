@@ -306,7 +306,17 @@ def save(model: Crosscoder, path, extra: dict | None = None, overwrite: bool = T
     return Path(path)
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+"""safetensors dtypes a checkpoint's tensors may have (xc writes F32)."""
+MAX_LATENTS = 2 ** 31 - 1
+
+
+def where(path) -> str:
+    return f"checkpoint {str(path)!r}"
+
+
 def read_metadata(path) -> dict:
+    """The checkpoint's "xc" metadata, checked (`check_metadata`): a bad file is one BadInput naming it."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"checkpoint {str(path)!r} does not exist")
@@ -317,28 +327,135 @@ def read_metadata(path) -> dict:
         raise BadInput(f"{str(path)!r} is not a safetensors checkpoint ({e})") from e
     if "xc" not in meta:
         raise BadInput(f"{str(path)!r} is a safetensors file without xc metadata; it is not an xc checkpoint")
-    return json.loads(meta["xc"])
+    try:
+        meta = json.loads(meta["xc"])
+    except ValueError as e:
+        raise BadInput(f"{where(path)}: its xc metadata is not JSON ({e})") from None
+    check_metadata(meta, where(path))
+    return meta
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_metadata(meta, where: str) -> list[Source]:
+    """Check a checkpoint's metadata against man/xc-checkpoint.5; return its sources.
+
+    The sources follow the rule stores follow (`xcli.source.check_source`); n_latents, k, arch,
+    read and write must describe a crosscoder this xc can build. Raises one BadInput naming `where`."""
+    if not isinstance(meta, dict):
+        raise BadInput(f"{where}: its xc metadata is {type(meta).__name__}, not a JSON object")
+    version = meta.get("version")
+    if meta.get("format") != CHECKPOINT_FORMAT or not _is_int(version) or not 1 <= version <= CHECKPOINT_VERSION:
+        raise BadInput(f"{where} has checkpoint format {meta.get('format')!r:.40} version {version!r:.40}; "
+                       f"this xc reads {CHECKPOINT_FORMAT!r} versions 1 to {CHECKPOINT_VERSION}")
+    arch, n, k = meta.get("arch"), meta.get("n_latents"), meta.get("k")
+    if arch not in ARCHS:
+        raise BadInput(f"{where}: arch {arch!r:.40} is not known; xc reads {', '.join(ARCHS)}")
+    if not (_is_int(n) and 1 <= n <= MAX_LATENTS):
+        raise BadInput(f"{where}: n_latents {n!r:.40} is not a whole number from 1 to {MAX_LATENTS}")
+    if arch != "relu" or k is not None:
+        if not (_is_int(k) and 1 <= k < n):
+            need = "a whole number" if arch != "relu" else "null or a whole number"
+            raise BadInput(f"{where}: k {k!r:.40} is not {need} from 1 to n_latents - 1 ({n - 1}) for arch {arch}")
+    listed = meta.get("sources")
+    if not isinstance(listed, list) or not listed:
+        raise BadInput(f"{where}: sources {listed!r:.60} is not a non-empty list of sources")
+    sources = [Source.from_json(s, where) for s in listed]
+    names = [s.name for s in sources]
+    repeated = sorted({x for x in names if names.count(x) > 1})
+    if repeated:
+        raise BadInput(f"{where}: source names repeat: {', '.join(repeated)}")
+    for key in ("read", "write"):
+        chosen = meta.get(key)
+        if not isinstance(chosen, list) or not chosen or not all(isinstance(x, str) for x in chosen):
+            raise BadInput(f"{where}: {key} {chosen!r:.60} is not a non-empty list of source names")
+        unknown = [x for x in chosen if x not in names]
+        if unknown:
+            raise BadInput(f"{where}: {key} names {unknown[0]!r:.60}, which is not among its sources "
+                           f"({', '.join(names)})")
+        if len(set(chosen)) != len(chosen):
+            raise BadInput(f"{where}: {key} lists a source twice")
+    return sources
+
+
+def expected_shapes(meta: dict, sources: list[Source]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint with this (checked) metadata holds, with its shape (man/xc-checkpoint.5);
+    fmx factors (whose shapes `xcli.crosscoder.fmx.load_factors` checks) as None."""
+    d, n = {s.name: s.d for s in sources}, meta["n_latents"]
+    shapes = {"encoder_bias": (n,)}
+    shapes.update({f"encoder.{x}": (d[x], n) for x in meta["read"]})
+    for x in meta["write"]:
+        shapes[f"decoder.{x}"], shapes[f"decoder_bias.{x}"] = (n, d[x]), (d[x],)
+    shapes.update({f"input_scale.{s.name}": () for s in sources})
+    if meta["arch"] == "batchtopk":
+        shapes["threshold"] = ()
+    if "fmx" in meta:
+        shapes.update({f"fmx.{part}.{mode}": None for part in ("encoder", "decoder")
+                       for mode in ("layer", "activation", "latent")})
+    return shapes
+
+
+def shape_text(shape) -> str:
+    return str(tuple(shape))
+
+
+def check_tensors(f, expected: dict, where: str) -> None:
+    """The open safetensors file `f` holds exactly the `expected` tensors ({name: shape or None}),
+    each of a floating dtype and, where given, of exactly that shape."""
+    names = set(f.keys())
+    missing = [x for x in expected if x not in names]
+    if missing:
+        raise BadInput(f"{where}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)"
+                                                                     if len(missing) > 1 else ""))
+    extra = sorted(names - set(expected))
+    if extra:
+        raise BadInput(f"{where}: tensor {extra[0]!r:.80} is not part of a checkpoint with this metadata")
+    for name, shape in expected.items():
+        info = f.get_slice(name)
+        if info.get_dtype() not in FLOAT_DTYPES:
+            raise BadInput(f"{where}: tensor {name} has dtype {info.get_dtype()}, expected a float "
+                           f"({', '.join(FLOAT_DTYPES)})")
+        if shape is not None and tuple(info.get_shape()) != tuple(shape):
+            raise BadInput(f"{where}: tensor {name} has shape {shape_text(info.get_shape())}, "
+                           f"expected {shape_text(shape)}")
+
+
+def finite_tensor(f, name: str, where: str) -> Tensor:
+    tensor = f.get_tensor(name)
+    if not torch.isfinite(tensor).all():
+        raise BadInput(f"{where}: tensor {name} holds non-finite values (NaN or inf)")
+    return tensor
 
 
 def load(path, device: str | torch.device = "cpu") -> Crosscoder:
-    """Open a checkpoint as a Crosscoder in eval mode (BatchTopK uses its threshold)."""
+    """Open a checkpoint as a Crosscoder in eval mode (BatchTopK uses its threshold).
+
+    The file is untrusted: its metadata, tensor names, shapes, dtypes and values are checked
+    first, and anything wrong is one BadInput naming the checkpoint."""
     meta = read_metadata(path)
-    if meta.get("format") != CHECKPOINT_FORMAT or int(meta.get("version", 0)) > CHECKPOINT_VERSION:
-        raise BadInput(f"{str(path)!r} has checkpoint format {meta.get('format')!r} version "
-                       f"{meta.get('version')!r}; this xc reads {CHECKPOINT_FORMAT!r} up to {CHECKPOINT_VERSION}")
-    sources = [Source.from_json(s) for s in meta["sources"]]
-    model = Crosscoder(sources, int(meta["n_latents"]), meta["arch"], meta.get("k"), meta["read"], meta["write"])
+    sources = check_metadata(meta, where(path))
     with safe_open(str(path), framework="pt", device="cpu") as f:
+        check_tensors(f, expected_shapes(meta, sources), where(path))
+        model = Crosscoder(sources, meta["n_latents"], meta["arch"], meta.get("k"), meta["read"], meta["write"])
+
+        def get(name):
+            return finite_tensor(f, name, where(path))
+
         with torch.no_grad():
-            model.b_enc.copy_(f.get_tensor("encoder_bias"))
+            model.b_enc.copy_(get("encoder_bias"))
             for name in model.read:
-                model.encoder_weight(name).copy_(f.get_tensor(f"encoder.{name}"))
+                model.encoder_weight(name).copy_(get(f"encoder.{name}"))
             for name in model.write:
-                model.decoder_weight(name).copy_(f.get_tensor(f"decoder.{name}"))
-                model.decoder_bias(name).copy_(f.get_tensor(f"decoder_bias.{name}"))
+                model.decoder_weight(name).copy_(get(f"decoder.{name}"))
+                model.decoder_bias(name).copy_(get(f"decoder_bias.{name}"))
             for i, s in enumerate(sources):
-                model.input_scale[i] = f.get_tensor(f"input_scale.{s.name}")
+                model.input_scale[i] = get(f"input_scale.{s.name}")
+                if not model.input_scale[i] > 0:
+                    raise BadInput(f"{where(path)}: tensor input_scale.{s.name} is {float(model.input_scale[i])}, "
+                                   f"expected a scale above 0")
             if model.arch == "batchtopk":
-                model.threshold.copy_(f.get_tensor("threshold"))
+                model.threshold.copy_(get("threshold"))
     model.metadata = meta
     return model.eval().to(device)

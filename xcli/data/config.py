@@ -13,7 +13,7 @@ from pathlib import Path
 
 from xcli.errors import BadInput
 from xcli.lm.config import MODEL_DTYPES, SITES, ModelSpec, check_device, check_dtype, device_option, parse_layers
-from xcli.options import count, name_list, option, pair
+from xcli.options import count, name_list, option, overwrite_option, pair
 from xcli.source import SOURCE_NAME
 
 # bfloat16 is not a Zarr dtype: its bits are stored losslessly as uint16 and widened on read.
@@ -113,7 +113,7 @@ class HarvestConfig:
                               "saves some disk at a large cost in read speed.")
     resume: bool = option(False, "Continue an incomplete store written with the same arguments, or start it if "
                                  "it is missing. The result equals an uninterrupted run.")
-    overwrite: bool = option(False, "Replace an existing store.")
+    overwrite: bool = overwrite_option("an existing store")
 
     def __post_init__(self):
         models = tuple(ModelSpec.parse(m) if isinstance(m, str) else m for m in self.models)
@@ -292,4 +292,4 @@ class SynthStore:
     chunk_rows: int = chunk_rows_option("Rows per Zarr chunk.")
     dtype: str = option("float32", "Storage dtype of the activations.", choices=tuple(STORAGE_DTYPES))
     codec: str = codec_option("Compression of the activation chunks.")
-    overwrite: bool = option(False, "Replace STORE and its truth if they exist.")
+    overwrite: bool = overwrite_option("STORE and its truth if they exist")

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from xcli.data.store import ActivationStore, open_store
+from xcli.data.store import ActivationStore, open_store, read_checked
 from xcli.errors import BadInput
 from xcli.source import Source
 
@@ -67,7 +67,8 @@ class StoreSet:
         step = 1 << 20
         for start in range(0, self.n_tokens, step):
             stop = min(start + step, self.n_tokens)
-            blocks = [np.asarray(s.group["tokens"][start:stop], dtype=np.int32) for s in with_tokens]
+            blocks = [np.asarray(read_checked(s.path, s.group["tokens"], slice(start, stop)), dtype=np.int32)
+                      for s in with_tokens]
             for store, block in zip(with_tokens[1:], blocks[1:]):
                 if not np.array_equal(block, blocks[0]):
                     row = start + int(np.argmax(block != blocks[0]))
@@ -106,7 +107,7 @@ class StoreSet:
         """One chunk's rows as stored (float16, float32, or bfloat16 bits as uint16): half the bytes
         of float32 to shuffle and to copy to a GPU, which widens them faster than numpy."""
         start, stop = self.chunk_range(index)
-        return {n: self.by_source[n].arrays[n][start:stop] for n in names}
+        return {n: self.by_source[n].read_stored(n, start, stop) for n in names}
 
     def stored_dtype(self, name: str) -> np.dtype:
         return self.by_source[name].arrays[name].dtype

@@ -39,7 +39,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from xcli.data.config import CODECS, DEFAULT_CHUNK_ROWS, DEFAULT_CODEC, STORAGE_DTYPES
 from xcli.errors import BadInput, XcError
-from xcli.source import Source, validate_source_names
+from xcli.source import Source, check_source, validate_source_names
 from xcli.version import __version__
 
 FORMAT, VERSION = "activations", 1
@@ -51,6 +51,9 @@ TOKEN_ARRAYS = (("tokens", "int32"), ("sequence", "int64"), ("position", "int32"
 # Zarr v3 dimension names (what xarray.open_zarr needs): every row array shares ROW_DIM; a source's
 # width is "<source>.d", in its activations and its statistics alike. Readers do not need them.
 ROW_DIM = "token"
+# Writers store every chunk, zeros included (Zarr skips chunks equal to the fill value by default),
+# so that readers can tell a missing chunk file, which is damage, from rows of zeros.
+STORE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
 def width_dim(name: str) -> str:
@@ -95,26 +98,166 @@ def _compressors(codec: str):
     raise BadInput(f"codec {codec!r} is not known; use one of {', '.join(CODECS)}")
 
 
+def damaged(path, what: str) -> BadInput:
+    """The one-line error of a store that is not what its attributes say."""
+    return BadInput(f"store {str(path)!r} is damaged: {what}")
+
+
+# The row dtypes readers accept in a store without attributes (uint16: bfloat16 bits).
+FOREIGN_DTYPES = ("float16", "float32", "uint16")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_meta(path, meta) -> dict:
+    """attrs["xc"], checked: format, version, sources, n_tokens and dtype well-formed."""
+    if not isinstance(meta, dict):
+        raise damaged(path, f'attrs["xc"] is a {type(meta).__name__}, not an object')
+    if meta.get("format") != FORMAT:
+        raise damaged(path, f'attrs["xc"]["format"] is {meta.get("format")!r}, not {FORMAT!r}')
+    if meta.get("version") != VERSION:
+        raise damaged(path, f'attrs["xc"]["version"] is {meta.get("version")!r}; this xc reads version {VERSION}')
+    sources = meta.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise damaged(path, 'attrs["xc"]["sources"] is missing or not a non-empty list')
+    for entry in sources:  # the rule stores and checkpoints share
+        check_source(entry, f"store {str(path)!r} is damaged")
+    names = [entry["name"] for entry in sources]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise damaged(path, f'attrs["xc"]["sources"] repeats {", ".join(repeated)}')
+    n_tokens = meta.get("n_tokens")
+    if not _is_int(n_tokens) or n_tokens < 0:
+        raise damaged(path, f'attrs["xc"]["n_tokens"] is {n_tokens!r}, not a non-negative integer')
+    if meta.get("dtype") not in STORAGE_DTYPES:
+        raise damaged(path, f'attrs["xc"]["dtype"] is {meta.get("dtype")!r}, not one of {", ".join(STORAGE_DTYPES)}')
+    if not isinstance(meta.get("complete", True), bool):
+        raise damaged(path, f'attrs["xc"]["complete"] is {meta["complete"]!r}, not true or false')
+    return dict(meta)
+
+
+def _array_dir(path: Path, array: zarr.Array) -> Path:
+    return Path(path) / array.path
+
+
+def bad_chunk_files(path, array: zarr.Array, rows: int) -> tuple[list[str], list[str]]:
+    """Keys of the chunks (or shards) that rows [0, rows) of `array` need: those missing on disk, and
+    (for an uncompressed array, whose chunk files have one size) those of the wrong size, e.g. truncated.
+
+    One stat per chunk file, no data read: fast for big stores."""
+    grid = array.metadata.chunk_grid.chunk_shape
+    folder = _array_dir(path, array)
+    counts = [-(-rows // grid[0])] + [-(-n // c) for n, c in zip(array.shape[1:], grid[1:])]
+    plain = not array.compressors and not array.filters and type(array.serializer).__name__ == "BytesCodec"
+    size = int(np.prod(grid)) * array.dtype.itemsize if plain else None
+    missing, wrong = [], []
+    for coords in np.ndindex(*counts):
+        key = array.metadata.encode_chunk_key(tuple(int(c) for c in coords))
+        try:
+            found = os.stat(folder / key).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            missing.append(key)
+            continue
+        if size is not None and found != size:
+            wrong.append(key)
+    return missing, wrong
+
+
+def read_checked(path, array: zarr.Array, selection):
+    """`array[selection]`, with a chunk that cannot be decoded (truncated, corrupt) as BadInput naming it."""
+    try:
+        return array[selection]
+    except MemoryError:
+        raise
+    except Exception as e:  # zarr and numcodecs raise ValueError, RuntimeError, ... for bad bytes
+        key = _bad_chunk(array, selection)
+        where = f"chunk {key!r} of array {array.path!r}" if key else f"array {array.path!r}"
+        raise damaged(path, f"{where} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                      ) from None
+
+
+def _bad_chunk(array: zarr.Array, selection) -> str | None:
+    """The first chunk key of a row range that fails to decode (only called after a failure)."""
+    rows = selection if isinstance(selection, slice) else slice(None)
+    start, stop, _ = rows.indices(array.shape[0])
+    step = array.metadata.chunk_grid.chunk_shape[0]
+    for first in range(start - start % step, stop, step):
+        try:
+            array[first:min(first + step, array.shape[0])]
+        except Exception:
+            coords = (first // step,) + (0,) * (array.ndim - 1)
+            return array.metadata.encode_chunk_key(coords)
+    return None
+
+
 class ActivationStore:
-    """Read access to a store. Rows come back as float32 numpy arrays."""
+    """Read access to a store. Rows come back as float32 numpy arrays.
+
+    Opening checks the store against its attributes (xc-store(5)): attrs["xc"] well-formed,
+    every source's array present with the shape and dtype they say, the token arrays as long,
+    and every chunk of the committed rows present on disk (names only; no data is read).
+    A store that fails is a BadInput naming the store and what is wrong.
+    """
 
     def __init__(self, path, group: zarr.Group):
         self.path = Path(path)
         self.group = group
-        self.meta = dict(group.attrs.get("xc", {}))
         if "acts" not in group:
             raise BadInput(f"{str(path)!r} is not an activation store: it has no 'acts' arrays")
         arrays = group["acts"]
-        if self.meta.get("sources"):
-            self.sources = [Source.from_json(s) for s in self.meta["sources"]]
+        if "xc" in group.attrs:
+            self.meta = _check_meta(self.path, group.attrs["xc"])
+            self.sources = [Source.from_json(s, f"store {str(path)!r} is damaged") for s in self.meta["sources"]]
         else:  # written by another tool: describe the arrays we find
+            self.meta = {}
+            found = sorted(arrays.arrays())
+            if not found:
+                raise damaged(self.path, "it has no arrays under 'acts' and no attributes")
+            for n, a in found:
+                if a.ndim != 2 or str(a.dtype) not in FOREIGN_DTYPES:
+                    raise damaged(self.path, f"array 'acts/{n}' is {a.ndim}-D {a.dtype}, not 2-D float16 or float32")
             self.sources = [Source(name=n, model="unknown", site="unknown", layer=None, d=a.shape[1])
-                            for n, a in sorted(arrays.arrays())]
-        self.arrays = {s.name: arrays[s.name] for s in self.sources}
+                            for n, a in found]
+        self.arrays = {}
+        for s in self.sources:
+            if s.name not in arrays or not isinstance(arrays[s.name], zarr.Array):
+                raise damaged(self.path, f"array 'acts/{s.name}' is missing")
+            self.arrays[s.name] = arrays[s.name]
         lengths = {a.shape[0] for a in self.arrays.values()}
         self.n_tokens = int(self.meta.get("n_tokens", min(lengths) if lengths else 0))
         self.complete = bool(self.meta.get("complete", True))
         self.dtype = self.meta.get("dtype") or str(next(iter(self.arrays.values())).dtype)
+        self._check_arrays()
+
+    def _check_arrays(self) -> None:
+        """Shapes, dtypes and chunks of the committed rows (see the class)."""
+        expected = np.dtype(STORAGE_DTYPES[self.dtype]) if self.dtype in STORAGE_DTYPES else None
+        for s in self.sources:
+            a = self.arrays[s.name]
+            if a.ndim != 2 or a.shape[0] < self.n_tokens or a.shape[1] != s.d:
+                raise damaged(self.path, f"array 'acts/{s.name}' has shape {tuple(a.shape)}, where "
+                                         f"{self.n_tokens} rows of width {s.d} are committed")
+            if expected is not None and a.dtype != expected:
+                raise damaged(self.path, f"array 'acts/{s.name}' holds {a.dtype}, where the store's dtype "
+                                         f"{self.dtype} is stored as {expected}")
+        for name, _ in TOKEN_ARRAYS:
+            if name in self.group:
+                a = self.group[name]
+                if not isinstance(a, zarr.Array) or a.ndim != 1 or a.shape[0] < self.n_tokens \
+                        or not np.issubdtype(a.dtype, np.integer):
+                    shape = tuple(a.shape) if isinstance(a, zarr.Array) else "a group"
+                    raise damaged(self.path, f"array {name!r} is {shape} {getattr(a, 'dtype', '')}, "
+                                             f"not {self.n_tokens} integer rows")
+        for s in self.sources:
+            missing, wrong = bad_chunk_files(self.path, self.arrays[s.name], self.n_tokens)
+            if missing:
+                raise damaged(self.path, f"{len(missing)} chunk file(s) of array 'acts/{s.name}' are missing "
+                                         f"(first: {missing[0]!r}); its rows would read as zeros")
+            if wrong:
+                raise damaged(self.path, f"{len(wrong)} chunk file(s) of array 'acts/{s.name}' have the wrong "
+                                         f"size, e.g. truncated (first: {wrong[0]!r})")
 
     @property
     def names(self) -> list[str]:
@@ -137,7 +280,11 @@ class ActivationStore:
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one source as float32, shape (rows, d)."""
         stop = min(stop, self.n_tokens)
-        return decode_rows(self.arrays[name][start:stop])
+        return decode_rows(self.read_stored(name, start, stop))
+
+    def read_stored(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one source as stored; a chunk that cannot be decoded is a BadInput."""
+        return read_checked(self.path, self.arrays[name], slice(start, min(stop, self.n_tokens)))
 
     def read_rows(self, start: int, stop: int, names=None) -> dict[str, np.ndarray]:
         """Rows [start, stop) of several sources, read together."""
@@ -151,13 +298,14 @@ class ActivationStore:
         """tokens, sequence and position for the committed rows, or None if absent."""
         if not all(k in self.group for k in ("tokens", "sequence", "position")):
             return None
-        return {k: self.group[k][: self.n_tokens] for k in ("tokens", "sequence", "position")}
+        return {k: read_checked(self.path, self.group[k], slice(0, self.n_tokens))
+                for k in ("tokens", "sequence", "position")}
 
     def stats(self, name: str) -> dict:
         """count, mean (d,) and mean squared norm of one source; computed if not stored."""
         stored = self.meta.get("stats", {}).get(name)
         if stored and int(stored.get("count", -1)) == self.n_tokens and stored.get("mean") in self.group:
-            mean = np.asarray(self.group[stored["mean"]][:], dtype=np.float64)
+            mean = np.asarray(read_checked(self.path, self.group[stored["mean"]], slice(None)), dtype=np.float64)
             return {"count": self.n_tokens, "mean": mean, "mean_sq_norm": float(stored["mean_sq_norm"])}
         return compute_stats(self, name)
 
@@ -224,7 +372,7 @@ def _create(path: Path, sources: list[Source], meta: dict | None, dtype: str, ch
     for s in sources:
         group.create_array(f"acts/{s.name}", shape=(rows, s.d), chunks=(chunk_rows, s.d),
                            dtype=STORAGE_DTYPES[dtype], compressors=compressors, fill_value=0,
-                           dimension_names=(ROW_DIM, width_dim(s.name)))
+                           dimension_names=(ROW_DIM, width_dim(s.name)), config=STORE_EVERY_CHUNK)
         group.create_array(f"stats/{s.name}/mean", shape=(s.d,), chunks=(s.d,),
                            dtype="float64", compressors=None, fill_value=0.0, dimension_names=(width_dim(s.name),))
     for name, np_dtype in TOKEN_ARRAYS:
@@ -299,7 +447,7 @@ class StoreWriter:
     def _array(self, name: str):
         """Open arrays once: every lookup through the group reads metadata from disk."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            self._arrays[name] = self.group[name].with_config(STORE_EVERY_CHUNK)
         return self._arrays[name]
 
     def _grow(self, name: str, stop: int) -> zarr.Array:
@@ -441,7 +589,7 @@ class ChunkWriter:
         self.sources = [Source.from_json(s) for s in self.meta["sources"]]
         self.dtype = self.meta["dtype"]
         self.arrays = dict(zip([f"acts/{s.name}" for s in self.sources] + [n for n, _ in TOKEN_ARRAYS],
-                               _row_arrays(self.group, self.meta)))
+                               [a.with_config(STORE_EVERY_CHUNK) for a in _row_arrays(self.group, self.meta)]))
         self.chunk_rows = int(self.arrays[f"acts/{self.sources[0].name}"].chunks[0])
 
     def committed(self) -> set[int]:

@@ -40,7 +40,7 @@ from safetensors.numpy import save_file
 from xcli.data.config import SynthSpec, SynthStore, frequency_weights
 from xcli.data.store import StoreWriter
 from xcli.errors import BadInput
-from xcli.files import atomic_path, check_output, output_lock
+from xcli.files import atomic_path, check_output, check_replaceable, output_lock
 from xcli.source import Source, validate_source_names
 
 TRUTH_FORMAT, TRUTH_VERSION = "planted-dictionary", 2
@@ -230,6 +230,9 @@ def generate(spec: SynthSpec, path, *, chunk_rows: int = SynthStore.chunk_rows, 
     with output_lock(path):
         path = check_output(path, overwrite)
         check_output(truth_path(path), overwrite)
+        if overwrite:  # replace only a store and truth that xc wrote
+            check_replaceable(path, "store")
+            check_replaceable(truth_path(path), "truth")
         truth = plant_spec(spec, np.random.default_rng([spec.seed, 0]))
         sources = [Source(n, m, "synthetic", layer, spec.width)
                    for n, m, layer in zip(truth.names, truth.source_models, truth.layers)]
@@ -345,6 +348,9 @@ def make_store(path, *, n_tokens: int = 16384, sources=("a", "b"), d: int | dict
     if noise < 0 or not 0 < decay <= 1:
         raise BadInput(f"noise={noise} must be >= 0 and decay={decay} in (0, 1]")
     path = check_output(path, overwrite)
+    if overwrite:
+        check_replaceable(path, "store")
+        check_replaceable(truth_path(path), "truth")
     truth = plant(names, widths, n_shared, n_exclusive, active, decay, np.random.default_rng([seed, 0]))
     store_sources = [Source(n, n, "synthetic", None, widths[n]) for n in names]
     meta = {"dataset": "synthetic", "synthetic": {

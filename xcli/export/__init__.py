@@ -12,13 +12,17 @@ saelens.py writes one SAELens SAE per source slice.
 from pathlib import Path
 
 from xcli.export.config import FORMATS, ExportConfig
-from xcli.files import output_lock
+from xcli.files import check_replaceable, output_lock
 
 
 def export(config: ExportConfig) -> Path:
     """Write the export at config.output in config.format (one writer at a time); returns the folder."""
     # The writers import torch; `xc --help` imports only the config.
     with output_lock(config.output):
+        if config.overwrite:  # before any work: replace only an xc export that holds no input of this one
+            from xcli.export.common import export_inputs
+
+            check_replaceable(config.output, "export", export_inputs(config))
         if config.format == "saelens":
             from xcli.export.saelens import export_saelens
 

@@ -24,7 +24,7 @@ from xcli.export import neuronpedia_schema as npd
 from xcli.export.config import ExportConfig
 from xcli.lm.config import ModelSpec
 from xcli.lm.models import post_norm, resolve_folder
-from xcli.source import Source
+from xcli.source import Source, is_plain_name
 
 MANIFEST = "xc-export.json"
 SIDECAR = "xc-latents.jsonl"
@@ -114,7 +114,8 @@ class Slice:
     unembedding: torch.Tensor | None = None
 
     def dir(self, root: Path) -> Path:
-        return root / "v1" / self.model_id / self.source_id
+        """The slice's folder under the export `root`; never outside it (`files.inside`)."""
+        return files.inside(root, root / "v1" / self.model_id / self.source_id)
 
 
 def hook_name(source: Source, folder: Path | None = None) -> str | None:
@@ -168,6 +169,10 @@ def plan_slices(model: cc.Crosscoder, set_name: str, model_ids: dict[str, str],
     for x in slices:
         if counts[(x.model_id, x.source_id)] > 1:
             x.source_id = f"{x.source_id.split('__')[0]}__{x.source.name}"
+    for x in slices:  # names come from the checkpoint: each must stay one folder name
+        if not (is_plain_name(x.model_id) and is_plain_name(x.source_id)):
+            raise BadInput(f"source {x.source.name!r} would be exported to folder {x.model_id}/{x.source_id!r}, "
+                           f"which is not a plain folder name")
     return slices
 
 
@@ -215,6 +220,11 @@ def fingerprint(path: Path) -> str:
     return f"{size}:{hashlib.sha256(head + tail).hexdigest()[:16]}"
 
 
+def export_inputs(config: ExportConfig) -> list:
+    """The paths an export reads, which --overwrite must never replace."""
+    return [config.checkpoint, config.store, config.classes]
+
+
 def output_state(config: ExportConfig, identity: dict) -> tuple[str, dict | None]:
     """'new', 'resume' or 'done' for the output folder; refuses what would clobber or mix runs."""
     out = config.output
@@ -222,6 +232,7 @@ def output_state(config: ExportConfig, identity: dict) -> tuple[str, dict | None
         files.check_output(out)
         return "new", None
     if config.overwrite:
+        files.check_replaceable(out, "export", export_inputs(config))
         return "new", None
     manifest_path = out / MANIFEST
     try:

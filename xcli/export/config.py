@@ -7,7 +7,7 @@ from pathlib import Path
 from xcli.errors import BadInput
 from xcli.export import neuronpedia_schema as npd
 from xcli.lm.config import check_device, device_option
-from xcli.options import option
+from xcli.options import option, overwrite_option
 
 FORMATS = ("neuronpedia", "saelens")
 
@@ -56,7 +56,7 @@ class ExportConfig:
     creator_name: str = option("xc", "creatorName of the release and source set.")
     device: str = device_option("the crosscoder runs over the store")
     resume: bool = option(False, "Continue an unfinished export in DIR: finished batches are skipped.")
-    overwrite: bool = option(False, "Replace DIR if it exists.")
+    overwrite: bool = overwrite_option("DIR if it exists")
 
     def __post_init__(self):
         for name in ("checkpoint", "output", "store", "classes"):

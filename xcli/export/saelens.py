@@ -30,6 +30,7 @@ from xcli.export.common import (
     MANIFEST_VERSION,
     crosscoder_id,
     default_set_name,
+    export_inputs,
     local_model_folder,
     parse_assignments,
     plan_slices,
@@ -164,6 +165,8 @@ def export_saelens(config: ExportConfig) -> Path:
     """Every source the crosscoder both reads and writes, as an SAELens folder (cfg.json + sae_weights.safetensors)."""
     model = cc.load(config.checkpoint)
     files.check_output(config.output, overwrite=config.overwrite)
+    if config.overwrite:
+        files.check_replaceable(config.output, "export", export_inputs(config))
     names = [s.name for s in model.sources if s.name in model.read and s.name in model.write]
     for s in model.sources:
         if s.name not in names:
@@ -189,7 +192,7 @@ def export_saelens(config: ExportConfig) -> Path:
             arch, tensors, extra = saelens_slice(model, name)
             name_of_model, name_from = model_name(x.source.model, {a: i for a, (i, _) in harvested.items()},
                                                   explicit, recorded.get("tokenizer"), len(models) == 1)
-            folder = tmp / name
+            folder = files.inside(tmp, tmp / name)  # source names come from the checkpoint
             folder.mkdir()
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "sae_weights.safetensors"))
             cfg = {"architecture": arch, "d_in": x.source.d, "d_sae": model.n_latents, "dtype": "float32",

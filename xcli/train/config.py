@@ -15,7 +15,7 @@ from xcli.crosscoder.config import (
 )
 from xcli.errors import BadInput
 from xcli.lm.config import check_device, device_option
-from xcli.options import count, name_list, option, whole_numbers
+from xcli.options import count, name_list, option, overwrite_option, whole_numbers
 
 DTYPES = ("auto", "float32", "bfloat16")
 TRAIN_ARCHS = ARCHS + FMX_ARCHS
@@ -84,7 +84,7 @@ class TrainConfig:
     resume: bool = option(False, "Continue an interrupted run from its last checkpoint (same options); ends "
                                  "with the same weights as an uninterrupted run. Does nothing if the checkpoint "
                                  "is complete.")
-    overwrite: bool = option(False, "Replace an existing checkpoint, log and training state.")
+    overwrite: bool = overwrite_option("an existing checkpoint, log and training state")
     allow_incomplete: bool = option(False, "Train on a store whose harvest has not finished.")
     factorization: str | None = option(
         None, "fmx: how encoder and decoder (layer x activation x latent) tensors are factorized: tr, a tensor "

@@ -45,7 +45,7 @@ from xcli.data.loader import BatchStream, Position, StoreSet, eval_batches, trai
 from xcli.devices import resolve_device
 from xcli.distributed import SINGLE, Comm, launched, local_device, process_group, together
 from xcli.errors import BadInput, XcError
-from xcli.files import atomic_path, check_output, output_lock, remove
+from xcli.files import atomic_path, check_output, check_replaceable, output_lock, remove
 from xcli.train.config import TrainConfig
 
 AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
@@ -437,6 +437,10 @@ class Metrics:
 def prepare_outputs(cfg: TrainConfig, stores: StoreSet, main: bool = True) -> bool:
     """Check the output, state and log paths; return True when a finished run makes this a no-op."""
     out, state = Path(cfg.output), state_path(cfg.output)
+    if cfg.overwrite:  # replace only what xc wrote there, never a store this run reads
+        for path, kind in ((out, "checkpoint"), (state, "file"), (cfg.log, "file")):
+            if path:
+                check_replaceable(path, kind, cfg.stores)
     if state.exists() and not cfg.resume and not cfg.overwrite:
         raise BadInput(f"found {str(state)!r} from an interrupted run; pass --resume to continue it "
                        f"or --overwrite to start over")
