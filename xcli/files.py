@@ -1,8 +1,12 @@
-"""Safe writing of artifacts: temp name beside the target, then rename.
+"""Files on disk, read and written safely: every output, and the text inputs.
 
-Every command that writes a file or a folder goes through `check_output` before
-doing work and `atomic_path` while writing, so a crash never leaves a
-half-written artifact under the final name and nothing is clobbered silently.
+Every command that writes a file or a folder goes through `check_output` (and, with
+--overwrite, `check_replaceable`: only what xc wrote, never an input) before doing work,
+holds `output_lock` (one writer per output) while it works, and writes through
+`atomic_path` (temp name beside the target, then rename), so a crash never leaves a
+half-written artifact under the final name and nothing is clobbered silently. Paths built
+from names read in files stay under the output (`inside`); text inputs are strict UTF-8
+(`read_utf8`, `utf8_stdin`).
 """
 
 import fcntl
