@@ -38,8 +38,8 @@ def sources_for(tiny):
             Source("b.resid_post.1", str(tiny["gpt2_b"]), "resid_post", 1, 32)]
 
 
-def write_store(path: Path, tiny) -> Path:
-    """Layer-1 residual streams of the two tiny GPT-2s over 12 short documents (BOS left out)."""
+def write_store(path: Path, tiny, documents: int = 12) -> Path:
+    """Layer-1 residual streams of the two tiny GPT-2s over short documents (BOS left out)."""
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
@@ -47,7 +47,7 @@ def write_store(path: Path, tiny) -> Path:
     models = [AutoModel.from_pretrained(tiny[n]).eval() for n in ("gpt2", "gpt2_b")]
     writer = StoreWriter(path, sources, {"tokenizer": str(tiny["tokenizer"]), "context_length": 64},
                          dtype="float32", chunk_rows=64)
-    for seq, line in enumerate(tiny_models.corpus_lines(12)):
+    for seq, line in enumerate(tiny_models.corpus_lines(documents)):
         ids = tok(line)["input_ids"]
         with torch.no_grad():
             acts = {s.name: m(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, 1:].numpy()

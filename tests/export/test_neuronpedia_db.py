@@ -14,18 +14,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 import neuronpedia_db as npdb
-import tiny_models
+from test_export import N_LATENTS, sources_for, sparse_crosscoder, write_store
 from xcli.cli import cli
 from xcli.crosscoder import model as cc
-from xcli.data.store import StoreWriter, open_store
+from xcli.data.store import open_store
 from xcli.export.config import ExportConfig
-from xcli.source import Source
 
-N_LATENTS = 24
 EXPORT_ARGS = ["--top-k", "3", "--batch-size", "7", "--window", "8"]
 CREATOR_ID = next(f.default for f in dataclasses.fields(ExportConfig) if f.name == "creator_id")
 # What the README beside schema.prisma lists as required (NOT NULL, no database default) per table.
@@ -81,42 +78,6 @@ def db(pg, template):
 
 # -- exports of two tiny crosscoders ----------------------------------------------------
 
-def sources_for(tiny):
-    return [Source("a.resid_post.1", str(tiny["gpt2"]), "resid_post", 1, 32),
-            Source("b.resid_post.1", str(tiny["gpt2_b"]), "resid_post", 1, 32)]
-
-
-def write_store(path: Path, tiny) -> Path:
-    """Layer-1 residual streams of the two tiny GPT-2s over 8 short documents (BOS left out)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
-    sources = sources_for(tiny)
-    models = [AutoModel.from_pretrained(tiny[n]).eval() for n in ("gpt2", "gpt2_b")]
-    writer = StoreWriter(path, sources, {"tokenizer": str(tiny["tokenizer"]), "context_length": 64},
-                         dtype="float32", chunk_rows=64)
-    for seq, line in enumerate(tiny_models.corpus_lines(8)):
-        ids = tok(line)["input_ids"]
-        with torch.no_grad():
-            acts = {s.name: m(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, 1:].numpy()
-                    for s, m in zip(sources, models)}
-        writer.append(acts, tokens=ids[1:], sequence=[seq] * (len(ids) - 1), position=list(range(1, len(ids))))
-    writer.close()
-    return path
-
-
-def sparse_crosscoder(sources, store, seed: int) -> cc.Crosscoder:
-    """A random ReLU crosscoder made sparse on this store (about 15% density)."""
-    m = cc.Crosscoder(sources, N_LATENTS, "relu")
-    m.init_weights(torch.Generator().manual_seed(seed), decoder_norm=0.3)
-    with torch.no_grad():
-        for i, s in enumerate(sources):
-            m.input_scale[i] = (s.d / store.stats(s.name)["mean_sq_norm"]) ** 0.5
-        x = {n: torch.from_numpy(store.read(n, 0, store.n_tokens)) for n in store.names}
-        m.b_enc.copy_(-m.pre_activations(x).quantile(0.85, dim=0))
-    return m.eval()
-
-
 def xc_export(checkpoint: Path, store: Path, out: Path, epoch: str) -> Path:
     result = CliRunner().invoke(cli, ["export", str(checkpoint), "--store", str(store), "-o", str(out), *EXPORT_ARGS],
                                 env={"SOURCE_DATE_EPOCH": epoch})
@@ -128,9 +89,9 @@ def xc_export(checkpoint: Path, store: Path, out: Path, epoch: str) -> Path:
 def exports(tiny, tmp_path_factory) -> dict[str, Path]:
     """Crosscoders a and b (other weights, same width, same models) exported; a exported again a day later."""
     root = tmp_path_factory.mktemp("np_db")
-    store_path = write_store(root / "acts.zarr", tiny)
+    store_path = write_store(root / "acts.zarr", tiny, documents=8)
     store = open_store(store_path)
-    checkpoints = {name: cc.save(sparse_crosscoder(sources_for(tiny), store, seed), root / f"{name}.safetensors")
+    checkpoints = {name: cc.save(sparse_crosscoder(sources_for(tiny), store, seed=seed), root / f"{name}.safetensors")
                    for name, seed in (("a", 0), ("b", 1))}
     return {"a": xc_export(checkpoints["a"], store_path, root / "np-a", "1767225600"),
             "b": xc_export(checkpoints["b"], store_path, root / "np-b", "1767225600"),
