@@ -19,6 +19,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import safe_open
+
 from xcli.errors import BadInput
 
 UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
@@ -47,14 +49,10 @@ REPLACEABLE = {"store": "an xc store", "checkpoint": "an xc checkpoint", "truth"
 def _safetensors_xc(path: Path) -> dict | None:
     """The parsed "xc" metadata of a safetensors file, {} when it has none, None when it is no safetensors."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= 1 << 27:
-                return None
-            header = json.loads(f.read(size))
-        meta = header.get("__metadata__") or {}
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
         return json.loads(meta["xc"]) if "xc" in meta else {}
-    except (OSError, ValueError, TypeError, AttributeError):
+    except Exception:  # safetensors raises its own error for a file that is not one
         return None
 
 
