@@ -9,10 +9,12 @@ from names read in files stay under the output (`inside`); text inputs are stric
 (`read_utf8`, `utf8_stdin`).
 """
 
+import errno
 import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -34,7 +36,35 @@ def check_output(path, overwrite: bool = False, resume: bool = False) -> Path:
         raise BadInput(f"output {str(path)!r} already exists; pass --overwrite to replace it")
     if not path.parent.exists():
         raise BadInput(f"output folder {str(path.parent)!r} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # also true of a read-only mount, for root too
+        raise BadInput(f"output folder {str(path.parent)!r} is not writable (read-only, or no permission); "
+                       f"choose another -o")
     return path
+
+
+# Writes the machine refused: one line (exit 1) instead of an internal error.
+MACHINE_REFUSALS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                    errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                    errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+TEMP_NAME = re.compile(r"^\.(.+)\.tmp-\d+-[0-9a-f]{8}$")
+
+
+def target_of_temps(path) -> str:
+    """The path with each temp name (temp_path_for) replaced by the name it stands for."""
+    parts = [TEMP_NAME.sub(r"\1", part) for part in Path(path).parts]
+    return str(Path(*parts)) if parts else str(path)
+
+
+def machine_refusal(error: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of xc or its input (a full disk, a read-only
+    file system, no permission), or None. Libraries that wrap the OS error keep only its text."""
+    if isinstance(error, OSError) and error.errno in MACHINE_REFUSALS:
+        where = f": {target_of_temps(error.filename)!r}" if error.filename else ""
+        return f"{MACHINE_REFUSALS[error.errno]}{where}"
+    text = str(error)
+    if "No space left on device" in text or "(os error 28)" in text:
+        return f"no space left on device ({type(error).__name__}: {text[:160]})"
+    return None
 
 
 # What xc writes at each kind of output, told by the marker it leaves there (check_replaceable).
@@ -208,7 +238,14 @@ def read_path_argument(value: str) -> str:
     """`-` means: read one path from stdin (the output of a previous `xc` command)."""
     if value != "-":
         return value
-    lines = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+    raw = getattr(sys.stdin, "buffer", None)  # None: a text stream put there by a Python caller
+    data = raw.read() if raw is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"the path on stdin for '-' is not UTF-8 text "
+                       f"(byte {e.start} is {data[e.start]:#04x})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) != 1:
         raise BadInput(f"expected one path on stdin for '-', got {len(lines)} lines")
     return lines[0]
@@ -242,7 +279,13 @@ def output_lock(path):
         return
     lock = path.with_name(f".{path.name}.lock")
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise BadInput(f"output folder {str(path.parent)!r} is not writable ({MACHINE_REFUSALS[e.errno]}); "
+                           f"choose another -o") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

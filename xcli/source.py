@@ -9,8 +9,9 @@ from dataclasses import asdict, dataclass
 
 from xcli.errors import BadInput
 
-SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-SITE_NAME = re.compile(r"^[A-Za-z0-9_.{}-]+$")
+NAME_LENGTH = 200  # a path component (255 bytes at most) with room for temp and export prefixes
+SOURCE_NAME = re.compile(rf"^[A-Za-z0-9_.-]{{1,{NAME_LENGTH}}}$")
+SITE_NAME = re.compile(rf"^[A-Za-z0-9_.{{}}-]{{1,{NAME_LENGTH}}}$")
 """A site: a named site or a module path, which may hold a `{layer}` template; never a `/`."""
 
 
@@ -56,13 +57,14 @@ def check_source(data, where: str | None = None) -> None:
                        f"site, layer and d")
     name = data.get("name")
     if not is_plain_name(name):
-        raise BadInput(f"{prefix}source name {name!r:.80} is not valid; use letters, digits, '_', '.' and '-' "
-                       f"(not '.' or '..')")
+        raise BadInput(f"{prefix}source name {name!r:.80} is not valid; use up to {NAME_LENGTH} letters, digits, "
+                       f"'_', '.' and '-' (not '.' or '..')")
     problem = None
     if not isinstance(data.get("model"), str) or not data.get("model"):
         problem = f"model {data.get('model')!r:.80} is not a model name"
     elif not is_plain_name(data.get("site"), SITE_NAME):
-        problem = f"site {data.get('site')!r:.80} is not a site name (letters, digits, '_', '.', '-', no '/')"
+        problem = (f"site {data.get('site')!r:.80} is not a site name (up to {NAME_LENGTH} letters, digits, '_', '.', "
+                   f"'-', no '/')")
     elif data.get("layer") is not None and not (_is_int(data.get("layer")) and data["layer"] >= 0):
         problem = f"layer {data.get('layer')!r:.80} is not null or a whole number >= 0"
     elif not (_is_int(data.get("d")) and data["d"] >= 1):
@@ -77,7 +79,8 @@ def validate_source_names(sources: list[Source]) -> None:
     names = [s.name for s in sources]
     for name in names:
         if not is_plain_name(name):
-            raise BadInput(f"source name {name!r} is not valid; use letters, digits, '_', '.' and '-' (not '.' or '..')")
+            raise BadInput(f"source name {name!r:.80} is not valid; use up to {NAME_LENGTH} letters, digits, '_', '.' "
+                           f"and '-' (not '.' or '..')")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise BadInput(f"source names must be unique; repeated: {', '.join(duplicates)}")

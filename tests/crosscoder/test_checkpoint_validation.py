@@ -211,3 +211,15 @@ def test_export_folders_stay_under_the_output_even_for_a_model_built_in_python(t
     good.source_id = "../../../x"
     with pytest.raises(BadInput, match="outside the output"):
         good.dir(tmp_path)
+
+
+def test_an_unfinished_checkpoint_is_used_with_a_warning(good, tmp_path):
+    def unfinished(meta, tensors):
+        meta["training"].update(complete=False, step=3, steps=5)
+    ckpt = write_hostile(good, tmp_path / "part.safetensors", unfinished)
+    for args in (["classify", ckpt], ["eval", ckpt, good["store"]]):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.stderr
+        assert "is from an unfinished training run (step 3 of 5)" in result.stderr and "--resume" in result.stderr
+    result = CliRunner().invoke(cli, ["classify", str(good["checkpoint"])])
+    assert result.exit_code == 0 and "unfinished" not in result.stderr

@@ -198,7 +198,7 @@ def test_cli_reads_a_json_spec_and_options_override_it(tmp_path):
     (["--span", "3"], "MIN-MAX"),
     (["--active", "0"], "--active"),
     (["--frequencies", "zipf"], "--frequencies"),
-    (["--noise", "nan"], "--noise nan must be finite"),
+    (["--noise", "nan"], "'--noise': 'nan' is not a finite number"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
     spec = tmp_path / "bad.json"

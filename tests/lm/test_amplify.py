@@ -418,3 +418,13 @@ def test_cli_runs_from_the_local_hugging_face_cache(tiny, tmp_path):
         [("count", -1.0), ("count", 2.0)]
     assert {r["prompt"] for r in lines if r["kind"] == "completion"} == {"the cat"}  # blank line skipped
     assert proc.stderr.count("xc: count /cat/ alpha=") == 2
+
+
+def test_quiet_amplify_prints_nothing_on_stderr(tiny):
+    """Not even a transformers deprecation warning: the KV cache is passed by the name the installed
+    transformers expects (`cache` in 5.x, `past_key_values` before)."""
+    proc = subprocess.run([sys.executable, "-W", "default", "-m", "xcli", "amplify", "--before", str(tiny["gpt2_b"]),
+                           "--after", str(tiny["gpt2"]), "--alpha", "2", "--prompt", "the cat", "--n-samples", "2",
+                           "--max-new-tokens", "4", "-q"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert len(proc.stdout.splitlines()) == 2

@@ -45,7 +45,6 @@ layers with share >= span_share [0.1].
 
 import csv
 import io
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -53,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from xcli import strict_json
 from xcli.analysis.config import ROW_FORMATS, ClassifyConfig
 from xcli.analysis.latent_stats import scan_store
 from xcli.crosscoder.model import Crosscoder
@@ -339,7 +339,7 @@ def write_rows(result: Classification, fmt: str, out) -> None:
         raise BadInput(f"--format {fmt!r} is not known; use one of {', '.join(ROW_FORMATS)}")
     if fmt == "jsonl":
         for row in result.rows():
-            out.write(json.dumps(row) + "\n")
+            out.write(strict_json.dumps(row) + "\n")
     elif fmt == "csv":
         rows = [flatten(r) for r in result.rows()]
         columns = list(dict.fromkeys(k for r in rows for k in r))

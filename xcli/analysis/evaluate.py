@@ -36,7 +36,7 @@ from xcli.analysis.config import EvalConfig
 from xcli.analysis.latent_stats import coherence_layers
 from xcli.analysis.reconstruction import reconstruction
 from xcli.crosscoder.model import Crosscoder, load
-from xcli.data.loader import StoreSet, eval_batches, train_eval_chunks
+from xcli.data.loader import StoreSet, eval_batches
 from xcli.devices import resolve_device
 from xcli.errors import BadInput
 
@@ -117,7 +117,7 @@ def eval_rows(model: Crosscoder, stores: StoreSet, all_rows: bool) -> tuple[np.n
     if fraction <= 0:
         raise BadInput("the checkpoint was trained with --eval-fraction 0 and held out no rows; "
                        "pass --all-rows (on a store it was not trained on) instead")
-    rows = {s["n_tokens"] for s in recorded}
+    rows = {s.get("n_tokens") for s in recorded}
     digests = {s.get("tokens_sha256") for s in recorded}
     if rows != {stores.n_tokens} or digests != {stores.tokens_sha256}:
         raise BadInput(f"these stores ({stores.n_tokens} rows) are not the ones the checkpoint was trained on "
@@ -127,7 +127,7 @@ def eval_rows(model: Crosscoder, stores: StoreSet, all_rows: bool) -> tuple[np.n
     if paths != {s["path"] for s in recorded}:
         console.warn("the stores hold the same tokens as the training stores but live elsewhere; held-out rows "
                      "are the chunks training held out, assuming the same chunk size")
-    _, held = train_eval_chunks(stores.n_chunks, fraction)
+    _, held = stores.hold_out(fraction)
     return held, "held-out"
 
 

@@ -1,11 +1,10 @@
 """`xc amplify`: sample from an amplified model difference, or with latents steered."""
 
-import json
 import sys
 
 import click
 
-from xcli import console
+from xcli import console, strict_json
 from xcli.cli.params import build, common_options, config_options
 from xcli.errors import BadInput
 from xcli.lm.config import AmplifyConfig, Sampling, SteerConfig
@@ -63,6 +62,6 @@ def command(prompts_file, **options):
                            "or --model/--checkpoint/--latent (steering)")
         records = amp.amplify(build(AmplifyConfig, options, prompts=prompts, sampling=sampling))
     for record in records:
-        click.echo(json.dumps(record, ensure_ascii=False))
+        click.echo(strict_json.dumps(record, ensure_ascii=False))
         if record["kind"] == "count" and not console.settings.quiet:
             print(amp.describe_count(record), file=sys.stderr, flush=True)

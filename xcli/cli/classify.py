@@ -1,5 +1,6 @@
 """`xc classify`: label every latent of a crosscoder."""
 
+import contextlib
 import sys
 
 import click
@@ -52,12 +53,20 @@ def command(checkpoint, store, plot_dir, fmt, output, overwrite, **options):
       xc train acts.zarr -o xc.safetensors | xc classify - --format table
       xc classify xc.safetensors | jq -c 'select(.class == "exclusive:chat")'
     """
+    from xcli.files import output_lock
+
+    with output_lock(output) if output else contextlib.nullcontext():  # one writer per -o
+        run(checkpoint, store, plot_dir, fmt, output, overwrite, build(ClassifyConfig, options))
+    if output:
+        click.echo(output)
+
+
+def run(checkpoint, store, plot_dir, fmt, output, overwrite, config: ClassifyConfig) -> None:
     from xcli.analysis import classify as cl
     from xcli.crosscoder.model import load
     from xcli.data.store import open_store
     from xcli.files import atomic_path, check_output, check_replaceable
 
-    config = build(ClassifyConfig, options)
     if config.max_tokens is not None and not store:
         raise BadInput("--max-tokens applies to the store pass; give --store STORE as well")
     checkpoint = read_path_argument(checkpoint)
@@ -87,5 +96,3 @@ def command(checkpoint, store, plot_dir, fmt, output, overwrite, **options):
             console.info(f"wrote {path}")
     if not console.settings.quiet:
         cl.print_summary(result, sys.stderr)
-    if output:
-        click.echo(output)

@@ -1,9 +1,9 @@
 """`xc eval`: how good a crosscoder is."""
 
-import json
 
 import click
 
+from xcli import strict_json
 from xcli.analysis.config import EvalConfig
 from xcli.cli.params import build, common_options, config_options
 from xcli.errors import BadInput
@@ -44,4 +44,4 @@ def command(checkpoint, stores, **options):
         raise BadInput("only one argument can be '-' (read from stdin)")
     config = build(EvalConfig, options, checkpoint=read_path_argument(checkpoint),
                    stores=tuple(read_path_argument(s) for s in stores))
-    click.echo(json.dumps(evaluate(config)))
+    click.echo(strict_json.dumps(evaluate(config)))

@@ -1,10 +1,9 @@
 """`xc export`: Neuronpedia dashboards or SAELens slices of a crosscoder."""
 
-import json
 
 import click
 
-from xcli import console
+from xcli import console, strict_json
 from xcli.cli.params import build, common_options, config_options
 from xcli.errors import BadInput
 from xcli.export.config import ExportConfig
@@ -47,7 +46,7 @@ def command(checkpoint, output, check_dir, **options):
                 console.error(problem)
             raise BadInput(f"{check_dir!r} is not ready for upload: {len(e.problems)} problem(s) listed above, "
                            f"first problem first") from None
-        click.echo(json.dumps(summary))
+        click.echo(strict_json.dumps(summary))
         return
     if checkpoint is None:
         raise click.UsageError("missing CHECKPOINT (or pass --check DIR)")

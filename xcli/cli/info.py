@@ -1,9 +1,9 @@
 """`xc info`: a summary of an activation store."""
 
-import json
 
 import click
 
+from xcli import strict_json
 from xcli.cli.params import common_options
 from xcli.files import read_path_argument
 
@@ -21,7 +21,7 @@ def command(store, as_json):
 
     summary = open_store(read_path_argument(store)).summary()
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(strict_json.dumps(summary))
         return
     state = "complete" if summary["complete"] else "INCOMPLETE (resume with xc harvest ... --resume)"
     click.echo(f"{summary['path']}: {summary['n_tokens']:,} tokens, {state}")

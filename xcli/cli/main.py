@@ -16,6 +16,7 @@ from xcli import console
 from xcli.cli import amplify, classify, eval, export, harvest, info, synth, train
 from xcli.cli.params import common_options
 from xcli.errors import XcError
+from xcli.files import machine_refusal
 from xcli.ranks import ReportedByRankZero
 from xcli.version import __version__
 
@@ -56,7 +57,8 @@ class XcGroup(click.Group):
         except Exception as e:
             if console.settings.debug:
                 traceback.print_exc()
-            console.error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+            refused = machine_refusal(e)  # a full disk or a read-only folder is not an xc bug
+            console.error(refused or f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
             code = EXIT_FAILURE
         sys.exit(code)
 

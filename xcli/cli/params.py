@@ -7,6 +7,7 @@ the config from the parsed values with `build`.
 """
 
 import dataclasses
+import math
 import types
 import typing
 
@@ -33,6 +34,21 @@ class Parsed(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class FiniteFloat(click.ParamType):
+    """A float option: nan and inf are refused here, once for every command (exit 2)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE_FLOAT = FiniteFloat()
+
+
 def _base_type(hint):
     """int for `int | None`, float for `tuple[float, ...]`, ..."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -49,7 +65,7 @@ def _click_type(how: Option, hint, metavar: str | None):
     if how.choices is not None:
         return click.Choice(how.choices)
     base = _base_type(hint)
-    return {int: click.INT, float: click.FLOAT}.get(base, click.STRING)
+    return {int: click.INT, float: FINITE_FLOAT}.get(base, click.STRING)
 
 
 def describe_default(value) -> str:

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from xcli import console, strict_json
 from xcli.crosscoder import sparse
 from xcli.crosscoder.config import ARCHS
 from xcli.distributed import SINGLE, Comm
@@ -302,7 +303,7 @@ def save(model: Crosscoder, path, extra: dict | None = None, overwrite: bool = T
     """Write the checkpoint atomically. `extra` (hyperparameters, store, training) joins the metadata."""
     meta = {**model.describe(), **(extra or {})}
     with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file(checkpoint_tensors(model), str(tmp), metadata={"xc": json.dumps(meta)})
+        save_file(checkpoint_tensors(model), str(tmp), metadata={"xc": strict_json.dumps(meta)})
     return Path(path)
 
 
@@ -377,7 +378,35 @@ def check_metadata(meta, where: str) -> list[Source]:
                            f"({', '.join(names)})")
         if len(set(chosen)) != len(chosen):
             raise BadInput(f"{where}: {key} lists a source twice")
+    check_provenance(meta, where)
     return sources
+
+
+def check_provenance(meta: dict, where: str) -> None:
+    """The optional record of how the checkpoint was trained, as far as xc reads it back (`xc eval`'s
+    held-out rows, `xc export`'s store, `xc train --resume`): absent, or of the documented shapes."""
+    for key in ("hyperparameters", "training", "aux"):
+        if key in meta and not isinstance(meta[key], dict):
+            raise BadInput(f"{where}: {key} {meta[key]!r:.40} is not a JSON object")
+    fraction = meta.get("hyperparameters", {}).get("eval_fraction")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+                                     and 0 <= fraction < 1):
+        raise BadInput(f"{where}: hyperparameters.eval_fraction {fraction!r:.40} is not a number from 0 to below 1")
+    complete = meta.get("training", {}).get("complete")
+    if complete is not None and not isinstance(complete, bool):
+        raise BadInput(f"{where}: training.complete {complete!r:.40} is not true or false")
+    if "store" not in meta:
+        return
+    stores = meta["store"]
+    if not isinstance(stores, list) or not all(isinstance(s, dict) for s in stores):
+        raise BadInput(f"{where}: store {stores!r:.60} is not a list of the stores it was trained on")
+    for i, s in enumerate(stores):
+        if not isinstance(s.get("path"), str):
+            raise BadInput(f"{where}: store[{i}].path {s.get('path')!r:.40} is not a path")
+        if "n_tokens" in s and not (_is_int(s["n_tokens"]) and s["n_tokens"] >= 0):
+            raise BadInput(f"{where}: store[{i}].n_tokens {s.get('n_tokens')!r:.40} is not a whole number")
+        if not isinstance(s.get("tokens_sha256"), (str, type(None))):
+            raise BadInput(f"{where}: store[{i}].tokens_sha256 {s.get('tokens_sha256')!r:.40} is not a digest")
 
 
 def expected_shapes(meta: dict, sources: list[Source]) -> dict[str, tuple[int, ...]]:
@@ -429,6 +458,16 @@ def finite_tensor(f, name: str, where: str) -> Tensor:
     return tensor
 
 
+def warn_if_unfinished(meta: dict, path) -> None:
+    """A checkpoint saved mid-run (training.complete false) is usable, but say so: its results are provisional."""
+    training = meta.get("training")
+    if isinstance(training, dict) and training.get("complete") is False:
+        step, steps = training.get("step"), training.get("steps")
+        at = f" (step {step} of {steps})" if isinstance(step, int) and isinstance(steps, int) else ""
+        console.warn(f"{where(path)} is from an unfinished training run{at}; results describe a partly trained "
+                     f"crosscoder (finish it with xc train --resume)")
+
+
 def load(path, device: str | torch.device = "cpu") -> Crosscoder:
     """Open a checkpoint as a Crosscoder in eval mode (BatchTopK uses its threshold).
 
@@ -436,6 +475,7 @@ def load(path, device: str | torch.device = "cpu") -> Crosscoder:
     first, and anything wrong is one BadInput naming the checkpoint."""
     meta = read_metadata(path)
     sources = check_metadata(meta, where(path))
+    warn_if_unfinished(meta, path)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         check_tensors(f, expected_shapes(meta, sources), where(path))
         model = Crosscoder(sources, meta["n_latents"], meta["arch"], meta.get("k"), meta["read"], meta["write"])

@@ -433,6 +433,12 @@ def harvest_alone(config: HarvestConfig) -> Path:
             if state == "new":  # e.g. a bad record deep in the corpus: leave nothing behind
                 files.remove(config.output)
             raise
+        except OSError as e:  # a full disk: the finished chunks are kept, as after a kill
+            refused = files.machine_refusal(e)
+            if refused is None:
+                raise
+            raise XcError(f"{refused} while writing {str(config.output)!r}; its finished chunks are kept: "
+                          f"free some space and continue with the same command and --resume") from e
     finally:
         run.close()
     if exhausted and config.tokens is not None:

@@ -13,6 +13,7 @@ an uninterrupted run would have seen.
 """
 
 import hashlib
+import math
 import queue
 import threading
 import time
@@ -23,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from xcli import console
 from xcli.data.store import ActivationStore, open_store, read_checked
 from xcli.errors import BadInput
 from xcli.source import Source
@@ -58,6 +60,7 @@ class StoreSet:
                            f"harvest every model on the same text")
         # Incomplete stores are prefixes of the same harvest: train on the common prefix.
         self.n_tokens = min(lengths.values())
+        self._chunk_rows = self.stores[0].chunk_rows
         self.tokens_sha256 = self._check_tokens()
 
     def _check_tokens(self) -> str | None:
@@ -88,7 +91,25 @@ class StoreSet:
 
     @property
     def chunk_rows(self) -> int:
-        return self.stores[0].chunk_rows
+        """Rows per chunk as training reads them: the store's chunk, or a block of it (`hold_out`)."""
+        return self._chunk_rows
+
+    def hold_out(self, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+        """(training chunks, held-out chunks), as `train_eval_chunks`.
+
+        A store too small to hold out a whole chunk (a 3,000-token harvest is one chunk) is read in
+        blocks instead: its chunk size is halved, down to MIN_BLOCK_ROWS, until about `eval_fraction`
+        of its rows can be held out. The blocks depend only on the store and the fraction, so
+        training, its resume and `xc eval` hold out the same rows."""
+        n_eval = max(1, round(eval_fraction * self.n_chunks))
+        if eval_fraction > 0 and n_eval >= self.n_chunks:
+            store_chunk, wanted = self._chunk_rows, math.ceil(1 / eval_fraction)
+            while self.n_chunks < wanted and self._chunk_rows // 2 >= MIN_BLOCK_ROWS:
+                self._chunk_rows //= 2
+            if self._chunk_rows != store_chunk:
+                console.info(f"the store has {-(-self.n_tokens // store_chunk)} chunk(s) of {store_chunk} rows: "
+                             f"holding out blocks of {self._chunk_rows} rows instead of whole chunks")
+        return train_eval_chunks(self.n_chunks, eval_fraction)
 
     @property
     def n_chunks(self) -> int:
@@ -123,6 +144,9 @@ class StoreSet:
             out.append({"path": str(Path(s.path).resolve()), "n_tokens": s.n_tokens, "complete": s.complete,
                         "sources": s.names, "tokens_sha256": self.tokens_sha256, **keep})
         return out
+
+
+MIN_BLOCK_ROWS = 64  # the smallest unit a small store is held out in (StoreSet.hold_out)
 
 
 def train_eval_chunks(n_chunks: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:

@@ -361,7 +361,12 @@ def open_store(path) -> ActivationStore:
         group = zarr.open_group(str(path), mode="r")
     except Exception as e:  # zarr raises several types for "not a group"
         raise BadInput(f"{str(path)!r} is not a Zarr v3 activation store ({type(e).__name__})") from e
-    return ActivationStore(path, group)
+    try:
+        return ActivationStore(path, group)
+    except (BadInput, MemoryError):
+        raise
+    except Exception as e:  # an array's zarr.json that is not JSON, or not Zarr metadata
+        raise damaged(path, f"its Zarr metadata cannot be read ({type(e).__name__}: {str(e)[:120]})") from e
 
 
 def _create(path: Path, sources: list[Source], meta: dict | None, dtype: str, chunk_rows: int, codec: str,

@@ -37,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from xcli import strict_json
 from xcli.data.config import SynthSpec, SynthStore, frequency_weights
 from xcli.data.store import StoreWriter
 from xcli.errors import BadInput
@@ -105,7 +106,7 @@ class PlantedDictionary:
         if self.spans is not None:
             tensors["spans"] = np.ascontiguousarray(self.spans, dtype=np.int64)
         with atomic_path(path, overwrite=True) as tmp:
-            save_file(tensors, str(tmp), metadata={"xc": json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata={"xc": strict_json.dumps(meta)})
         return Path(path)
 
     @classmethod

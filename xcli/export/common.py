@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from xcli import files
+from xcli import files, strict_json
 from xcli.crosscoder import model as cc
 from xcli.errors import BadInput
 from xcli.export import neuronpedia_schema as npd
@@ -256,7 +256,7 @@ def output_state(config: ExportConfig, identity: dict) -> tuple[str, dict | None
 
 def write_json(path: Path, value) -> None:
     with files.atomic_path(path, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+        tmp.write_text(strict_json.dumps(value, indent=2) + "\n")
 
 
 def latent_facts(model: cc.Crosscoder) -> tuple[np.ndarray, np.ndarray]:

@@ -14,13 +14,12 @@ The metadata says which model and how it was run, from the harvest record of the
 store (--store, else the training store the checkpoint names, when it still exists).
 """
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from xcli import console, files
+from xcli import console, files, strict_json
 from xcli.crosscoder import model as cc
 from xcli.data.store import open_store
 from xcli.errors import BadInput
@@ -202,9 +201,9 @@ def export_saelens(config: ExportConfig) -> Path:
                                 "hook_head_index": None, **run,
                                 "neuronpedia_id": f"{x.model_id}/{x.source_id}",
                                 "sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None}}
-            (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            (folder / "cfg.json").write_text(strict_json.dumps(cfg, indent=2) + "\n")
             model_id, revision = harvested.get(x.source.model, (None, x.source.revision))
-            (folder / "xc-slice.json").write_text(json.dumps({
+            (folder / "xc-slice.json").write_text(strict_json.dumps({
                 "crosscoder": str(config.checkpoint), "source": x.source.to_json(), "arch": model.arch,
                 "read": model.read, "write": model.write,
                 "latents": ("f_i * ||d_i^s|| / c_s (the crosscoder's latent times its decoder norm here, raw units)"
@@ -219,7 +218,7 @@ def export_saelens(config: ExportConfig) -> Path:
             }, indent=2) + "\n")
             written.append({"source": name, "folder": name, "architecture": arch,
                             "neuronpedia_id": f"{x.model_id}/{x.source_id}"})
-        (tmp / MANIFEST).write_text(json.dumps({
+        (tmp / MANIFEST).write_text(strict_json.dumps({
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "kind": "saelens", "complete": True,
             "created_by": f"xc {__version__}", "checkpoint": str(config.checkpoint), "slices": written,
         }, indent=2) + "\n")

@@ -139,11 +139,17 @@ def _forward_kwargs(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
+def _cache_argument(model) -> str:
+    """The KV cache's name in forward and in its output: `cache` from transformers 5.x (where
+    `past_key_values` is deprecated, and removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _Runner:
     """Runs one model incrementally over a batch with its own KV cache."""
 
     def __init__(self, model):
-        self.model, self.extra = model, _forward_kwargs(model)
+        self.model, self.extra, self.cache_name = model, _forward_kwargs(model), _cache_argument(model)
         self.cache = None
 
     def reset(self):
@@ -151,8 +157,8 @@ class _Runner:
 
     def __call__(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, **self.extra)
-        self.cache = out.past_key_values
+                         use_cache=True, **{self.cache_name: self.cache}, **self.extra)
+        self.cache = getattr(out, self.cache_name)
         return out.logits[:, -1].float()  # (B, V)
 
 

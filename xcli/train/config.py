@@ -66,7 +66,8 @@ class TrainConfig:
     dead_tokens: int = option(10_000_000, "A latent that has not fired for this many training tokens counts as "
                                           "dead.", metavar="N", parse=count, cli_default="10M")
     eval_fraction: float = option(0.01, "Fraction of the store's chunks held out to report FVU, L0 and dead "
-                                        "latents on (at least one chunk when above 0; 0: no evaluation).")
+                                        "latents on (at least one chunk when above 0; 0: no evaluation). A store "
+                                        "too small to spare a chunk is held out in blocks of down to 64 rows.")
     shuffle_buffer: int = option(65536, "Rows shuffled together in memory (whole chunks); memory use grows with "
                                         "it, not with the store.", metavar="N", parse=count)
     seed: int = option(0, "Seed of the initialisation and the data order.")

@@ -21,10 +21,12 @@ and ends with exactly the weights of an uninterrupted run.
 
 import ctypes
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -36,12 +38,12 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from xcli import console
+from xcli import console, strict_json
 from xcli.analysis.reconstruction import reconstruction
 from xcli.crosscoder import fmx, source_parallel
 from xcli.crosscoder.config import is_fmx
 from xcli.crosscoder.model import Crosscoder, read_metadata, save
-from xcli.data.loader import BatchStream, Position, StoreSet, eval_batches, train_eval_chunks
+from xcli.data.loader import BatchStream, Position, StoreSet, eval_batches
 from xcli.devices import resolve_device
 from xcli.distributed import SINGLE, Comm, launched, local_device, process_group, together
 from xcli.errors import BadInput, XcError
@@ -95,7 +97,7 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
     k = None if cfg.activation == "relu" else (cfg.k or 32)
     if k is not None and k >= latents:
         raise BadInput(f"--k {k} must be below the number of latents ({latents}); lower --k or raise --latents")
-    train_chunks, _ = train_eval_chunks(stores.n_chunks, cfg.eval_fraction)
+    train_chunks, _ = stores.hold_out(cfg.eval_fraction)
     rows = sum(stop - start for start, stop in map(stores.chunk_range, train_chunks))
     steps = cfg.steps or steps_for_tokens(cfg.tokens or rows, rows, cfg.batch_size)
     warmup = cfg.warmup if cfg.warmup is not None else min(1000, steps // 20)
@@ -282,15 +284,21 @@ def run_identity(cfg: TrainConfig, stores: StoreSet) -> dict:
 def save_state(path: Path, model: Crosscoder, optimizer_state: dict, cfg: TrainConfig, stores: StoreSet,
                state: TrainState) -> None:
     payload = {
-        "version": STATE_VERSION, "identity": json.dumps(run_identity(cfg, stores)),
+        "version": STATE_VERSION, "identity": strict_json.dumps(run_identity(cfg, stores)),
         "step": state.step, "tokens": state.tokens, "epoch": state.position.epoch, "row": state.position.row,
         "threshold_updates": state.threshold_updates, "since_fired": state.since_fired.cpu(),
-        "last_eval": json.dumps(state.last_eval), "last_train": json.dumps(state.last_train),
+        "last_eval": strict_json.dumps(state.last_eval), "last_train": strict_json.dumps(state.last_train),
         "model": {k: v.cpu() for k, v in model.state_dict().items()}, "optimizer": optimizer_state,
         "torch_rng": torch.get_rng_state(),
     }
     with atomic_path(path, overwrite=True) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as e:  # torch reports a short write (a full disk) as "unexpected pos"
+            if "unexpected pos" not in str(e):
+                raise
+            raise OSError(errno.ENOSPC if shutil.disk_usage(tmp.parent).free < 1 << 20 else errno.EIO,
+                          "the training state was written short", str(tmp)) from e
 
 
 def load_state(path: Path, model: Crosscoder, opt, cfg: TrainConfig, stores: StoreSet,
@@ -559,7 +567,7 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         console.info(f"resuming at step {state.step} of {cfg.steps}")
     elif cfg.overwrite and comm.main:
         remove(state_path(cfg.output))
-    train_chunks, eval_chunks = train_eval_chunks(stores.n_chunks, cfg.eval_fraction)
+    train_chunks, eval_chunks = stores.hold_out(cfg.eval_fraction)
     names = [s.name for s in model.sources]  # split: this rank's sources of the same rows
     stream = BatchStream(stores, names, train_chunks, cfg.batch_size, cfg.seed, cfg.shuffle_buffer,
                          pin_memory=device.type == "cuda", rank=dp.rank, world=dp.world)
@@ -573,7 +581,7 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
 
     def emit(record: dict) -> None:
         if log:
-            log.write(json.dumps(record) + "\n")
+            log.write(strict_json.dumps(record) + "\n")
             log.flush()
         if on_log and comm.main:
             on_log(record)
