@@ -96,7 +96,8 @@ def test_torch_state_dict_encodes_and_decodes_as_theirs(tmp_path, batchtopk, nor
     f_ref, x_ref = their_forward(sd, x)
     f, x_hat = ours(out, x)
     if batchtopk:
-        assert 0 < int((f_ref > 0).sum()) < int((their_forward({**sd, "threshold": torch.tensor(-1.0)}, x)[0] > 0).sum())
+        unthresholded = their_forward({**sd, "threshold": torch.tensor(-1.0)}, x)[0]
+        assert 0 < int((f_ref > 0).sum()) < int((unthresholded > 0).sum())
     torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_hat, x_ref, rtol=1e-4, atol=1e-4)
     meta = read_metadata(out)
@@ -232,8 +233,9 @@ def test_import_cli_then_classify_and_eval_on_a_store(tmp_path):
     assert run.exit_code == 0, run.output
     assert run.output.strip() == str(tmp_path / "xc.safetensors")
     env_cmd = [sys.executable, "-m", "xcli"]
-    rows = subprocess.run(env_cmd + ["classify", str(tmp_path / "xc.safetensors"), "--store", str(tmp_path / "acts.zarr")],
-                          capture_output=True, text=True, check=True).stdout.splitlines()
+    rows = subprocess.run(env_cmd + ["classify", str(tmp_path / "xc.safetensors"), "--store",
+                                     str(tmp_path / "acts.zarr")], capture_output=True, text=True, check=True)
+    rows = rows.stdout.splitlines()
     assert len(rows) == F and {"latent", "class"} <= set(json.loads(rows[0]))
     report = json.loads(subprocess.run(env_cmd + ["eval", str(tmp_path / "xc.safetensors"), str(tmp_path / "acts.zarr"),
                                                   "--all-rows"], capture_output=True, text=True, check=True).stdout)
