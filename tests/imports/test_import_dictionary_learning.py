@@ -211,6 +211,10 @@ def test_unrecognised_inputs_are_one_line_exit_2(tmp_path):
     save_file({"weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "folder").mkdir()
+    save_file({"w_enc": torch.zeros(4, 8), "w_dec": torch.zeros(8, 4), "threshold": torch.ones(8),
+               "b_enc": torch.zeros(8), "b_dec": torch.zeros(4)}, str(tmp_path / "params.safetensors"))
+    result = CliRunner().invoke(cli, ["import", str(tmp_path / "params.safetensors"), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "JumpReLU architecture" in result.output
     for path in ("other.safetensors", "notes.txt", "folder", "missing.pt"):
         result = CliRunner().invoke(cli, ["import", str(tmp_path / path), "-o", str(tmp_path / "xc.safetensors")])
         assert result.exit_code == 2, result.output
@@ -240,3 +244,21 @@ def test_import_cli_then_classify_and_eval_on_a_store(tmp_path):
     report = json.loads(subprocess.run(env_cmd + ["eval", str(tmp_path / "xc.safetensors"), str(tmp_path / "acts.zarr"),
                                                   "--all-rows"], capture_output=True, text=True, check=True).stdout)
     assert set(report["fvu"]) == {"a", "b"} and report["l0"] >= 0
+
+
+def test_overwrite_replaces_only_an_xc_checkpoint_never_the_input(tmp_path):
+    sd = their_state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "theirs.safetensors"))
+    (tmp_path / "notes.safetensors").write_text("mine")
+    args = ["import", str(tmp_path / "theirs.safetensors"), "--source", SOURCES[0], "--source", SOURCES[1], "-o"]
+    cases = [([str(tmp_path / "notes.safetensors")], "already exists"),
+             ([str(tmp_path / "notes.safetensors"), "--overwrite"], "is not an xc checkpoint"),
+             ([str(tmp_path / "theirs.safetensors"), "--overwrite"], "is an input of this command")]
+    for extra, message in cases:
+        result = CliRunner().invoke(cli, args + extra)
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert (tmp_path / "notes.safetensors").read_text() == "mine"
+    for _ in range(2):  # the second run replaces what the first wrote
+        result = CliRunner().invoke(cli, args + [str(tmp_path / "xc.safetensors"), "--overwrite"])
+        assert result.exit_code == 0, result.output
+    assert read_metadata(tmp_path / "xc.safetensors")["imported"]["format"] == "dictionary_learning"

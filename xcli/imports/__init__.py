@@ -23,7 +23,7 @@ KNOWN = ("a dictionary_learning CrossCoder or BatchTopKCrossCoder (a state dict 
 def detect(path: Path) -> str:
     """The format of `path` (dictionary-learning or saelens); anything else is one BadInput."""
     from xcli.imports import dictionary_learning, saelens
-    from xcli.imports.common import TORCH_SUFFIXES, read_state_dict
+    from xcli.imports.common import TORCH_SUFFIXES, tensor_shapes
 
     if not path.exists():
         raise BadInput(f"{str(path)!r} does not exist")
@@ -38,8 +38,12 @@ def detect(path: Path) -> str:
         weights = path
     else:
         raise BadInput(f"{str(path)!r} has suffix {path.suffix or '(none)'!r}; xc imports {KNOWN}")
-    if dictionary_learning.recognises(read_state_dict(weights)):
+    shapes = tensor_shapes(weights)
+    if dictionary_learning.recognises(shapes):
         return "dictionary-learning"
+    if "threshold" in shapes and ({"w_enc", "W_enc"} & set(shapes)):
+        raise BadInput(f"{str(path)!r} is a JumpReLU dictionary (w_enc, w_dec, threshold: the Gemma Scope layout); "
+                       f"its per-latent thresholds need a JumpReLU architecture, which xc checkpoints do not have yet")
     raise BadInput(f"{str(path)!r} holds tensors of no known layout; xc imports {KNOWN}")
 
 

@@ -41,17 +41,46 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- any failure of an untrusted file is one line
             raise BadInput(f"{str(path)!r} is not a readable safetensors file ({e})") from None
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler refuses anything but tensors and plain containers
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"{str(path)!r} is not a weights-only torch state dict ({first[:200]})") from None
+    loaded = _torch_load(path)
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
         raise BadInput(f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict of named tensors")
     tensors = {k: v for k, v in loaded.items() if isinstance(v, Tensor)}
     return tensors
+
+
+def _torch_load(path: Path):
+    """torch.load, weights only (tensors and plain containers: the unpickler refuses anything else),
+    memory-mapped where the file allows it so that a large state dict is not read twice into memory."""
+    def load(mmap: bool):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            return load(True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # only the legacy (pre-zip) format cannot be mapped
+                raise
+            return load(False)
+    except Exception as e:  # noqa: BLE001 -- any failure of an untrusted file is one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"{str(path)!r} is not a weights-only torch state dict ({first[:200]})") from None
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of a .safetensors file's or state dict's tensors, without reading the values
+    (safetensors' header; a memory-mapped torch load)."""
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        except Exception as e:  # noqa: BLE001
+            raise BadInput(f"{str(path)!r} is not a readable safetensors file ({e})") from None
+    loaded = _torch_load(path)
+    if not isinstance(loaded, dict):
+        raise BadInput(f"{str(path)!r} holds a {type(loaded).__name__}, not a state dict of named tensors")
+    return {k: tuple(v.shape) for k, v in loaded.items() if isinstance(k, str) and isinstance(v, Tensor)}
 
 
 def read_json(path: Path) -> dict:

@@ -36,12 +36,11 @@ HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
 EXAMPLE = "--source base:resid_post:13 --source chat:resid_post:13"
 
 
-def recognises(tensors: dict) -> bool:
-    names = {k.removeprefix("_orig_mod.") for k in tensors}
-    enc, dec = tensors.get("encoder.weight", tensors.get("_orig_mod.encoder.weight")), \
-        tensors.get("decoder.weight", tensors.get("_orig_mod.decoder.weight"))
-    return {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"} <= names and \
-        enc is not None and dec is not None and enc.dim() == 3 and dec.dim() == 3
+def recognises(shapes: dict) -> bool:
+    """Their four weight tensors, 3-D encoder and decoder weights (names with or without _orig_mod.)."""
+    shapes = {k.removeprefix("_orig_mod."): v for k, v in shapes.items()}
+    return {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"} <= set(shapes) and \
+        len(shapes["encoder.weight"]) == 3 and len(shapes["decoder.weight"]) == 3
 
 
 def files_of(path: Path) -> tuple[Path, Path | None]:
@@ -112,7 +111,7 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
     tensors = read_state_dict(weights)
     if any(k.startswith("_orig_mod.") for k in tensors):  # saved while torch.compile wrapped it
         tensors = {k.removeprefix("_orig_mod."): v for k, v in tensors.items()}
-    if not recognises(tensors):
+    if not recognises({k: tuple(v.shape) for k, v in tensors.items()}):
         raise BadInput(f"{where}: no 3-D encoder.weight, decoder.weight with encoder.bias, decoder.bias; not a "
                        f"dictionary_learning CrossCoder")
     config = read_json(config_path) if config_path else {}
