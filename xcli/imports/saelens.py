@@ -128,7 +128,8 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         raise BadInput(f"{where}: normalize_activations {norm_mode!r:.40} rescales each token at run time (or "
                        f"needs a whitening file); an xc checkpoint scales by a constant, so it is not imported")
     record = {"format": "saelens", "architecture": arch, "path": str(path.resolve()),
-              "normalize_activations": norm_mode, "sae_lens_version": meta_value(cfg, "sae_lens_version"),
+              "normalize_activations": norm_mode if norm_mode == "none" else
+              f"{norm_mode}: nothing at inference (SAELens folds its scaling factor into the saved weights)", "sae_lens_version": meta_value(cfg, "sae_lens_version"),
               "hook_name": meta_value(cfg, "hook_name"), "model_name": meta_value(cfg, "model_name")}
     if transcoder:
         record["hook_name_out"] = meta_value(cfg, "hook_name_out")
