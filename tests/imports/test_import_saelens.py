@@ -179,3 +179,21 @@ def test_round_trip_through_xc_export_saelens(tmp_path):
     torch.testing.assert_close(f1, f0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x1, x0, rtol=1e-5, atol=1e-5)
     assert SAE.load_from_disk(folder) is not None
+
+
+def test_training_checkpoint_scaling_factor_becomes_the_input_scale(tmp_path):
+    """expected_average_only_in with activation_scaler.json (a checkpoint saved during training): SAELens's
+    trainer feeds x * s and reads the output / s; a final SAE has s folded in instead (fold_activation_norm_...)."""
+    s = 0.25
+    sae = randomise(StandardSAE(StandardSAEConfig(d_in=D, d_sae=F, normalize_activations="expected_average_only_in",
+                                                  metadata=meta())))
+    folder = written(sae, tmp_path)
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": s}))
+    model = imported(folder, tmp_path)
+    x = x_in()
+    with torch.no_grad():
+        x_ref = sae(x * s) / s
+        sae.fold_activation_norm_scaling_factor(s)  # SAELens's own fold gives the same SAE in raw units
+        torch.testing.assert_close(sae(x), x_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(model, x)[1], x_ref, rtol=1e-5, atol=1e-5)
+    assert float(model.scale(model.read[0])) == s

@@ -29,7 +29,7 @@ from xcli.errors import BadInput
 from xcli.imports.common import Imported, make_source, read_json, read_state_dict, site_of_hook, tensor
 from xcli.source import validate_source_names
 
-CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+CFG, WEIGHTS, SCALER = "cfg.json", "sae_weights.safetensors", "activation_scaler.json"
 SAE_ARCHS = ("standard", "topk", "jumprelu")
 TRANSCODER_ARCHS = ("transcoder", "jumprelu_transcoder")
 NEVER_FIRES = 1e30  # a JumpReLU threshold this high keeps a latent off (xc's own export writes 3e38)
@@ -80,6 +80,23 @@ def one_threshold(threshold: torch.Tensor, norms: torch.Tensor, where: str) -> f
     return float(theta.median())
 
 
+def scaler(path: Path, norm_mode: str, transcoder: bool, where: str) -> float | None:
+    """The scaling factor of an SAELens training checkpoint (activation_scaler.json), or None.
+
+    Final SAEs have it folded into the weights; a checkpoint saved during training keeps it apart,
+    and SAELens scales the input by it and the output back, which is xc's input scale exactly."""
+    if norm_mode != "expected_average_only_in" or not (path / SCALER).is_file():
+        return None
+    factor = read_json(path / SCALER).get("scaling_factor")
+    if factor is None:
+        return None
+    if transcoder:
+        raise BadInput(f"{where}: a transcoder training checkpoint with an activation scaling factor is not imported")
+    if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor < float("inf")):
+        raise BadInput(f"{where}: {SCALER} scaling_factor {factor!r:.40} is not a number above 0")
+    return float(factor)
+
+
 def sources_of(cfg: dict, specs, d_in: int, d_out: int | None, where: str) -> list:
     """The input source (and a transcoder's output source) from --source, else from the metadata."""
     wanted = 1 if d_out is None else 2
@@ -127,9 +144,15 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
     if norm_mode not in ("none", "expected_average_only_in"):
         raise BadInput(f"{where}: normalize_activations {norm_mode!r:.40} rescales each token at run time (or "
                        f"needs a whitening file); an xc checkpoint scales by a constant, so it is not imported")
+    scale = scaler(path, norm_mode, transcoder, where)
+    if norm_mode == "none":
+        normalisation = "none"
+    elif scale is not None:
+        normalisation = f"{norm_mode}: its {SCALER} scaling factor {scale} as the input scale"
+    else:
+        normalisation = f"{norm_mode}: nothing at inference (a final SAELens SAE has its scaling factor folded in)"
     record = {"format": "saelens", "architecture": arch, "path": str(path.resolve()),
-              "normalize_activations": norm_mode if norm_mode == "none" else
-              f"{norm_mode}: nothing at inference (SAELens folds its scaling factor into the saved weights)", "sae_lens_version": meta_value(cfg, "sae_lens_version"),
+              "normalize_activations": normalisation, "sae_lens_version": meta_value(cfg, "sae_lens_version"),
               "hook_name": meta_value(cfg, "hook_name"), "model_name": meta_value(cfg, "model_name")}
     if transcoder:
         record["hook_name_out"] = meta_value(cfg, "hook_name_out")
@@ -184,5 +207,7 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         model.decoder_bias(names[-1]).copy_(b_dec)
         if theta is not None:
             model.threshold.fill_(theta)
+        if scale is not None:  # a training checkpoint: SAELens multiplies the input by it, divides the output
+            model.input_scale.fill_(scale)
     record["sources"] = {"input": names[0], "output": names[-1]}
     return Imported(model.eval(), record)
