@@ -140,13 +140,15 @@ def test_hub_folder_with_config_and_compiled_prefix(tmp_path):
 
 
 def test_encoder_layers_subset_reads_only_those(tmp_path):
-    """encoder_layers (hub config): the encoder reads a subset of the layers the decoder writes."""
+    """encoder_layers (hub config): the encoder reads a subset of the layers the decoder writes; the weights in
+    pytorch_model.bin, as older versions of the hub mixin saved them."""
     sd = their_state_dict(normaliser=False)
     sd["encoder.weight"] = sd["encoder.weight"][1:]  # reads layer 1 only
     hub = tmp_path / "hub"
     hub.mkdir()
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(hub / "model.safetensors"))
+    torch.save(sd, hub / "pytorch_model.bin")  # the older hub mixin's weights file, loaded weights-only
     (hub / "config.json").write_text(json.dumps({"encoder_layers": [1], "dict_class": "CrossCoder"}))
+    assert detect(hub) == "dictionary-learning"
     out = import_dictionary(ImportConfig(hub, tmp_path / "xc.safetensors", sources=SOURCES))
     model = load(out)
     assert model.read == ["chat.resid_post.13"] and model.write == ["base.resid_post.13", "chat.resid_post.13"]
@@ -219,6 +221,10 @@ def test_unrecognised_inputs_are_one_line_exit_2(tmp_path):
         result = CliRunner().invoke(cli, ["import", str(tmp_path / path), "-o", str(tmp_path / "xc.safetensors")])
         assert result.exit_code == 2, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
+    torch.save(their_state_dict(), tmp_path / "cc.pt")
+    result = CliRunner().invoke(cli, ["import", str(tmp_path / "cc.pt"), "--format", "saelens", "-o",
+                                      str(tmp_path / "xc.safetensors")])
+    assert result.exit_code == 2 and "is not a SAELens folder" in result.output
     assert not (tmp_path / "xc.safetensors").exists()
 
 

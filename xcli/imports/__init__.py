@@ -30,9 +30,8 @@ def detect(path: Path) -> str:
     if saelens.recognises(path):
         return "saelens"
     if path.is_dir():
-        if (path / dictionary_learning.HUB_WEIGHTS).is_file():
-            weights = path / dictionary_learning.HUB_WEIGHTS
-        else:
+        weights = dictionary_learning.hub_weights(path)
+        if weights is None:
             raise BadInput(f"{str(path)!r} is a folder of no known layout; xc imports {KNOWN}")
     elif path.suffix in TORCH_SUFFIXES + (".safetensors",):
         weights = path
@@ -56,6 +55,8 @@ def import_dictionary(config: ImportConfig) -> Path:
         check_output(config.output, overwrite=config.overwrite)
         if config.overwrite:
             check_replaceable(config.output, "checkpoint", [config.path])
+        if not config.path.exists():
+            raise BadInput(f"{str(config.path)!r} does not exist")
         fmt = detect(config.path) if config.format == "auto" else config.format
         converter = {"dictionary-learning": dictionary_learning, "saelens": saelens}[fmt]
         imported = converter.convert(config.path, config.sources, config.k)

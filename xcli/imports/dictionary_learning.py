@@ -33,6 +33,7 @@ from xcli.imports.common import Imported, read_json, read_state_dict, sources_fo
 
 CODE_NORMALISATIONS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
 HUB_WEIGHTS, HUB_CONFIG = "model.safetensors", "config.json"
+HUB_WEIGHT_FILES = (HUB_WEIGHTS, "pytorch_model.bin")
 EXAMPLE = "--source base:resid_post:13 --source chat:resid_post:13"
 
 
@@ -43,11 +44,16 @@ def recognises(shapes: dict) -> bool:
         len(shapes["encoder.weight"]) == 3 and len(shapes["decoder.weight"]) == 3
 
 
+def hub_weights(folder: Path) -> Path | None:
+    """The weights file of a hub folder: model.safetensors, or the older hub mixin's pytorch_model.bin."""
+    return next((folder / name for name in HUB_WEIGHT_FILES if (folder / name).is_file()), None)
+
+
 def files_of(path: Path) -> tuple[Path, Path | None]:
     """(weights, config or None): a hub folder, or a weights file with an optional config.json beside it."""
     if path.is_dir():
-        weights = path / HUB_WEIGHTS
-        if not weights.is_file():
+        weights = hub_weights(path)
+        if weights is None:
             raise BadInput(f"{str(path)!r} has no {HUB_WEIGHTS}; a dictionary_learning hub folder holds "
                            f"{HUB_CONFIG} and {HUB_WEIGHTS}")
         return weights, (path / HUB_CONFIG if (path / HUB_CONFIG).is_file() else None)

@@ -122,6 +122,8 @@ def sources_of(cfg: dict, specs, d_in: int, d_out: int | None, where: str) -> li
 
 def convert(path: Path, specs, k_override: int | None = None) -> Imported:
     where = f"SAELens folder {str(path)!r}"
+    if not recognises(path):
+        raise BadInput(f"{str(path)!r} is not a SAELens folder: it needs {CFG} and {WEIGHTS}")
     cfg = read_json(path / CFG)
     arch = architecture(cfg, where)
     transcoder = arch in TRANSCODER_ARCHS
