@@ -105,7 +105,7 @@ def test_cli_with_model_id_and_set_name(tmp_path):
     ((0,), {"arch": "topk"}, "TopK transcoder"),
     ((0,), {"write_site": "model.layers.{layer}.mlp"}, "no known TransformerLens hook"),
     ((0,), {"d_out": D + 1}, "differs from output width"),
-    ((1,), {"read_layer": 0, "read_site": "resid_pre"}, "reads layer 0 and writes layer 1"),
+    ((1,), {"read_layer": 0, "read_site": "resid_pre"}, "reads resid_pre of layer 0 and writes mlp_out of layer 1"),
 ])
 def test_what_circuit_tracer_cannot_load_is_refused(tmp_path, layers, kwargs, message):
     paths = []
@@ -128,6 +128,13 @@ def test_resid_post_of_the_layer_below_reads_as_hook_resid_pre_and_hooks_overrid
     export(ExportConfig(checkpoint=zero, transcoders=(path,), output=tmp_path / "ct2", format="circuit-tracer",
                         hooks=("hook_resid_mid", "hook_mlp_out")))
     assert yaml.safe_load((tmp_path / "ct2" / "config.yaml").read_text())["feature_input_hook"] == "hook_resid_mid"
+    # layer n to layer n+1 as resid_pre -> resid_pre: block n's input and output
+    (tmp_path / "b").mkdir()
+    one = transcoder(tmp_path / "b", 1, read_site="resid_pre", write_site="resid_pre", read_layer=0)
+    export(ExportConfig(checkpoint=one, output=tmp_path / "ct3", format="circuit-tracer"))
+    cfg = yaml.safe_load((tmp_path / "ct3" / "config.yaml").read_text())
+    assert (cfg["feature_input_hook"], cfg["feature_output_hook"]) == ("hook_resid_pre", "hook_resid_post")
+    assert [p.name for p in sorted((tmp_path / "ct3").glob("layer_*"))] == ["layer_0.safetensors"]
     with pytest.raises(BadInput, match="apply to --format circuit-tracer"):
         ExportConfig(checkpoint=zero, transcoders=(path,), output=tmp_path / "x", format="saelens")
 

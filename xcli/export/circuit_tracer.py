@@ -14,10 +14,10 @@ blocks.L.<feature_output_hook>. DIR loads with `load_transcoders_from_cache(NAME
 when DIR is PARENT/NAME, or uploaded as a hub repository with `load_transcoder_from_hub`.
 
 Each layer is one xc checkpoint that reads one source and writes one source of the same width
-(`xc train --read IN --write OUT`), both at layer L (a read resid_post of layer L-1 is the same
-tensor as hook_resid_pre of layer L). Weights are written in raw units (input scales folded).
-ReLU maps to ReLU; BatchTopK to JumpReLU with threshold_i = theta / ||W_dec,i|| (xc's inference
-rule, exactly); TopK has no circuit-tracer form and is refused.
+(`xc train --read IN --write OUT`), both in block L (resid_post of layer L-1 is hook_resid_pre
+of block L, and resid_pre of layer L+1 is hook_resid_post of block L). Weights are written in raw
+units (input scales folded). ReLU maps to ReLU; BatchTopK to JumpReLU with threshold_i =
+theta / ||W_dec,i|| (xc's inference rule, exactly); TopK has no circuit-tracer form and is refused.
 """
 
 import json
@@ -67,23 +67,25 @@ def layer_plan(model: cc.Crosscoder, path: Path, hooks: tuple[str, str] | None) 
     if s_in.d != s_out.d:
         raise BadInput(f"{where}: input width {s_in.d} differs from output width {s_out.d}; circuit-tracer's "
                        f"transcoders read and write the residual width d_model")
-    layer = s_out.layer
-    if layer is None:
+    if s_out.layer is None:
         raise BadInput(f"{where}: output source {s_out.name!r} has no layer; circuit-tracer needs one per transcoder")
-    in_layer = s_in.layer
     if hooks is not None:
-        return layer, hooks[0], hooks[1]
+        return s_out.layer, hooks[0], hooks[1]
     mapped_in, mapped_out = tl_hook(s_in.site, s_in.layer), tl_hook(s_out.site, s_out.layer)
-    if s_in.site == "resid_post" and in_layer is not None and in_layer + 1 == layer:
-        mapped_in = ("hook_resid_pre", layer)  # the output of block L-1 is the input of block L
+    # The output of block L is the input of block L+1: a transcoder from layer n to layer n+1 reads and
+    # writes one block, whichever of the two names its sources use.
+    if s_in.site == "resid_post" and s_in.layer is not None and s_in.layer + 1 == s_out.layer:
+        mapped_in = ("hook_resid_pre", s_out.layer)
+    elif s_out.site == "resid_pre" and s_in.layer is not None and s_in.layer + 1 == s_out.layer:
+        mapped_out = ("hook_resid_post", s_in.layer)
     for s, mapped in ((s_in, mapped_in), (s_out, mapped_out)):
         if mapped is None:
             raise BadInput(f"{where}: site {s.site!r} of {s.name!r} has no known TransformerLens hook name; give "
                            f"--hooks IN,OUT (e.g. ln2.hook_normalized,hook_mlp_out)")
-    if mapped_in[1] != layer:
-        raise BadInput(f"{where} reads layer {in_layer} and writes layer {layer}; a circuit-tracer transcoder "
-                       f"reads and writes one layer")
-    return layer, mapped_in[0], mapped_out[0]
+    if mapped_in[1] != mapped_out[1]:
+        raise BadInput(f"{where} reads {s_in.site} of layer {s_in.layer} and writes {s_out.site} of layer "
+                       f"{s_out.layer}; a circuit-tracer transcoder reads and writes one block")
+    return mapped_out[1], mapped_in[0], mapped_out[0]
 
 
 def transcoder_tensors(model: cc.Crosscoder) -> dict[str, torch.Tensor]:
