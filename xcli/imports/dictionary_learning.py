@@ -188,6 +188,7 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         if threshold is not None:
             model.threshold.fill_(threshold)
     if config:
-        record["config"] = {key: value for key, value in config.items()
-                            if isinstance(value, (str, int, float, bool, type(None), list))}
+        record["config"] = {key: value for key, value in config.items()  # its small settings, not tensors
+                            if isinstance(value, (str, int, float, bool, type(None)))
+                            or (isinstance(value, list) and len(value) <= 64)}
     return Imported(model.eval(), record)
