@@ -16,7 +16,8 @@ from xcli.files import read_path_argument
               "importer rules instead of exporting; print a JSON summary, or exit 2 listing the problems.")
 @common_options
 def command(checkpoint, output, check_dir, **options):
-    """Export a crosscoder's feature dashboards for Neuronpedia, or its slices as SAELens SAEs.
+    """Export a crosscoder's feature dashboards for Neuronpedia, its slices as SAELens SAEs, or
+    per-layer transcoders as a circuit-tracer transcoder set.
 
     Neuronpedia has no crosscoder type: each source the crosscoder writes becomes one
     Neuronpedia source MODEL/LAYER-SET, all with the same feature indices. Per feature:
@@ -32,6 +33,7 @@ def command(checkpoint, output, check_dir, **options):
           --model-id chat=gemma-2-2b-it --classes latents.jsonl
       xc export --check np-export
       xc export xc.safetensors --format saelens -o saes
+      xc export tc0.safetensors --transcoder tc1.safetensors --format circuit-tracer -o tcs
     """
     from xcli.export import export
     from xcli.export.neuronpedia_schema import ExportProblems, check_export

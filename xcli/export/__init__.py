@@ -6,7 +6,8 @@
 config.py declares the options; common.py holds what every format shares (manifest,
 inputs, slices); neuronpedia.py writes Neuronpedia's v1 layout (neuronpedia_schema.py:
 the layout, the importer's rules and `check_export`; dashboards.py: the statistics);
-saelens.py writes one SAELens SAE per source slice.
+saelens.py writes one SAELens SAE per source slice; circuit_tracer.py writes per-layer transcoders
+as a circuit-tracer transcoder set.
 """
 
 from pathlib import Path
@@ -23,6 +24,10 @@ def export(config: ExportConfig) -> Path:
             from xcli.export.common import export_inputs
 
             check_replaceable(config.output, "export", export_inputs(config))
+        if config.format == "circuit-tracer":
+            from xcli.export.circuit_tracer import export_circuit_tracer
+
+            return export_circuit_tracer(config)
         if config.format == "saelens":
             from xcli.export.saelens import export_saelens
 

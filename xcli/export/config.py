@@ -7,9 +7,9 @@ from pathlib import Path
 from xcli.errors import BadInput
 from xcli.export import neuronpedia_schema as npd
 from xcli.lm.config import check_device, device_option
-from xcli.options import option, overwrite_option
+from xcli.options import option, overwrite_option, pair
 
-FORMATS = ("neuronpedia", "saelens")
+FORMATS = ("neuronpedia", "saelens", "circuit-tracer")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class ExportConfig:
                                       "for --format neuronpedia.", metavar="STORE")
     format: str = option("neuronpedia", "neuronpedia: the v1 export layout (one Neuronpedia source per written "
                                         "(model, layer), same feature indices in all). saelens: one SAELens SAE "
-                                        "folder per source slice.", choices=FORMATS)
+                                        "folder per source slice. circuit-tracer: a transcoder set, one "
+                                        "transcoder per layer (CHECKPOINT and --transcoder).", choices=FORMATS)
     model_ids: tuple[str, ...] = option(
         (), "Neuronpedia model id of a model of the crosscoder (e.g. base=gemma-2-2b); repeat per model. Default: "
             "the model's name, lowercased.", flags=("--model-id",), metavar="[MODEL=]ID", multiple=True)
@@ -54,6 +55,14 @@ class ExportConfig:
                              "shown only for ids listed in the instance's PUBLIC_ACTIVATIONS_USER_IDS; the default "
                              "is one of them.")
     creator_name: str = option("xc", "creatorName of the release and source set.")
+    transcoders: tuple[Path, ...] = option(
+        (), "circuit-tracer: the transcoder of another layer, one xc checkpoint each (reading one source and "
+            "writing another at the same layer); with CHECKPOINT they cover layers 0 to N-1 once each.",
+        flags=("--transcoder",), metavar="CHECKPOINT", multiple=True)
+    hooks: tuple[str, str] | None = option(
+        None, "circuit-tracer: the TransformerLens hooks (inside blocks.L) the transcoders read and write. Default: "
+              "from the sources' sites (resid_pre, resid_post, attn_out, mlp_out, or blocks.{layer}.HOOK).",
+        metavar="IN,OUT", parse=pair(",", str, "IN,OUT (e.g. ln2.hook_normalized,hook_mlp_out)"))
     device: str = device_option("the crosscoder runs over the store")
     resume: bool = option(False, "Continue an unfinished export in DIR: finished batches are skipped.")
     overwrite: bool = overwrite_option("DIR if it exists")
@@ -81,6 +90,8 @@ class ExportConfig:
         if not self.creator_name.strip():
             raise BadInput("--creator-name must not be empty")
         check_device(self.device)
+        if (self.transcoders or self.hooks) and self.format != "circuit-tracer":
+            raise BadInput("--transcoder and --hooks apply to --format circuit-tracer")
         if self.resume and self.overwrite:
             raise BadInput("--resume and --overwrite exclude each other: continue the export, or replace it")
 

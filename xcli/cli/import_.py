@@ -1,0 +1,40 @@
+"""`xc import`: a published dictionary as an xc checkpoint."""
+
+import click
+
+from xcli.cli.params import build, common_options, config_options
+from xcli.imports.config import ImportConfig
+
+
+@click.command("import", epilog="""\b
+  xc import model_final.pt -o diff.safetensors --source base:resid_post:13 --source chat:resid_post:13
+  xc import crosscoder-hub-folder -o diff.safetensors --source base=google/gemma-2-2b:resid_post:13 \\
+      --source chat=google/gemma-2-2b-it:resid_post:13
+  xc import saelens-sae-folder -o sae.safetensors
+  xc import model_final.pt -o diff.safetensors --source ... | xc classify - --format table""")
+@config_options(ImportConfig)
+@common_options
+def command(path, **options):
+    """Turn a published crosscoder, SAE or transcoder into an xc checkpoint.
+
+    Reads science-of-finetuning/dictionary_learning crosscoders (CrossCoder and
+    BatchTopKCrossCoder: a state dict saved with torch.save, loaded weights-only,
+    or a hub folder with config.json and model.safetensors) and SAELens SAEs and
+    transcoders (a folder with cfg.json and sae_weights.safetensors). The result
+    encodes and decodes as the original does, so classify, eval, export, amplify
+    and track work on it unchanged; prints its path.
+
+    Input normalisation is folded into the weights where that is exact (a per-layer
+    scale becomes the source's input scale, a mean folds into the biases), and the
+    BatchTopK threshold is kept. What cannot be expressed exactly is refused with
+    one line: per-latent JumpReLU thresholds, per-token normalisation, per-layer
+    (DECOUPLED) BatchTopK, ranks other than xc's. The checkpoint's metadata records
+    the format and how each field was mapped ("imported").
+
+    dictionary_learning crosscoders do not record which model and layer each of their
+    layers is: give --source once per layer, in their order. SAELens records it in
+    cfg.json; --source overrides it.
+    """
+    from xcli.imports import import_dictionary
+
+    click.echo(str(import_dictionary(build(ImportConfig, options, path=path))))
