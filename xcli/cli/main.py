@@ -13,7 +13,7 @@ import traceback
 import click
 
 from xcli import console
-from xcli.cli import amplify, classify, eval, export, harvest, info, synth, train
+from xcli.cli import amplify, classify, eval, export, harvest, info, synth, track, train
 from xcli.cli.params import common_options
 from xcli.errors import XcError
 from xcli.ranks import ReportedByRankZero
@@ -79,7 +79,7 @@ def cli():
     """
 
 
-for module in (harvest, info, train, classify, amplify, export, eval, synth):
+for module in (harvest, info, train, classify, amplify, export, eval, synth, track):
     cli.add_command(module.command)
 
 
