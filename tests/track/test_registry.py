@@ -138,3 +138,15 @@ def test_show_filters_are_subsets(chain, tmp_path):
         some = list(show(TrackShowConfig(db, release=release, status=status)))
         assert some == [r for r in rows if r["release"] == release and r["status"] == status]
     assert json.dumps(rows)  # JSON-ready
+
+
+def test_plot_draws_the_strength_across_releases(chain, tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs the [plot] extra")
+    from xcli.track.chain import add_crosscoder, plot_strength, show
+    from xcli.track.config import TrackAddConfig, TrackShowConfig
+
+    db = str(tmp_path / "r.db")
+    add_crosscoder(TrackAddConfig(db, str(chain.crosscoders["v1v2"])))
+    rows = list(show(TrackShowConfig(db, ("1", "2"))))
+    plot_strength(rows, tmp_path / "strength.png")
+    assert (tmp_path / "strength.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

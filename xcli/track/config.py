@@ -31,7 +31,9 @@ class TrackAddConfig:
         None, "The checkpoint's models in release order, oldest first. Default: checkpoint order.",
         metavar="OLD,NEW[,...]", parse=name_list)
     min_confidence: float = option(0.5, "A latent continues a feature of the previous crosscoder when its match "
-                                        "confidence is at least this (see xc-track(1)).")
+                                        "confidence is at least this: the decoder cosine over the shared "
+                                        "release's sources or, with --store, the mean of it and the activation "
+                                        "correlation (each clipped at 0).")
     exclusive_share: float = option(0.9, "A feature is absent from a release whose decoder norm is below "
                                          "(1 - SHARE) / SHARE of its largest one (two releases: r >= SHARE or "
                                          "r <= 1 - SHARE, as in xc classify).")

@@ -77,16 +77,17 @@ def sqlite_path(url: str) -> Path | None:
 class Registry:
     """A connection to a registry, with its dialect; SQL is written with ? placeholders."""
 
-    def __init__(self, url: str, connection, dialect: str):
+    def __init__(self, url: str, connection, dialect: str, errors=(sqlite3.DatabaseError,)):
         self.url, self.connection, self.dialect = str(url), connection, dialect
+        self.errors = errors  # the driver's database errors, reported as one line
 
     def execute(self, sql: str, params=()):
         if self.dialect == "postgresql":
             sql = sql.replace("?", "%s")
         try:
             return self.connection.execute(sql, tuple(params))
-        except sqlite3.DatabaseError as e:
-            raise XcError(f"registry {self.url!r}: {e}") from None
+        except self.errors as e:
+            raise XcError(f"registry {self.url!r}: {str(e).strip().splitlines()[0]}") from None
 
     def rows(self, sql: str, params=()) -> list[tuple]:
         return list(self.execute(sql, params).fetchall())
@@ -148,7 +149,7 @@ def connect(url: str, create: bool = False) -> Registry:
             connection = psycopg.connect(url, autocommit=True, connect_timeout=20)
         except psycopg.Error as e:
             raise BadInput(f"cannot connect to registry {url!r}: {str(e).strip().splitlines()[0]}") from None
-        return Registry(url, connection, "postgresql")
+        return Registry(url, connection, "postgresql", (psycopg.Error,))
     path = sqlite_path(url)
     if path.is_dir():
         raise BadInput(f"registry {str(path)!r} is a folder; give a file (an SQLite database)")
