@@ -51,3 +51,48 @@ def assign(score) -> list[tuple[int, int]]:
             owner[j0] = owner[j1]
             j0 = j1
     return sorted((int(owner[j]) - 1, j - 1) for j in range(1, m + 1) if owner[j])
+
+
+def components(allowed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The connected components (rows, columns) of the bipartite graph whose edges are `allowed`;
+    rows and columns without an edge are left out."""
+    n, m = allowed.shape
+    parent = np.arange(n + m)
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    rows, cols = np.nonzero(allowed)
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        a, b = root(r), root(n + c)
+        if a != b:
+            parent[a] = b
+    groups: dict[int, tuple[list[int], list[int]]] = {}
+    for r in np.unique(rows).tolist():
+        groups.setdefault(root(r), ([], []))[0].append(r)
+    for c in np.unique(cols).tolist():
+        groups.setdefault(root(n + c), ([], []))[1].append(c)
+    return [(np.array(r), np.array(c)) for r, c in groups.values()]
+
+
+def assign_above(score, threshold: float) -> list[tuple[int, int]]:
+    """One-to-one pairs with score >= threshold, sorted by row: the maximum-weight matching over
+    those pairs with weight score - threshold.
+
+    Weighing the margin over the threshold, not the score, makes every pair pay the threshold:
+    two pairs barely above it never outweigh one near-certain pair they would displace.
+    Solved per connected component of the allowed pairs, with the other entries weighing 0: an
+    assignment's sum is then the sum of its allowed pairs, so the optimum is the same. The
+    components of a crosscoder's latents are small, which keeps this fast for large F."""
+    score = np.asarray(score, dtype=np.float64)
+    if threshold <= 0:
+        raise ValueError("threshold must be positive")
+    allowed = score >= threshold
+    out = []
+    for rows, cols in components(allowed):
+        block = np.where(allowed[np.ix_(rows, cols)], score[np.ix_(rows, cols)] - threshold, 0.0)
+        out += [(int(rows[r]), int(cols[c])) for r, c in assign(block) if allowed[rows[r], cols[c]]]
+    return sorted(out)

@@ -12,9 +12,10 @@ xcli.analysis.classify.corresponding_sources). For latents i of P and j of N:
   confidence[i, j]            decoder_cosine alone without a store, else the mean
                               (max(cosine, 0) + max(agreement, 0)) / 2
 
-An optimal one-to-one assignment (xcli.track.assign) maximises the summed confidence over
-the eligible latents (those alive in R on both sides); a pair is a match when its
-confidence is at least `min_confidence`. Unmatched latents of P end in R ("gone" after it);
+The matches are one-to-one pairs of eligible latents (alive in R on both sides) with
+confidence >= `min_confidence`: the maximum-weight matching over those pairs with weight
+confidence - min_confidence, solved exactly by the Hungarian algorithm per connected
+component of the allowed pairs (xcli.track.assign.assign_above). Unmatched latents of P end in R ("gone" after it);
 unmatched latents of N start there ("new").
 """
 
@@ -28,7 +29,7 @@ from xcli.analysis.latent_stats import check_store
 from xcli.crosscoder.model import Crosscoder
 from xcli.data.store import ActivationStore
 from xcli.errors import BadInput
-from xcli.track.assign import assign
+from xcli.track.assign import assign_above
 
 
 def release_decoders(model: Crosscoder, sources) -> np.ndarray:
@@ -211,5 +212,5 @@ def match(before: Crosscoder, after: Crosscoder, release: str, eligible_before=N
         agreement[np.ix_(rows, cols)] = corr.result()
     confidence = confidence_of(cos, agreement)
     sub = confidence[np.ix_(rows, cols)]
-    chosen = [(int(rows[r]), int(cols[c])) for r, c in assign(sub) if sub[r, c] >= min_confidence] if sub.size else []
+    chosen = [(int(rows[r]), int(cols[c])) for r, c in assign_above(sub, min_confidence)]
     return Matching(chosen, cos, agreement, confidence, rows, cols, passes)
