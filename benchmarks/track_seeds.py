@@ -6,7 +6,8 @@ tests/track/track_chain.py). For every two seeds it matches the latents that fir
 the first release (as `xc track add` does), through that release, with decoders alone and with activation agreement on the store, and prints
 the fraction matched (matches / live latents of the smaller side), the median decoder cosine
 of the matches, how many planted features each crosscoder learnt (best cosine > 0.95), and for
-the features both learnt, how often their two latents are matched to each other.
+the features present in v1 that both learnt, how often their two latents are matched to each
+other (planted_pairs_matched).
 
     python benchmarks/track_seeds.py [--seeds 3] [--latents 32] [--width 12] [--shared 8] [--exclusive 2]
 """
@@ -62,8 +63,10 @@ def main() -> None:
             live = [np.flatnonzero((p.frequency > 0) & al) for p, al in zip(passes, alive)]
             for label, stores in (("decoders", []), ("decoders+activations", [store])):
                 m = match(models[a], models[b], "v1", live[0], live[1], stores)
-                # Planted features both seeds learnt: is the one's latent matched to the other's?
-                both = (found[a].cosine > 0.95) & (found[b].cosine > 0.95)
+                # Planted features present in v1 (matchable through it) that both seeds learnt: is
+                # the one's latent matched to the other's?
+                in_v1 = np.linalg.norm(truth.decoders["v1.synthetic.0"], axis=1) > 0
+                both = (found[a].cosine > 0.95) & (found[b].cosine > 0.95) & in_v1
                 same = [(int(found[a].latent[g]), int(found[b].latent[g])) in set(m.pairs) for g in np.flatnonzero(both)]
                 print(json.dumps({"seeds": [a, b], "matching": label, "live": [len(x) for x in live],
                                   "matched": len(m.pairs), "fraction_matched": round(m.fraction_matched, 3),
