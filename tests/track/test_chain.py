@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from track_chain import SPEC, best_latents
 
+from xcli.errors import BadInput
 from xcli.track.chain import add_crosscoder, name_feature, show
 from xcli.track.config import TrackAddConfig, TrackNameConfig, TrackShowConfig
 from xcli.track.match import match
@@ -132,9 +133,7 @@ def test_command_line_exit_status_and_json_lines(chain, registry, tmp_path):
 
     # Bad input: one line, exit 2.
     for args, words in [(("show", tmp_path / "missing.db"), "does not exist"),
-                        (("show", db, "nobody"), "neither a feature id"),
-                        (("add", db, chain.crosscoders["v2v3_seed1"]), "newest"),
-                        (("name", db, "x"), "say which feature")]:
+                        (("add", db, chain.crosscoders["v2v3_seed1"]), "newest")]:
         bad = xc("track", *args)
         assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     junk = tmp_path / "junk.db"
@@ -146,8 +145,12 @@ def test_command_line_exit_status_and_json_lines(chain, registry, tmp_path):
 def test_a_crosscoder_out_of_order_or_moved_is_refused(chain, registry, tmp_path):
     with pytest.raises(Exception, match="newest"):
         add_crosscoder(TrackAddConfig(str(registry), str(chain.crosscoders["v2v3_seed1"]), releases=("v3", "v2")))
-    with pytest.raises(Exception, match="not in the registry"):
+    with pytest.raises(BadInput, match="not in the registry"):
         name_feature(TrackNameConfig(str(registry), "x", release="v9", latent=1))
+    with pytest.raises(BadInput, match="say which feature"):
+        TrackNameConfig(str(registry), "x")
+    with pytest.raises(BadInput, match="neither a feature id"):
+        list(show(TrackShowConfig(str(registry), ("nobody",))))
     moved = tmp_path / "fresh.db"
     copy = tmp_path / "v1v2.safetensors"
     shutil.copy(chain.crosscoders["v1v2"], copy)
@@ -180,3 +183,43 @@ def test_a_retrained_crosscoder_matches_the_live_latents(chain):
     assert m.fraction_matched >= 0.8, m.fraction_matched
     # Matched pairs are near-identical directions.
     assert np.median([m.decoder_cosine[i, j] for i, j in m.pairs]) > 0.95
+
+
+def test_one_crosscoder_over_three_releases(chain, tmp_path):
+    """The other route: one latent is one feature in every release; statuses from the norms alone."""
+    db = tmp_path / "reg.db"
+    result = add(db, chain.crosscoders["v1v2v3"], stores=(str(chain.store),))
+    assert result.added and result.releases == ["v1", "v2", "v3"]
+    checkpoint = chain.crosscoders["v1v2v3"]
+    learnt, cosine = best_latents(chain, checkpoint, ("v1", "v2", "v3"))
+    expected = {"shared": {"v1": "present", "v2": "present", "v3": "present"},
+                "exclusive:v1": {"v1": "present", "v2": "gone"},
+                "exclusive:v2": {"v2": "new", "v3": "gone"},
+                "exclusive:v3": {"v3": "new"}}
+    checked = 0
+    for g, kind in enumerate(chain.truth.kinds):
+        if cosine[g] > 0.95:
+            assert history(db, feature_of(db, checkpoint, learnt[g])) == expected[kind], (g, kind)
+            checked += 1
+    assert checked >= 12 and sum(cosine[g] > 0.95 for g, k in enumerate(chain.truth.kinds) if k == "exclusive:v2") == 2
+
+
+def test_depth_is_recorded_per_release(tmp_path):
+    """A cross-layer crosscoder: peak layer and layer shares of each release, from the decoder norms."""
+    import torch
+
+    from xcli.crosscoder.model import Crosscoder, save
+    from xcli.source import Source
+
+    sources = [Source(f"{r}.resid.{layer}", r, "resid", layer, 4) for r in ("v1", "v2") for layer in (3, 5)]
+    model = Crosscoder(sources, n_latents=2, arch="relu")
+    with torch.no_grad():
+        for w, (n0, n1) in zip(model.W_dec, [(1.0, 0.0), (0.2, 0.0), (0.0, 3.0), (0.0, 4.0)]):
+            w.zero_()
+            w[0, 0], w[1, 1] = n0, n1  # latent 0: v1 at layer 3 (1.0, 0.2); latent 1: v2 at layers 3, 5 (3, 4)
+    path = save(model, tmp_path / "deep.safetensors")
+    add(tmp_path / "reg.db", path)
+    rows = {(r["latent"], r["release"]): r for r in show(TrackShowConfig(str(tmp_path / "reg.db")))}
+    assert rows[0, "v1"]["peak_layer"] == 3 and rows[0, "v1"]["layer_share"] == {"3": pytest.approx(1 / 1.2), "5": pytest.approx(0.2 / 1.2)}
+    assert rows[0, "v2"]["status"] == "gone" and rows[1, "v2"]["status"] == "new"
+    assert rows[1, "v2"]["peak_layer"] == 5 and rows[1, "v2"]["layer_share"]["5"] == pytest.approx(4 / 7)

@@ -2,8 +2,8 @@
 
 v1, v2 and v3 share 8 "grammar" features (same directions, same norms in every release);
 each release also has 2 features of its own: v2's are the behaviour that version 2 adds
-and version 3 removes. Crosscoders: (v1, v2), (v2, v3), and (v2, v3) again with another
-seed. About 15 s on one CPU core.
+and version 3 removes. Crosscoders: (v1, v2), (v2, v3), (v2, v3) again with another
+seed, and one over (v1, v2, v3) at once. About 15 s on one CPU core.
 """
 
 from dataclasses import dataclass
@@ -31,11 +31,12 @@ class Chain:
         return f"{release}.synthetic.0"
 
 
-def train_pair(store: Path, output: Path, a: str, b: str, seed: int) -> Path:
+def train_pair(store: Path, output: Path, a: str, b: str, seed: int, *more: str) -> Path:
+    """A crosscoder over releases a, b (and `more`)."""
     from xcli.train import TrainConfig, train
 
-    return train(TrainConfig(stores=(str(store),), output=str(output), sources=(f"{a}.synthetic.0", f"{b}.synthetic.0"),
-                             seed=seed, **TRAIN))
+    sources = tuple(f"{r}.synthetic.0" for r in (a, b, *more))
+    return train(TrainConfig(stores=(str(store),), output=str(output), sources=sources, seed=seed, **TRAIN))
 
 
 def best_latents(chain: Chain, checkpoint: Path, releases: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
