@@ -9,8 +9,13 @@
 # and its latents are classified; one JSON line is appended to the log. Exit status:
 #   0  diffed, or nothing to do (fewer than two checkpoints, pair already diffed, another run busy)
 #   3  more than --threshold latents are exclusive to the newest checkpoint
+#   4  with --registry: a watched feature is gone, weakened or changed class in the newest
+#      checkpoint (one line per feature on stderr says which and why; wins over 3)
 #   1  a step failed (its error is on stderr; the next run resumes where it stopped)
 #   2  bad usage
+# With --registry, each diffed pair's crosscoder is also added to an `xc track` feature registry
+# (xc track add), so features keep their ids from checkpoint to checkpoint; the pairs are then
+# taken in order from the last one tracked, one pair per run, so that no checkpoint is skipped.
 # A pair is diffed once: a second run with nothing new does no work. Runs hold a lock
 # (flock) on STATE/lock, so overlapping cron runs exit at once instead of piling up.
 # Informational messages go to stderr only when it is a terminal, so cron mails only
@@ -37,7 +42,11 @@ Options:
                        written) [600]
   --state DIR          stores, crosscoders, classes and the lock [RUN_DIR/.xc-diff]
   --log FILE           the summary log, one JSON line per diffed pair [STATE/diff.log]
-  --keep-store         keep each pair's activation store (deleted after classifying by default)
+  --keep-store         keep each pair's activation store (deleted after classifying by default; with
+                       --registry the newest pair's store is kept for matching the next pair)
+  --registry REG       also add each pair to this xc track registry (an SQLite file or a PostgreSQL
+                       URL); exit 4 on a watched feature (name features with xc track name)
+  --track-options OPTS more options for xc track add, e.g. '--exclusive-share 0.8' []
   --device DEV         device for all steps [auto]
 Environment: XC, the xc command [xc on PATH, else this repository's .venv/bin/xc];
 PYTHON, a Python 3 for counting classes [python3].
@@ -48,7 +57,7 @@ say() { [ -t 2 ] && echo "cron_diff: $*" >&2 || true; }  # info: only on a termi
 die() { echo "cron_diff: $*" >&2; exit 2; }
 
 data="" layers="" site="resid_post" tokens="" context="" chunk_rows="" latents="" k="" train_tokens="" batch=""
-threshold=10 min_age=600 state="" log="" keep_store=0 device="auto" run=""
+threshold=10 min_age=600 state="" log="" keep_store=0 device="auto" run="" registry="" track_options=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --data) data=$2; shift 2 ;;
@@ -66,6 +75,8 @@ while [ $# -gt 0 ]; do
         --state) state=$2; shift 2 ;;
         --log) log=$2; shift 2 ;;
         --keep-store) keep_store=1; shift ;;
+        --registry) registry=$2; shift 2 ;;
+        --track-options) track_options=$2; shift 2 ;;
         --device) device=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
@@ -105,12 +116,23 @@ if [ ${#checkpoints[@]} -lt 2 ]; then say "fewer than two settled checkpoints in
 before=${checkpoints[-2]} after=${checkpoints[-1]}
 
 alias_of() { basename "$1" | tr -c 'A-Za-z0-9_\n-' '_'; }
+# With a registry: the pair after the last checkpoint tracked (STATE/tracked), if there is one.
+if [ -n "$registry" ] && [ -f "$state/tracked" ]; then
+    tracked=$(cat "$state/tracked") next=""
+    for i in "${!checkpoints[@]}"; do
+        if [ "$(alias_of "${checkpoints[$i]}")" = "$tracked" ]; then next=$((i + 1)); fi
+    done
+    if [ -n "$next" ]; then
+        if [ "$next" -ge ${#checkpoints[@]} ]; then say "$tracked is the newest checkpoint; nothing to do"; exit 0; fi
+        before=${checkpoints[$((next - 1))]} after=${checkpoints[$next]}
+    fi
+fi
 a=$(alias_of "$before") b=$(alias_of "$after")
 [ "$a" != "$b" ] || b="${b}_new"
 # The pair's key: both checkpoints' files (name, size, mtime), the corpus and every option.
 key=$( { for dir in "$before" "$after"; do (cd "$dir" && find . -type f -printf '%P %s %T@\n' | sort); done
          stat -c '%n %s %Y' "$data"
-         echo "$layers $site $tokens $context $chunk_rows $latents $k $train_tokens $batch"; } | sha256sum | cut -c1-12)
+         echo "$layers $site $tokens $context $chunk_rows $latents $k $train_tokens $batch${registry:+ $registry}"; } | sha256sum | cut -c1-12)
 pair="$state/pairs/$a--$b-$key"
 if [ -f "$pair/summary.json" ]; then say "$a -> $b already diffed ($pair)"; exit 0; fi
 mkdir -p "$pair"
@@ -128,17 +150,41 @@ mapfile -t train_opts < <(opt --latents "$latents"; opt --k "$k"; opt --tokens "
 "${xc[@]}" classify "$pair/xc.safetensors" --store "$pair/acts.zarr" --models "$a,$b" --device "$device" \
     -o "$pair/latents.jsonl" --overwrite -q >/dev/null
 
+# Add the pair to the registry; a rerun adds nothing (xc track add knows the checkpoint's bytes).
+watch=0
+if [ -n "$registry" ]; then
+    track_stores=(--store "$pair/acts.zarr")
+    previous=$(cat "$state/tracked_pair" 2>/dev/null || true)
+    if [ -n "$previous" ] && [ "$previous" != "$pair" ] && [ -d "$previous/acts.zarr" ]; then
+        track_stores+=(--store "$previous/acts.zarr")
+    fi
+    read -ra extra <<<"$track_options"
+    status=0
+    "${xc[@]}" track add "$registry" "$pair/xc.safetensors" --releases "$a,$b" "${track_stores[@]}" \
+        --device "$device" "${extra[@]}" -q >/dev/null || status=$?
+    case $status in
+        0) ;;
+        3) watch=1 ;;  # xc track printed one line per watched feature
+        *) exit "$status" ;;
+    esac
+    echo "$b" >"$state/tracked.tmp" && mv "$state/tracked.tmp" "$state/tracked"
+    echo "$pair" >"$state/tracked_pair.tmp" && mv "$state/tracked_pair.tmp" "$state/tracked_pair"
+    # The previous pair's store is no longer needed: the next pair is matched through this one.
+    [ "$keep_store" = 1 ] || [ -z "$previous" ] || [ "$previous" = "$pair" ] || rm -rf "$previous/acts.zarr"
+fi
+
 # Count the classes, append the summary to the log, then mark the pair done with it.
-"$python" - "$pair" "$a" "$b" "$threshold" "$before" "$after" <<'PY'
+"$python" - "$pair" "$a" "$b" "$threshold" "$before" "$after" "$watch" <<'PY'
 import collections, datetime, json, sys
-pair, a, b, threshold, before, after = sys.argv[1:]
+pair, a, b, threshold, before, after, watch = sys.argv[1:]
 counts = collections.Counter(json.loads(line)["class"] for line in open(f"{pair}/latents.jsonl"))
 summary = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "before": before, "after": after, "latents": sum(counts.values()),
            "exclusive_after": counts[f"exclusive:{b}"], "exclusive_before": counts[f"exclusive:{a}"],
            "shared": counts["shared"], "mixed": counts["mixed"], "dead": counts["dead"],
            "threshold": int(threshold), "alert": counts[f"exclusive:{b}"] > int(threshold),
-           "crosscoder": f"{pair}/xc.safetensors", "classes": f"{pair}/latents.jsonl"}
+           "crosscoder": f"{pair}/xc.safetensors", "classes": f"{pair}/latents.jsonl",
+           "watch_alert": watch == "1"}
 with open(f"{pair}/summary.json.tmp", "w") as f:
     json.dump(summary, f)
 PY
@@ -146,9 +192,13 @@ PY
 line=$(cat "$pair/summary.json.tmp")
 echo "$line" >>"$log"
 mv "$pair/summary.json.tmp" "$pair/summary.json"
-[ "$keep_store" = 1 ] || rm -rf "$pair/acts.zarr"
+[ "$keep_store" = 1 ] || [ -n "$registry" ] || rm -rf "$pair/acts.zarr"
 
 exclusive=$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["exclusive_after"])' "$pair/summary.json")
+if [ "$watch" = 1 ]; then
+    [ "$exclusive" -le "$threshold" ] || echo "cron_diff: $exclusive latents exclusive to $b (threshold $threshold): $pair/latents.jsonl" >&2
+    exit 4
+fi
 if [ "$exclusive" -gt "$threshold" ]; then
     echo "cron_diff: $exclusive latents exclusive to $b (threshold $threshold): $pair/latents.jsonl" >&2
     exit 3

@@ -158,3 +158,50 @@ def test_cron_diff_bad_usage_and_nothing_to_do(tmp_path, corpus_file, tiny):
     fresh = subprocess.run(["bash", str(CRON), "--data", str(corpus_file), "--layers", "1", "--min-age", "3600",
                             str(run)], capture_output=True, text=True, env=example_env(XC="false"))
     assert fresh.returncode == 0 and fresh.stderr == "", fresh.stderr
+
+
+def test_cron_diff_tracks_features_and_alerts_on_a_watched_one(tmp_path, corpus_file, tiny):
+    """step-1 and step-2 are the same model; step-3 drowns the token features in positions. The
+    features watched at step-2 include token features, which are gone at step-3: exit 4."""
+    import sqlite3
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["gpt2"], run / "step-1")
+    shutil.copytree(tiny["gpt2"], run / "step-2")
+    registry = tmp_path / "features.db"
+    options = ("--threshold", 1000, "--registry", registry, "--track-options", "--exclusive-share 0.8")
+    first = cron(run, corpus_file, *options)
+    assert first.returncode == 0, first.stderr.read()
+    assert list(run.glob(".xc-diff/pairs/*/acts.zarr"))  # kept to match the next pair through
+
+    def xc_json(*args):
+        done = subprocess.run([sys.executable, "-m", "xcli", "track", *map(str, args)], capture_output=True,
+                              text=True, env=example_env(), check=False)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    from xcli.track.chain import name_feature
+    from xcli.track.config import TrackNameConfig
+
+    present = xc_json("show", registry, "--release", "step-2")
+    assert present and {r["status"] for r in present} <= {"present", "weakened", "strengthened", "new"}
+    for row in present:  # in-process: a command per feature would start Python dozens of times
+        name_feature(TrackNameConfig(str(registry), f"f{row['feature']}", feature=row["feature"]))
+
+    grow_positions(tiny["gpt2"], run / "step-3")
+    alert = cron(run, corpus_file, *options)
+    err = alert.stderr.read()
+    assert alert.returncode == 4, err
+    lines = [line for line in err.splitlines() if "watched feature" in line]
+    assert lines and all("in release 'step-3'" in line for line in lines), err
+    [last] = [json.loads(line) for line in (run / ".xc-diff" / "diff.log").read_text().splitlines()][-1:]
+    assert last["watch_alert"] is True and last["after"].endswith("step-3")
+
+    # Nothing new: no work and nothing added to the registry.
+    def counts():
+        with sqlite3.connect(registry) as con:
+            return [con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("crosscoders", "observations")]
+    before = counts()
+    idle = cron(run, corpus_file, *options, xc="false")
+    assert idle.returncode == 0, idle.stderr.read()
+    assert counts() == before and before[0] == 2
