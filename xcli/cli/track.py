@@ -1,11 +1,10 @@
 """`xc track`: follow named features across releases in a registry (SQLite or PostgreSQL)."""
 
-import json
 import sys
 
 import click
 
-from xcli import console
+from xcli import console, strict_json
 from xcli.cli.params import build, common_options, config_options
 from xcli.files import read_path_argument
 from xcli.track.config import TrackAddConfig, TrackNameConfig, TrackShowConfig
@@ -33,7 +32,7 @@ def command():
 
 
 def _echo_json(row: dict) -> None:
-    sys.stdout.write(json.dumps(row) + "\n")
+    sys.stdout.write(strict_json.dumps(row) + "\n")
 
 
 @command.command("add")

@@ -20,13 +20,12 @@ units (input scales folded). ReLU maps to ReLU; BatchTopK to JumpReLU with thres
 theta / ||W_dec,i|| (xc's inference rule, exactly); TopK has no circuit-tracer form and is refused.
 """
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from xcli import files
+from xcli import files, strict_json
 from xcli.crosscoder import model as cc
 from xcli.errors import BadInput
 from xcli.export.common import (
@@ -107,7 +106,7 @@ def transcoder_tensors(model: cc.Crosscoder) -> dict[str, torch.Tensor]:
 
 
 def yaml_line(key: str, value) -> str:
-    return f"{key}: {json.dumps(value)}\n"  # a JSON string or null is a YAML scalar
+    return f"{key}: {strict_json.dumps(value)}\n"  # a JSON string or null is a YAML scalar
 
 
 def export_circuit_tracer(config: ExportConfig) -> Path:
@@ -151,7 +150,7 @@ def export_circuit_tracer(config: ExportConfig) -> Path:
             + yaml_line("model_kind", "transcoder_set") + yaml_line("model_name", model_name)
             + yaml_line("feature_input_hook", plan[0][0]) + yaml_line("feature_output_hook", plan[0][1])
             + yaml_line("scan", scan))
-        (tmp / MANIFEST).write_text(json.dumps({
+        (tmp / MANIFEST).write_text(strict_json.dumps({
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "kind": "circuit-tracer", "complete": True,
             "created_by": f"xc {__version__}", "checkpoint": str(config.checkpoint),
             "layers": [{"layer": layer, "checkpoint": str(path), "arch": model.arch, "read": model.read[0],

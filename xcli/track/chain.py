@@ -29,13 +29,13 @@ one in the release before, gives one line: which feature, which release and why.
 """
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from xcli import strict_json
 from xcli.analysis.classify import DEAD_NORM, classify, model_groups
 from xcli.analysis.config import ClassifyConfig
 from xcli.crosscoder.model import Crosscoder, load
@@ -289,9 +289,9 @@ def _observe(registry, feature: int, release_id: int, cc_id: int, latent, status
     else:
         peak, shares = prof.peak(m, latent)
         values = (prof.classes[latent], _num(prof.norm[latent, m]), _num(prof.rel_norm[latent, m]), peak,
-                  json.dumps(shares) if shares else None,
+                  strict_json.dumps(shares) if shares else None,
                   None if store_pass is None else _num(store_pass.frequency[latent]),
-                  json.dumps(_examples(store_pass, latent, tokens)) if store_pass is not None else None)
+                  strict_json.dumps(_examples(store_pass, latent, tokens)) if store_pass is not None else None)
     registry.execute("INSERT INTO observations (feature, release, crosscoder, latent, status, class, norm, rel_norm, "
                      "peak_layer, layer_share, frequency, top_examples) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                      "ON CONFLICT DO NOTHING", (feature, release_id, cc_id, latent, status, *values))
@@ -310,8 +310,8 @@ def _write(registry: Registry, model, checkpoint, sha, releases, state, previous
                 "shared_band": list(config.shared_band), "stores": [str(Path(s).resolve()) for s in config.stores],
                 "max_tokens": config.max_tokens}
     cc_id = registry.insert("INSERT INTO crosscoders (path, sha256, releases, n_latents, settings, added) "
-                            "VALUES (?, ?, ?, ?, ?, ?)", (checkpoint, sha, json.dumps(releases), model.n_latents,
-                                                          json.dumps(settings), now()))
+                            "VALUES (?, ?, ?, ?, ?, ?)", (checkpoint, sha, strict_json.dumps(releases), model.n_latents,
+                                                          strict_json.dumps(settings), now()))
     counts: dict[str, int] = {}
     continued: dict[int, int] = {}  # latent of this crosscoder -> feature it continues
     if matching is not None:
