@@ -188,9 +188,10 @@ summary = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timesp
 with open(f"{pair}/summary.json.tmp", "w") as f:
     json.dump(summary, f)
 PY
-# One write of one short line: appends from other writers cannot interleave with it.
+# One write of one short line: appends from other writers cannot interleave with it. A run killed
+# after the append and before the mv redoes the pair; its line is then in the log already.
 line=$(cat "$pair/summary.json.tmp")
-echo "$line" >>"$log"
+grep -qF "\"crosscoder\": \"$pair/xc.safetensors\"" "$log" 2>/dev/null || echo "$line" >>"$log"
 mv "$pair/summary.json.tmp" "$pair/summary.json"
 [ "$keep_store" = 1 ] || [ -n "$registry" ] || rm -rf "$pair/acts.zarr"
 

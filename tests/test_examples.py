@@ -143,6 +143,14 @@ def test_cron_diff_locks_alerts_and_does_no_work_twice(run_dir, corpus_file):
     lines = log_lines(run_dir)
     assert len(lines) == 2 and lines[1]["after"].endswith("checkpoint-1001") and lines[1]["alert"] is False
 
+    # Killed after the log line was appended but before the pair was marked done: the rerun redoes the
+    # pair and appends no second line.
+    Path(lines[1]["crosscoder"]).with_name("summary.json").unlink()
+    redo = cron(run_dir, corpus_file, "--threshold", 1000)
+    assert redo.returncode == 0, redo.stderr.read()
+    assert log_lines(run_dir) == lines  # the log is as it was
+    assert Path(lines[1]["crosscoder"]).with_name("summary.json").exists()
+
 
 def test_cron_diff_bad_usage_and_nothing_to_do(tmp_path, corpus_file, tiny):
     run = tmp_path / "run"
