@@ -52,9 +52,9 @@ def test_ci_runs_the_readme_test_command():
     assert readme_test_command() in ci.splitlines()
 
 
-def test_every_command_has_a_readme_section_and_man_page():
+def test_every_command_is_linked_from_the_readme_and_has_a_man_page():
     for command in command_names():
-        assert f"### xc {command}" in README, f"README has no section for xc {command}"
+        assert f"(docs/commands/xc-{command}.md)" in README, f"README does not link xc {command}'s page"
         assert (ROOT / "man" / f"xc-{command}.1").exists()
 
 
