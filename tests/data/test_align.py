@@ -274,3 +274,45 @@ def test_train_classify_and_eval_run_on_an_aligned_store(aligned, tmp_path):
     assert 0 < report["l0"] < 16  # batchtopk at inference: a threshold, about k (4) per row
     result = invoke(cli, ["eval", str(ckpt), str(store), "--splice", "--device", "cpu"])
     assert result.exit_code == 2 and "--align" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_planted_difference_between_models_with_different_tokenizers_is_found(aligned, tmp_path):
+    """Model B (word-level GPT-NeoX) gets one direction added to the embeddings of 16 words; model A (byte-level
+    BPE GPT-2) has nothing of it. The crosscoder latent that detects those words' rows leans to B the most."""
+    from transformers import AutoModelForCausalLM
+
+    from xcli.crosscoder import model as cc
+
+    words = AutoTokenizer.from_pretrained(aligned["words"])
+    planted = tiny_models.build_model("gpt_neox", tmp_path / "planted", words, hidden=32)
+    model = AutoModelForCausalLM.from_pretrained(planted)
+    chosen = ["king", "queen", "river", "city", "tree", "red", "green", "blue", "big", "small", "old", "new", "fast",
+              "slow", "happy", "sad"]
+    ids = words.convert_tokens_to_ids(chosen)
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[ids] += 4 * embeddings.norm(dim=1).mean() * direction / direction.norm()
+    model.save_pretrained(planted)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(tiny_models.aligned_corpus(300, seed=3)) + "\n", encoding="utf-8")
+    specs = (ModelSpec(alias="bpe", id=str(aligned["bpe"])), ModelSpec(alias="words", id=str(planted)))
+    store = st.open_store(harvest(HarvestConfig(models=specs, data=str(corpus), output=tmp_path / "s.zarr",
+                                                align=True, layers="1", context_length=32, batch_size=8,
+                                                chunk_rows=512, store_dtype="float32")))
+    ckpt = tmp_path / "xc.safetensors"
+    result = CliRunner().invoke(cli, ["train", str(store.path), "-o", str(ckpt), "--latents", "64", "--arch",
+                                      "batchtopk", "--k", "4", "--steps", "600", "--batch-size", "256", "--device",
+                                      "cpu", "-q"])
+    assert result.exit_code == 0, result.stderr
+    result = CliRunner().invoke(cli, ["classify", str(ckpt), "--device", "cpu"])
+    lean = {row["latent"]: row["rel_norm_B_over_A"] or 0.0 for row in map(json.loads, result.stdout.splitlines())}
+    crosscoder = cc.load(ckpt)
+    with torch.no_grad():
+        fires = crosscoder.encode({n: torch.from_numpy(store.read(n, 0, store.n_tokens)) for n in store.names}) > 0
+    is_planted = torch.from_numpy(np.isin(store.aligned_arrays()["aligned/words/tokens"], ids))
+    hits = (fires & is_planted[:, None]).sum(0).double()
+    f1 = 2 * hits / (fires.sum(0) + is_planted.sum())
+    best = int(f1.argmax())
+    assert f1[best] > 0.85  # one latent finds the planted rows
+    assert lean[best] == max(lean.values()) and lean[best] > 0.65  # and it is the one that leans most to B
