@@ -5,6 +5,7 @@ text with non-ASCII characters. Every check here recomputes what the store holds
 the tokenizers' own offsets and the models' own forward passes.
 """
 
+import gzip
 import json
 
 import numpy as np
@@ -274,6 +275,28 @@ def test_train_classify_and_eval_run_on_an_aligned_store(aligned, tmp_path):
     assert 0 < report["l0"] < 16  # batchtopk at inference: a threshold, about k (4) per row
     result = invoke(cli, ["eval", str(ckpt), str(store), "--splice", "--device", "cpu"])
     assert result.exit_code == 2 and "--align" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    # Neuronpedia examples per model: each model's slice shows the rows in its own tokens.
+    from xcli.export import export
+    from xcli.export.config import ExportConfig
+
+    out = export(ExportConfig(ckpt, tmp_path / "np", store=store, features="0-7", device="cpu"))
+    assert CliRunner().invoke(cli, ["export", "--check", str(out)]).exit_code == 0
+    own = {"bpe": AutoTokenizer.from_pretrained(aligned["bpe"]), "words": words}
+    aligned_rows = st.open_store(store).aligned_arrays()
+    checked = differ = 0
+    for alias, tokenizer in own.items():
+        batch = next((out / "v1").glob(f"*/*{alias}*/activations/batch-0.jsonl.gz"), None) or \
+            next(p for p in (out / "v1").rglob("activations/batch-0.jsonl.gz") if alias in str(p))
+        for record in map(json.loads, gzip.open(batch, "rt")):
+            first = int(record["dataIndex"]) - record["qualifyingTokenIndex"]  # the example's rows, in order
+            ids = aligned_rows[f"aligned/{alias}/tokens"][first:first + len(record["tokens"])].tolist()
+            assert [t.strip() for t in record["tokens"]] == [tokenizer.decode([t]).strip() for t in ids]
+            differ += any(words.decode([a]).strip() != own["bpe"].decode([b]).strip()
+                          for a, b in zip(aligned_rows["aligned/words/tokens"][first:first + len(ids)],
+                                          aligned_rows["aligned/bpe/tokens"][first:first + len(ids)]))
+            checked += 1
+    assert checked > 50 and differ > 10  # many examples read differently in the two tokenizations
 
 
 def test_a_planted_difference_between_models_with_different_tokenizers_is_found(aligned, tmp_path):
