@@ -1,7 +1,7 @@
 """How much text xc harvest --align aligns for a real pair: a pretrained WordPiece encoder (MiniLM) against
 a tiny GPT-2-style byte-level BPE model trained offline on the same text.
 
-    python benchmarks/align_real_pair.py MINILM_FOLDER [--corpus FILE] [--context-length 128]
+    python benchmarks/align_real_pair.py MINILM_FOLDER [--corpus FILE] [--context-length 64]
 
 MINILM_FOLDER is a Hugging Face folder of sentence-transformers/all-MiniLM-L6-v2 (BERT, uncased WordPiece,
 384 wide), e.g. the `model/` folder of its pip package. The corpus defaults to the non-empty lines of
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("minilm", type=Path)
     parser.add_argument("--corpus", type=Path)
-    parser.add_argument("--context-length", type=int, default=128)
+    parser.add_argument("--context-length", type=int, default=64)
     args = parser.parse_args()
     lines = ([line for line in args.corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
              if args.corpus else default_corpus())
