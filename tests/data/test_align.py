@@ -233,7 +233,7 @@ def test_damaged_alignment_attributes_are_one_line(aligned, tmp_path):
     run(aligned, tmp_path, tokens=64)
     group = zarr.open_group(str(tmp_path / "a.zarr"), mode="r+")
     meta = dict(group.attrs["xc"])
-    for bad in ([], ["bpe"], ["bpe", "wordpiece", "words", "words"], "bpe", [1, 2, 3]):
+    for bad in ([], ["bpe"], ["bpe", "wordpiece", "words", "words"], "bpe", [1, 2, 3], ["bpe", "wordpiece", ".."]):
         group.attrs["xc"] = {**meta, "alignment": {**meta["alignment"], "models": bad}}
         with pytest.raises(st.BadInput, match="alignment"):
             st.open_store(tmp_path / "a.zarr")

@@ -39,7 +39,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from xcli.data.config import CODECS, DEFAULT_CHUNK_ROWS, DEFAULT_CODEC, STORAGE_DTYPES
 from xcli.errors import BadInput, XcError
-from xcli.source import Source, check_source, validate_source_names
+from xcli.source import Source, check_source, is_plain_name, validate_source_names
 from xcli.version import __version__
 
 FORMAT, VERSION = "activations", 1
@@ -160,10 +160,10 @@ def _check_alignment(path, alignment, source_models: set) -> None:
     if not isinstance(alignment, dict):
         raise damaged(path, f'attrs["xc"]["alignment"] is a {type(alignment).__name__}, not an object')
     models = alignment.get("models")
-    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models) \
+    if not isinstance(models, list) or not models or not all(is_plain_name(m) for m in models) \
             or len(set(models)) != len(models) or set(models) != source_models:
         raise damaged(path, f'attrs["xc"]["alignment"]["models"] is {models!r}, not the list of the sources\' '
-                            f'models ({", ".join(sorted(source_models))}), each once')
+                            f'models ({", ".join(sorted(source_models))}), each once and a plain name')
 
 
 def _array_dir(path: Path, array: zarr.Array) -> Path:
