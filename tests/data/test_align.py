@@ -339,3 +339,21 @@ def test_a_planted_difference_between_models_with_different_tokenizers_is_found(
     best = int(f1.argmax())
     assert f1[best] > 0.85  # one latent finds the planted rows
     assert lean[best] == max(lean.values()) and lean[best] > 0.65  # and it is the one that leans most to B
+
+
+def test_document_windows_cut_at_common_boundaries_and_drop_spans_too_long():
+    """'ab cd': model A reads 'ab', ' cd'; model B reads 'a', 'b', ' c', 'd'. Common boundaries: 2 and 5."""
+    a = (np.array([10, 11]), np.array([[0, 2], [2, 5]]))
+    b = (np.array([20, 21, 22, 23]), np.array([[0, 1], [1, 2], [3, 4], [4, 5]]))
+    no_special = [set(), set()]
+    one, = align.document_windows(7, "ab cd", [a, b], [2, 4], no_special)  # everything fits one window
+    assert (one.document, one.first, one.last) == (7, [0, 0], [1, 3])
+    assert one.row_starts.tolist() == [0, 2] and one.row_ends.tolist() == [2, 5]
+    assert one.row_tokens.tolist() == [[0, 1], [1, 3]] and one.one_to_one.tolist() == [False, False]
+    first, second = align.document_windows(7, "ab cd", [a, b], [1, 2], no_special)  # a span per window
+    assert (first.first, first.last, second.first, second.last) == ([0, 0], [0, 1], [1, 2], [1, 3])
+    assert second.first_of_document is False and second.row_ends.tolist() == [5]
+    empty, = align.document_windows(7, "ab cd", [a, b], [1, 1], no_special)  # B's spans are 2 tokens
+    assert empty.n_rows == 0 and empty.first_of_document and empty.text_length == 5
+    special, = align.document_windows(7, "ab cd", [a, b], [2, 4], [{11}, set()])  # ' cd' spells a special token
+    assert special.row_ends.tolist() == [2] and special.last == [1, 3]  # read as context, no row

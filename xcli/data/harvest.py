@@ -423,6 +423,8 @@ class AlignedRun:
     sources: list[st.Source]
     store_dtype: str
     counts: align.Counts
+    closed_characters: int = 0  # of the documents passed
+    open_document: tuple[int, int] = (0, 0)  # the current document's length and the end of its last stored row
 
     close = Run.close
 
@@ -468,21 +470,28 @@ class AlignedRun:
                                         name, loaded.dtype)
         return rows
 
-    def count(self, batch: AlignedBatch, rows: int) -> bool:
-        """Count the text of the batch's first `rows` rows (and of the documents they pass); False when the
-        rows end inside a window, whose document then counts up to the last row's end."""
+    def count(self, batch: AlignedBatch, rows: int) -> None:
+        """Count the text of the batch's first `rows` rows, and of the documents up to the last of them."""
         for window in batch.passed:
+            if rows == 0 and window.n_rows:  # past the budget; documents without rows before it are read
+                return
             if window.first_of_document:
-                self.counts.characters += window.text_length
+                self.closed_characters += self.open_document[0]
+                self.open_document = (window.text_length, 0)
             take = min(rows, window.n_rows)
             spans = window.row_ends[:take] - window.row_starts[:take]
             self.counts.aligned += int(spans.sum())
             self.counts.one_to_one += int(spans[window.one_to_one[:take]].sum())
+            if take:
+                self.open_document = (window.text_length, int(window.row_ends[take - 1]))
+            if take < window.n_rows:  # the budget ends inside this window
+                return
             rows -= take
-            if take < window.n_rows:  # the budget ends here
-                self.counts.characters -= window.text_length - int(window.row_ends[take - 1] if take else 0)
-                return False
-        return True
+
+    def count_characters(self, exhausted: bool) -> None:
+        """Every document read counts whole, but the last one at a budget: up to its last stored row."""
+        length, last_end = self.open_document
+        self.counts.characters = self.closed_characters + (length if exhausted else last_end)
 
     def stream(self, writer: st.StoreWriter) -> bool:
         """Harvest into `writer` and close it; True when the corpus ran out before the budget."""
@@ -516,6 +525,7 @@ class AlignedRun:
         finally:
             bar.close()
         exhausted = budget is None or done < budget
+        self.count_characters(exhausted)
         alignment = {**writer.meta["alignment"], **self.counts.to_json()}
         report = (f"aligned {alignment['aligned_fraction']:.2%} of the text read ({self.counts.aligned} of "
                   f"{self.counts.characters} characters; {alignment['one_to_one_fraction']:.2%} one token in every "
