@@ -286,9 +286,10 @@ def test_train_classify_and_eval_run_on_an_aligned_store(aligned, tmp_path):
     aligned_rows = st.open_store(store).aligned_arrays()
     checked = differ = 0
     for alias, tokenizer in own.items():
-        batch = next((out / "v1").glob(f"*/*{alias}*/activations/batch-0.jsonl.gz"), None) or \
-            next(p for p in (out / "v1").rglob("activations/batch-0.jsonl.gz") if alias in str(p))
-        for record in map(json.loads, gzip.open(batch, "rt")):
+        batch, = (out / "v1" / alias).glob("*/activations/batch-0.jsonl.gz")  # the model id is its alias
+        with gzip.open(batch, "rt") as lines:
+            records = [json.loads(line) for line in lines]
+        for record in records:
             first = int(record["dataIndex"]) - record["qualifyingTokenIndex"]  # the example's rows, in order
             ids = aligned_rows[f"aligned/{alias}/tokens"][first:first + len(record["tokens"])].tolist()
             assert [t.strip() for t in record["tokens"]] == [tokenizer.decode([t]).strip() for t in ids]
