@@ -41,9 +41,10 @@ def build_tokenizer(path: Path):
     return fast
 
 
-def _config(family: str, vocab_size: int, special_ids: dict):
+def _config(family: str, vocab_size: int, special_ids: dict, hidden: int = HIDDEN):
     from transformers import BertConfig, GPT2Config, GPTNeoXConfig, LlamaConfig
 
+    HIDDEN = hidden  # the width of every family below
     common = dict(vocab_size=vocab_size, **special_ids)
     if family == "gpt2":
         return GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=CONTEXT, **common)
@@ -63,13 +64,13 @@ def _config(family: str, vocab_size: int, special_ids: dict):
 FAMILIES = ("gpt2", "gpt_neox", "llama", "bert")
 
 
-def build_model(family: str, path: Path, tokenizer, seed: int = 0) -> Path:
-    """A random-weight model of `family` saved at `path` together with the tokenizer."""
+def build_model(family: str, path: Path, tokenizer, seed: int = 0, hidden: int = HIDDEN) -> Path:
+    """A random-weight model of `family` (`hidden` wide) saved at `path` together with the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     special_ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-    config = _config(family, len(tokenizer), special_ids)
+    config = _config(family, len(tokenizer), special_ids, hidden)
     torch.manual_seed(seed)
     auto = AutoModelForMaskedLM if family == "bert" else AutoModelForCausalLM
     model = auto.from_config(config)
@@ -170,3 +171,56 @@ def build_unigram_tokenizer(path: Path | None, texts: list[str], vocab_size: int
     tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, unk_token="<unk>",
                                                            special_tokens=["<pad>", "</s>", "<unk>"]))
     return _wrap(tok, path, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_word_level_tokenizer(path: Path | None, texts: list[str]):
+    """A word-level tokenizer trained on `texts`: words and punctuation marks (Whitespace), <s> as BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]))
+    return _wrap(tok, path, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+# Three tokenizers (byte-level BPE, WordPiece, word-level) on one text with non-ASCII characters, and
+# models of three widths using them: xc harvest --align (tests/data/test_align.py).
+ALIGNED_TEXT = (
+    "Zürich's café serves crème brûlée; naïve visitors pay 12,50 € for it.",
+    "東京 and Kyōto are cities in 日本 — the Shinkansen links them at 285 km/h.",
+    "Emoji 🙂 and 🚀 sit beside ASCII: a cat, a dog, and a bird fly over the river.",
+    "Ørsted studied électricité; Ångström measured light in ångströms (Å).",
+    "The king and the queen walk to the old house near the green tree.",
+    "Über-long words like Donaudampfschifffahrtsgesellschaft test the tokenizers.",
+)
+ALIGNED_MODELS = {"bpe": ("gpt2", 32), "wordpiece": ("bert", 48), "words": ("llama", 24)}
+
+
+def aligned_corpus(n: int, seed: int = 0) -> list[str]:
+    """`n` documents mixing the sentences of ALIGNED_TEXT with words of WORDS (deterministic)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n):
+        parts = []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            if bool(torch.rand(1, generator=g) < 0.5):
+                parts.append(ALIGNED_TEXT[int(torch.randint(0, len(ALIGNED_TEXT), (1,), generator=g))])
+            else:
+                idx = torch.randint(0, len(WORDS), (int(torch.randint(3, 12, (1,), generator=g)),), generator=g)
+                parts.append(" ".join(WORDS[i] for i in idx.tolist()))
+        docs.append(" ".join(parts))
+    return docs
+
+
+def build_aligned_models(root: Path, seed: int = 0) -> dict[str, Path]:
+    """Models of three families, widths and tokenizers (ALIGNED_MODELS), trained tokenizers on aligned_corpus."""
+    root = Path(root)
+    texts = list(ALIGNED_TEXT) + aligned_corpus(50) + [" ".join(WORDS)]
+    builders = {"bpe": lambda p: build_byte_level_tokenizer(p, texts, vocab_size=400),
+                "wordpiece": lambda p: build_wordpiece_tokenizer(p, texts, vocab_size=300),
+                "words": lambda p: build_word_level_tokenizer(p, texts)}
+    paths = {}
+    for name, (family, hidden) in ALIGNED_MODELS.items():
+        tokenizer = builders[name](root / f"{name}_tokenizer")
+        paths[name] = build_model(family, root / name, tokenizer, seed=seed, hidden=hidden)
+    return paths

@@ -298,6 +298,10 @@ def model_specs(crosscoder, stores: StoreSet, given: tuple[str, ...]) -> list[tu
 def spliced_loss(crosscoder, stores: StoreSet, chunks, cfg: SpliceConfig) -> dict:
     """CE clean/spliced/ablated, CE score and KL score for each model with written sources."""
 
+    aligned = next((s for s in stores.stores if s.meta.get("alignment")), None)
+    if aligned is not None:  # each model would need its own windows, spliced only at the aligned rows
+        raise BadInput(f"store {str(aligned.path)!r} aligns models with different tokenizers (xc harvest --align); "
+                       f"the spliced-in loss is not measured on such stores: leave out --splice, --model and --data")
     device = torch.device(cfg.device)
     dtype = fast_dtype(cfg.dtype, device)
     specs = model_specs(crosscoder, stores, cfg.models)

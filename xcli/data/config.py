@@ -108,6 +108,12 @@ class HarvestConfig:
     keep_special_tokens: bool = option(
         False, "Also store rows of BOS, EOS and other special tokens (their large norms can dominate training). "
                "Padding is never stored.")
+    align: bool = option(
+        False, "Models with different tokenizers (or widths): run each on the same documents with its own "
+               "tokenizer and store only rows that end at the same character in every model's tokenization, "
+               "one row per aligned span, with each model's own token ids and the span's characters (see "
+               "xc-store(5)). Needs fast tokenizers; windows hold one document each. Without it, models must "
+               "share one vocabulary.")
     chunk_rows: int = chunk_rows_option()
     codec: str = codec_option("Chunk compression. Activations compress little (about 1.1x for float16); zstd "
                               "saves some disk at a large cost in read speed.")
@@ -153,6 +159,9 @@ class HarvestConfig:
         check_device(self.device)
         if self.resume and self.overwrite:
             raise BadInput("--resume and --overwrite exclude each other: continue the store, or replace it")
+        if self.align and self.keep_special_tokens:
+            raise BadInput("--align and --keep-special-tokens exclude each other: special tokens stand for no "
+                           "text, so they have no aligned rows")
 
     def identity(self) -> dict:
         """What makes two runs produce the same store: compared on --resume and on re-runs."""
@@ -167,6 +176,7 @@ class HarvestConfig:
             "data": describe_data(self.data),
             "data_content": data_content(self.data),
             **{name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in fields},
+            **({"align": True} if self.align else {}),  # absent otherwise: stores written before --align resume
         }
 
 

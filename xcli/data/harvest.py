@@ -31,16 +31,17 @@ import numpy as np
 import torch
 
 from xcli import console, files
+from xcli.data import align
 from xcli.data import store as st
 from xcli.data.config import HarvestConfig, describe_data
-from xcli.data.corpus import Batch, Packing, batches, check_data, read_documents, windows
+from xcli.data.corpus import TOKENIZE_GROUP, Batch, Packing, _grouped, batches, check_data, read_documents, windows
 from xcli.devices import resolve_device
 from xcli.distributed import SINGLE, Comm, launched, local_device, process_group, together
 from xcli.errors import BadInput, XcError
 from xcli.lm.config import parse_layers
 from xcli.lm.models import LoadedModel, context_limit, load_model, n_layers
 from xcli.lm.sites import Catcher, resolve_sites
-from xcli.source import validate_source_names
+from xcli.source import is_plain_name, validate_source_names
 
 DEFAULT_CONTEXT_LENGTH = 1024
 STORAGE_TORCH = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -48,6 +49,8 @@ PROBE_TOKENS = 8
 # Under torchrun, blocks of chunks of about this many batches go to the ranks in turn. A batch
 # astride two blocks runs on both ranks, so this bounds the repeated work to about 1/16.
 BATCHES_PER_BLOCK = 16
+# --align warns when less of the text than this is in stored rows.
+LOW_ALIGNMENT = 0.9
 
 
 def existing_store_state(config: HarvestConfig) -> str:
@@ -98,7 +101,8 @@ def check_same_vocabulary(models: list[LoadedModel]) -> None:
             example = ", ".join(repr(token) for token, _ in diff[:3])
             raise BadInput(f"models {first.spec.alias!r} and {other.spec.alias!r} have different tokenizers "
                            f"({len(diff)} vocabulary entries differ, e.g. {example}); "
-                           f"crosscoding several models needs identical vocabularies")
+                           f"crosscoding several models needs identical vocabularies, or --align to store "
+                           f"only rows aligned by text")
 
 
 def resolve_context_length(config: HarvestConfig, models: list[LoadedModel]) -> int:
@@ -370,14 +374,235 @@ def prepare(config: HarvestConfig, device: torch.device | None = None) -> Run:
                resolve_store_dtype(config, models), special)
 
 
+# -- models with different tokenizers (--align): rows aligned by character offsets (xcli.data.align) -------
+
+@dataclass
+class AlignedBatch:
+    """Windows run together: `windows` those with rows (the store's windows `first`, `first` + 1, ...),
+    `passed` every window in order, with rows or not (their text is counted)."""
+
+    windows: list[align.Window]
+    passed: list[align.Window]
+    first: int
+
+
+def aligned_batches(documents: Iterator[str], tokenizers: list, content_lengths: list[int],
+                    special_ids: list[set[int]], batch_size: int) -> Iterator[AlignedBatch]:
+    index, sequence, windows, passed = 0, 0, [], []
+    for texts in _grouped(documents, TOKENIZE_GROUP):
+        per_model = [align.tokenize(tokenizer, texts) for tokenizer in tokenizers]
+        for i, text in enumerate(texts):
+            for window in align.document_windows(index, text, [tokenized[i] for tokenized in per_model],
+                                                 content_lengths, special_ids):
+                passed.append(window)
+                if window.n_rows:
+                    windows.append(window)
+                if len(windows) == batch_size:
+                    yield AlignedBatch(windows, passed, sequence)
+                    sequence += len(windows)
+                    windows, passed = [], []
+            index += 1
+    if passed:
+        yield AlignedBatch(windows, passed, sequence)
+
+
+@dataclass
+class AlignedRun:
+    """A harvest of models with different tokenizers (--align), ready to stream; built by prepare_aligned.
+
+    Each model runs its own windows (its packing's prefix and suffix around its tokens of the same text);
+    a row is a span of text aligned across the models (xcli.data.align), read at each model's last token of
+    the span. Resume recounts rows by aligning again, without running the models."""
+
+    config: HarvestConfig
+    models: list[LoadedModel]
+    catchers: list[Catcher]
+    device: torch.device
+    packings: list[Packing]
+    batches: Iterator[AlignedBatch]
+    sources: list[st.Source]
+    store_dtype: str
+    counts: align.Counts
+    closed_characters: int = 0  # of the documents passed
+    open_document: tuple[int, int] = (0, 0)  # the current document's length and the end of its last stored row
+
+    close = Run.close
+
+    def inputs(self, m: int, windows: list[align.Window]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model m's padded token ids and attention mask for `windows`."""
+        packing = self.packings[m]
+        rows = [[*packing.prefix, *w.ids[m][w.first[m]:w.last[m] + 1].tolist(), *packing.suffix] for w in windows]
+        pad = self.models[m].tokenizer.pad_token_id
+        ids = np.full((len(rows), max(map(len, rows))), 0 if pad is None else pad, dtype=np.int64)
+        mask = np.zeros(ids.shape, dtype=bool)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)], mask[i, :len(row)] = row, True
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+
+    def positions(self, m: int, window: align.Window) -> np.ndarray:
+        return len(self.packings[m].prefix) + window.row_tokens[m] - window.first[m]
+
+    @staticmethod
+    def _cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def row_ids(self, batch: AlignedBatch) -> dict[str, np.ndarray]:
+        """Every row array of the batch's rows (xcli.data.store.row_arrays)."""
+        ws = batch.windows
+        ids = {"sequence": self._cat([np.full(w.n_rows, batch.first + i) for i, w in enumerate(ws)]),
+               "document": self._cat([np.full(w.n_rows, w.document) for w in ws]),
+               "char_start": self._cat([w.row_starts for w in ws]), "char_end": self._cat([w.row_ends for w in ws])}
+        for m, loaded in enumerate(self.models):
+            ids[f"aligned/{loaded.spec.alias}/tokens"] = self._cat([w.ids[m][w.row_tokens[m]] for w in ws])
+            ids[f"aligned/{loaded.spec.alias}/position"] = self._cat([self.positions(m, w) for w in ws])
+        first = self.models[0].spec.alias
+        ids["tokens"], ids["position"] = ids[f"aligned/{first}/tokens"], ids[f"aligned/{first}/position"]
+        return ids
+
+    def activations(self, batch: AlignedBatch) -> dict[str, torch.Tensor]:
+        rows = {}
+        for m, (loaded, catcher) in enumerate(zip(self.models, self.catchers)):
+            ids, mask = self.inputs(m, batch.windows)
+            window = torch.from_numpy(np.concatenate([np.full(w.n_rows, i) for i, w in enumerate(batch.windows)]))
+            position = torch.from_numpy(np.concatenate([self.positions(m, w) for w in batch.windows]))
+            for name, acts in catcher(ids, mask).items():
+                rows[name] = to_storage(acts[window.to(self.device), position.to(self.device)], self.store_dtype,
+                                        name, loaded.dtype)
+        return rows
+
+    def count(self, batch: AlignedBatch, rows: int) -> None:
+        """Count the text of the batch's first `rows` rows, and of the documents up to the last of them."""
+        for window in batch.passed:
+            if rows == 0 and window.n_rows:  # past the budget; documents without rows before it are read
+                return
+            if window.first_of_document:
+                self.closed_characters += self.open_document[0]
+                self.open_document = (window.text_length, 0)
+            take = min(rows, window.n_rows)
+            spans = window.row_ends[:take] - window.row_starts[:take]
+            self.counts.aligned += int(spans.sum())
+            self.counts.one_to_one += int(spans[window.one_to_one[:take]].sum())
+            if take:
+                self.open_document = (window.text_length, int(window.row_ends[take - 1]))
+            if take < window.n_rows:  # the budget ends inside this window
+                return
+            rows -= take
+
+    def count_characters(self, exhausted: bool) -> None:
+        """Every document read counts whole, but the last one at a budget: up to its last stored row."""
+        length, last_end = self.open_document
+        self.counts.characters = self.closed_characters + (length if exhausted else last_end)
+
+    def stream(self, writer: st.StoreWriter) -> bool:
+        """Harvest into `writer` and close it; True when the corpus ran out before the budget."""
+        budget = self.config.tokens
+        done = skip = writer.n_tokens  # rows from an earlier run: aligned again, not recomputed
+        background = BackgroundWriter(lambda acts, ids: writer.append(acts, **ids))
+        bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
+        try:
+            for batch in self.batches:
+                if budget is not None and done >= budget:
+                    break
+                n = sum(w.n_rows for w in batch.windows)
+                stop = n if budget is None else min(n, skip + budget - done)
+                self.count(batch, stop)
+                if skip >= n:
+                    skip -= n
+                    continue
+                ids = {k: v[skip:stop] for k, v in self.row_ids(batch).items()}
+                acts = {name: _numpy(rows[skip:stop]) for name, rows in self.activations(batch).items()}
+                background.put(acts, ids)
+                bar.update(stop - skip)
+                done += stop - skip
+                skip = 0
+            if skip:
+                raise BadInput(f"the corpus now yields fewer aligned rows than {str(self.config.output)!r} "
+                               f"already holds; it must not change between runs")
+            background.finish()
+        except BaseException:
+            background.abort()
+            raise
+        finally:
+            bar.close()
+        exhausted = budget is None or done < budget
+        self.count_characters(exhausted)
+        alignment = {**writer.meta["alignment"], **self.counts.to_json()}
+        report = (f"aligned {alignment['aligned_fraction']:.2%} of the text read ({self.counts.aligned} of "
+                  f"{self.counts.characters} characters; {alignment['one_to_one_fraction']:.2%} one token in every "
+                  f"model)")
+        if alignment["aligned_fraction"] < LOW_ALIGNMENT:
+            console.warn(f"{report}: spans longer than a window have no row; a larger --context-length keeps more")
+        else:
+            console.info(report)
+        writer.close(complete=True, corpus_exhausted=exhausted, alignment=alignment)
+        return exhausted
+
+
+def prepare_aligned(config: HarvestConfig, device: torch.device | None = None) -> AlignedRun:
+    """Load the models, each with its own tokenizer and packing, and check what can be checked before
+    the store is touched (as prepare)."""
+    check_data(config.data)
+    device = device or resolve_device(config.device)
+    models = [load_model(spec, device, config.dtype) for spec in config.models]
+    for loaded in models:
+        align.check_fast(loaded.tokenizer, loaded.spec.alias)
+        if not is_plain_name(loaded.spec.alias):
+            raise BadInput(f"model alias {loaded.spec.alias!r} is not a plain name (letters, digits, _ . -); "
+                           f"name the model with ALIAS=ID_OR_PATH")
+    context_length = resolve_context_length(config, models)
+    packings = [Packing.for_tokenizer(loaded.tokenizer, context_length) for loaded in models]
+    catchers = []
+    try:
+        for loaded in models:
+            layers = parse_layers(config.layers, n_layers(loaded.model)) if config.layers else []
+            sites = resolve_sites(loaded.model, loaded.spec.alias, config.sites, layers)
+            catchers.append(Catcher(loaded.model, sites))
+        documents = read_documents(config.data, config.text_field, config.split)
+        special = [set(loaded.tokenizer.all_special_ids) for loaded in models]
+        batch_iter = aligned_batches(documents, [m.tokenizer for m in models],
+                                     [p.content_length for p in packings], special, config.batch_size)
+        first = next((b for b in batch_iter if b.windows), None)
+        if first is None:
+            raise BadInput(f"--data {config.data!r} holds no text that the models' tokenizations align on")
+        run = AlignedRun(config, models, catchers, device, packings, itertools.chain([first], batch_iter), [],
+                         resolve_store_dtype(config, models), align.Counts())
+        run.sources = probe_aligned_sources(run, first.windows[0])
+        validate_source_names(run.sources)
+    except BaseException:
+        for catcher in catchers:
+            catcher.close()
+        raise
+    return run
+
+
+def probe_aligned_sources(run: AlignedRun, window: align.Window) -> list[st.Source]:
+    """Each model's sites and widths, from a few of its own tokens of the first window."""
+    sources = []
+    for m, (loaded, catcher) in enumerate(zip(run.models, run.catchers)):
+        ids, mask = run.inputs(m, [window])
+        length = min(PROBE_TOKENS, int(mask[0].sum()))
+        widths = {name: int(t.shape[-1]) for name, t in catcher(ids[:, :length], mask[:, :length]).items()}
+        for site in catcher.sites:
+            sources.append(st.Source(name=site.name, model=loaded.spec.alias, site=site.site, layer=site.layer,
+                                     d=widths[site.name], revision=loaded.revision))
+    return sources
+
+
 def check_resumable(run: Run) -> None:
     if st.open_store(run.config.output).sources != run.sources:
         raise BadInput(f"store {str(run.config.output)!r} holds other sources than these models give; "
                        f"pass --overwrite to start again")
 
 
-def store_meta(run: Run) -> dict:
+def store_meta(run: Run | AlignedRun) -> dict:
     config = run.config
+    if isinstance(run, AlignedRun):
+        return {"tokenizer": config.identity()["models"][0]["id"], "context_length": run.packings[0].context_length,
+                "dataset": describe_data(config.data), "packing": run.packings[0].to_json(),
+                "special_tokens_stored": False, "harvest": config.identity(),
+                "alignment": {"models": [m.spec.alias for m in run.models], "method": "common character boundaries",
+                              "tokenizers": [m["id"] for m in config.identity()["models"]],
+                              "packings": {m.spec.alias: p.to_json() for m, p in zip(run.models, run.packings)}}}
     return {"tokenizer": config.identity()["models"][0]["id"], "context_length": run.packing.context_length,
             "dataset": describe_data(config.data), "packing": run.packing.to_json(),
             "special_tokens_stored": config.keep_special_tokens, "harvest": config.identity()}
@@ -400,6 +625,8 @@ def harvest(config: HarvestConfig) -> Path | None:
     Under torchrun every rank calls this and harvests its share (see harvest_sharded). A store
     that ranks left incomplete is continued by harvest_sharded too, with any number of ranks.
     """
+    if launched() and config.align:
+        raise BadInput("--align runs in one process, not under torchrun")
     if launched():
         device = local_device(resolve_device(config.device))
         with process_group(device) as comm, ExitStack() as held:
@@ -424,7 +651,7 @@ def harvest_alone(config: HarvestConfig) -> Path:
         console.info(f"{config.output} is complete and was written with the same arguments: nothing to do")
         st.remove_progress(config.output)
         return config.output
-    run = prepare(config)
+    run = prepare_aligned(config) if config.align else prepare(config)
     try:
         writer = open_writer(run, state)
         try:

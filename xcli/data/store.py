@@ -39,7 +39,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from xcli.data.config import CODECS, DEFAULT_CHUNK_ROWS, DEFAULT_CODEC, STORAGE_DTYPES
 from xcli.errors import BadInput, XcError
-from xcli.source import Source, check_source, validate_source_names
+from xcli.source import Source, check_source, is_plain_name, validate_source_names
 from xcli.version import __version__
 
 FORMAT, VERSION = "activations", 1
@@ -48,12 +48,27 @@ FORMAT, VERSION = "activations", 1
 PROGRESS = "progress"
 SHARDED_ROWS = 1 << 40
 TOKEN_ARRAYS = (("tokens", "int32"), ("sequence", "int64"), ("position", "int32"))
+# A store of models with different tokenizers (xc harvest --align) has, besides TOKEN_ARRAYS (those of
+# its first model), each row's document and character span, and every model's own token id and position.
+SPAN_ARRAYS = (("document", "int64"), ("char_start", "int64"), ("char_end", "int64"))
 # Zarr v3 dimension names (what xarray.open_zarr needs): every row array shares ROW_DIM; a source's
 # width is "<source>.d", in its activations and its statistics alike. Readers do not need them.
 ROW_DIM = "token"
 # Writers store every chunk, zeros included (Zarr skips chunks equal to the fill value by default),
 # so that readers can tell a missing chunk file, which is damage, from rows of zeros.
 STORE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+def aligned_arrays(models) -> tuple[tuple[str, str], ...]:
+    """The row arrays an aligned store holds besides TOKEN_ARRAYS, for its models' aliases."""
+    per_model = tuple((f"aligned/{alias}/{name}", "int32") for alias in models for name in ("tokens", "position"))
+    return SPAN_ARRAYS + per_model
+
+
+def row_arrays(meta: dict) -> tuple[tuple[str, str], ...]:
+    """Every row array besides the activations: TOKEN_ARRAYS, and the aligned arrays of an aligned store."""
+    alignment = meta.get("alignment")
+    return TOKEN_ARRAYS + (aligned_arrays(alignment["models"]) if isinstance(alignment, dict) else ())
 
 
 def width_dim(name: str) -> str:
@@ -135,7 +150,20 @@ def _check_meta(path, meta) -> dict:
         raise damaged(path, f'attrs["xc"]["dtype"] is {meta.get("dtype")!r}, not one of {", ".join(STORAGE_DTYPES)}')
     if not isinstance(meta.get("complete", True), bool):
         raise damaged(path, f'attrs["xc"]["complete"] is {meta["complete"]!r}, not true or false')
+    if "alignment" in meta:
+        _check_alignment(path, meta["alignment"], {entry["model"] for entry in sources})
     return dict(meta)
+
+
+def _check_alignment(path, alignment, source_models: set) -> None:
+    """attrs["xc"]["alignment"] of an aligned store: its models are the sources' models, named once."""
+    if not isinstance(alignment, dict):
+        raise damaged(path, f'attrs["xc"]["alignment"] is a {type(alignment).__name__}, not an object')
+    models = alignment.get("models")
+    if not isinstance(models, list) or not models or not all(is_plain_name(m) for m in models) \
+            or len(set(models)) != len(models) or set(models) != source_models:
+        raise damaged(path, f'attrs["xc"]["alignment"]["models"] is {models!r}, not the list of the sources\' '
+                            f'models ({", ".join(sorted(source_models))}), each once and a plain name')
 
 
 def _array_dir(path: Path, array: zarr.Array) -> Path:
@@ -242,7 +270,10 @@ class ActivationStore:
             if expected is not None and a.dtype != expected:
                 raise damaged(self.path, f"array 'acts/{s.name}' holds {a.dtype}, where the store's dtype "
                                          f"{self.dtype} is stored as {expected}")
-        for name, _ in TOKEN_ARRAYS:
+        aligned = {name for name, _ in row_arrays(self.meta)} - {name for name, _ in TOKEN_ARRAYS}
+        for name, _ in row_arrays(self.meta):
+            if name in aligned and name not in self.group:
+                raise damaged(self.path, f"array {name!r} of an aligned store is missing")
             if name in self.group:
                 a = self.group[name]
                 if not isinstance(a, zarr.Array) or a.ndim != 1 or a.shape[0] < self.n_tokens \
@@ -301,6 +332,18 @@ class ActivationStore:
         return {k: read_checked(self.path, self.group[k], slice(0, self.n_tokens))
                 for k in ("tokens", "sequence", "position")}
 
+    @property
+    def alignment(self) -> dict | None:
+        """attrs["xc"]["alignment"] of a store of models with different tokenizers (xc harvest --align)."""
+        return self.meta.get("alignment")
+
+    def aligned_arrays(self) -> dict[str, np.ndarray]:
+        """document, char_start, char_end and aligned/<model>/{tokens,position} for the committed rows."""
+        if self.alignment is None:
+            raise BadInput(f"store {str(self.path)!r} is not aligned: its models share one tokenizer")
+        return {name: read_checked(self.path, self.group[name], slice(0, self.n_tokens))
+                for name, _ in aligned_arrays(self.alignment["models"])}
+
     def stats(self, name: str) -> dict:
         """count, mean (d,) and mean squared norm of one source; computed if not stored."""
         stored = self.meta.get("stats", {}).get(name)
@@ -324,6 +367,7 @@ class ActivationStore:
             "has_stats": all(self.meta.get("stats", {}).get(n) for n in self.names),
             "has_token_arrays": all(k in self.group for k in ("tokens", "sequence", "position")),
             "sources": [s.to_json() for s in self.sources],
+            **({"alignment": self.alignment} if self.alignment is not None else {}),
         }
 
 
@@ -380,7 +424,7 @@ def _create(path: Path, sources: list[Source], meta: dict | None, dtype: str, ch
                            dimension_names=(ROW_DIM, width_dim(s.name)), config=STORE_EVERY_CHUNK)
         group.create_array(f"stats/{s.name}/mean", shape=(s.d,), chunks=(s.d,),
                            dtype="float64", compressors=None, fill_value=0.0, dimension_names=(width_dim(s.name),))
-    for name, np_dtype in TOKEN_ARRAYS:
+    for name, np_dtype in row_arrays(meta or {}):
         group.create_array(name, shape=(rows,), chunks=(chunk_rows,), dtype=np_dtype,
                            compressors=None, fill_value=0, dimension_names=(ROW_DIM,))
     group.attrs["xc"] = {
@@ -409,6 +453,7 @@ class StoreWriter:
             self.group = zarr.open_group(str(self.path), mode="r+")
             self.meta = dict(self.group.attrs["xc"])
             self.meta.pop("stats", None)  # recomputed below, recorded again by close()
+            self.dtype = self.meta["dtype"]  # the store's, not the default: a float32 store stays float32
             self.chunk_rows = int(self.group["acts"][sources[0].name].chunks[0])
             self.n_tokens = int(self.meta["n_tokens"])
             store = ActivationStore(self.path, self.group)
@@ -423,15 +468,20 @@ class StoreWriter:
             self.meta = dict(self.group.attrs["xc"])
             self.n_tokens = 0
             self.stats = {s.name: StatsAccumulator(s.d) for s in sources}
+        self.row_names = [name for name, _ in row_arrays(self.meta)]
         self._buffer: list[tuple[dict, dict]] = []
         self._buffered = 0
         self._arrays: dict[str, zarr.Array] = {}
 
-    def append(self, acts: dict[str, np.ndarray], tokens=None, sequence=None, position=None) -> None:
-        """Add rows: acts maps every source name to (rows, d) float32/float16 arrays."""
+    def append(self, acts: dict[str, np.ndarray], tokens=None, sequence=None, position=None, **aligned) -> None:
+        """Add rows: acts maps every source name to (rows, d) float32/float16 arrays; an aligned store
+        also takes its aligned row arrays by name (xcli.data.store.aligned_arrays)."""
         rows = next(iter(acts.values())).shape[0]
-        ids = {"tokens": tokens, "sequence": sequence, "position": position}
-        ids = {k: (np.zeros(rows) if v is None else np.asarray(v)) for k, v in ids.items()}
+        ids = {"tokens": tokens, "sequence": sequence, "position": position, **aligned}
+        unknown = set(ids) - set(self.row_names)
+        if unknown:
+            raise ValueError(f"store {str(self.path)!r} has no row arrays {sorted(unknown)}")
+        ids = {k: (np.zeros(rows) if ids.get(k) is None else np.asarray(ids[k])) for k in self.row_names}
         self._buffer.append((acts, ids))
         self._buffered += rows
         while self._buffered >= self.chunk_rows:
@@ -440,7 +490,7 @@ class StoreWriter:
     def _take(self, rows: int):
         """Pop exactly `rows` buffered rows as concatenated arrays."""
         acts = {s.name: np.concatenate([b[0][s.name] for b in self._buffer]) for s in self.sources}
-        ids = {k: np.concatenate([b[1][k] for b in self._buffer]) for k in ("tokens", "sequence", "position")}
+        ids = {k: np.concatenate([b[1][k] for b in self._buffer]) for k in self.row_names}
         rest = ({n: a[rows:] for n, a in acts.items()}, {k: a[rows:] for k, a in ids.items()})
         self._buffer = [rest] if self._buffered > rows else []
         self._buffered -= rows
@@ -498,7 +548,7 @@ class StoreWriter:
         self._flush(self._buffered)
         for s in self.sources:
             self._array(f"acts/{s.name}").resize((self.n_tokens, s.d))
-        for name in ("tokens", "sequence", "position"):
+        for name in self.row_names:
             self._array(name).resize((self.n_tokens,))
         stats = {}
         for s in self.sources:

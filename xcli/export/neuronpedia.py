@@ -169,6 +169,11 @@ class Plan:
     device: torch.device
     identity: dict
     context_starts: np.ndarray | None = None  # first row of every document piece of a window (None: sequence_starts)
+    per_model: dict[str, tuple[np.ndarray, list[str]]] | None = None  # aligned store: each model's tokens, strings
+
+    def tokens_of(self, x: Slice) -> tuple[np.ndarray, list[str]]:
+        """The token ids of the store's rows and the token strings to show them with, for slice x's model."""
+        return self.per_model[x.source.model] if self.per_model is not None else (self.tokens, self.strings)
 
     @property
     def batch_size(self) -> int:
@@ -260,6 +265,13 @@ def prepare(config: ExportConfig) -> Plan:
         "sources": {x.source.name: f"{x.model_id}/{x.source_id}" for x in slices},
     }
     tokens, sequence = np.asarray(ids["tokens"]), np.asarray(ids["sequence"])
+    if store.alignment is not None:  # models with different tokenizers: each shown with its own tokens
+        aligned = store.aligned_arrays()
+        per_model = {name: (np.asarray(aligned[f"aligned/{name}/tokens"]), token_strings(tokenizer_named(str(folder))))
+                     for name, folder in folders.items()}
+        # A window of an aligned store is one document piece; positions skip the tokens inside spans.
+        return Plan(config, model, store, latents, slices, set_name, strings, tokens, db.sequence_starts(sequence),
+                    classes, device, identity, per_model=per_model)
     separator, prefix, suffix = document_marks(store, tokenizer)
     return Plan(config, model, store, latents, slices, set_name, strings, tokens, db.sequence_starts(sequence),
                 classes, device, identity, context_starts=db.context_starts(
@@ -450,8 +462,9 @@ def write_batches(plan: Plan, stats: db.DashboardStats, stamp: str) -> None:
     bar.close()
 
 
-def activation_records(plan: Plan, stats: db.DashboardStats, examples: db.Examples, position: int) -> list[dict]:
-    """The examples of one latent as Activation fields shared by every source (no ids yet)."""
+def activation_records(plan: Plan, stats: db.DashboardStats, examples: db.Examples, position: int,
+                       tokens: np.ndarray, strings: list[str]) -> list[dict]:
+    """The examples of one latent as Activation fields shared by every source of one tokenizer (no ids yet)."""
     n_tokens = stats.n_tokens
     top = float(stats.max_nonzero[position])
     records = []
@@ -470,8 +483,7 @@ def activation_records(plan: Plan, stats: db.DashboardStats, examples: db.Exampl
                                         count / n_tokens]))
         records.append({
             "group": group, "rank": int(examples.rank[e]),
-            "tokens": [plan.strings[t] if t < len(plan.strings) else OUT_OF_RANGE
-                       for t in plan.tokens[start:stop].tolist()],
+            "tokens": [strings[t] if t < len(strings) else OUT_OF_RANGE for t in tokens[start:stop].tolist()],
             "values": values, "maxValue": high, "maxValueTokenIndex": values.index(high), "minValue": min(values),
             "binMin": bins[0], "binMax": bins[1], "binContains": bins[2],
             "qualifyingTokenIndex": row - start, "dataIndex": str(row),
@@ -507,13 +519,18 @@ def write_batch(plan: Plan, stats: db.DashboardStats, examples: db.Examples, b: 
     c = plan.config
     positions = plan.batch_positions(b)
     latents = plan.latents[positions]
-    records = {int(p): activation_records(plan, stats, examples, int(p)) for p in positions}
+    by_model = {}
     for x in plan.slices:
+        key = x.source.model if plan.per_model is not None else None  # one set of records per tokenizer
+        if key not in by_model:
+            by_model[key] = {int(p): activation_records(plan, stats, examples, int(p), *plan.tokens_of(x))
+                             for p in positions}
+        records = by_model[key]
         folder = x.dir(c.output)
         if (folder / "features" / f"batch-{b}.jsonl.gz").exists():
             continue  # written by an earlier run
         directions = decoder_raw(plan.model, x.source.name, latents)
-        lens = logit_lens(x, directions, plan.strings, plan.device)
+        lens = logit_lens(x, directions, plan.tokens_of(x)[1], plan.device)
         activations, features = [], []
         for k, (p, i) in enumerate(zip(positions.tolist(), latents.tolist())):
             for r in records[p]:
