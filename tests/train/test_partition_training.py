@@ -120,7 +120,7 @@ def test_eval_runs_on_a_dfc_checkpoint(store, tmp_path):
     ({"exclusive": ("c=3",)}, "names a model that writes no source; models are: a, b"),
     ({"exclusive": ("a=3", "a=2")}, "--exclusive names model 'a' twice"),
     ({"exclusive": ("a:3",)}, "--exclusive 'a:3' is not MODEL=N"),
-    ({"shared_latents": 10, "exclusive": ("a=5", "b=5")}, "take 20 latents, not fewer than the 20 there are"),
+    ({"shared_latents": 10, "exclusive": ("a=6", "b=5")}, "take 21 latents, more than the 20 there are"),
     ({"shared_latents": -1}, "--shared-latents -1 must be 0 or more"),
     ({"arch": "fmx"}, "do not combine with --arch fmx"),
     ({"arch": "relu", "k": None, "shared_penalty": 1.5}, "--shared-penalty 1.5 must be above 0 and at most 1"),
@@ -143,20 +143,21 @@ def test_cli_takes_repeated_exclusive_options(store, tmp_path):
     assert bad.exit_code == 2 and "'a=x' is not MODEL=N" in bad.output
 
 
-def test_dfc_recovers_an_exclusive_feature_that_plain_batchtopk_absorbs(tmp_path):
-    """Planted: each exclusive feature fires only with its shared trigger (--trigger 1), so a plain
-    crosscoder can explain the pair with one latent whose decoders differ between the models. With
-    tied shared latents and dedicated blocks, the exclusive directions get latents of their own.
-    Seeds 0-2 of benchmarks/dfc_recall.py's set-up, shortened; the direction of the effect only."""
-    recall = {"plain": [], "dfc": []}
+def test_a_full_partition_recovers_exclusive_features_that_plain_batchtopk_absorbs(tmp_path):
+    """Planted: each exclusive feature fires only with its shared trigger, on half of its firings
+    (xc synth --trigger 0.5), so a plain crosscoder can explain the pair with one latent whose
+    decoders differ between the models. With every latent tied or dedicated there is no such latent,
+    and the exclusive directions get latents of their own. The set-up of benchmarks/dfc_recall.py
+    (trigger 0.5, plain against full8), two seeds; the direction of the effect only."""
+    recall = {"plain": [], "full": []}
     for seed in (0, 1):
         store = tmp_path / f"s{seed}.zarr"
         truth = synth.generate(synth.load_spec(None, models=("a", "b"), width=16, shared=12, exclusive=4,
-                                               active=3.0, tokens=8192, trigger=1.0, seed=seed), store)
+                                               active=3.0, tokens=8192, trigger=0.5, seed=seed), store)
         planted = np.concatenate([truth.decoders[n] for n in truth.names], axis=1)
         planted /= np.linalg.norm(planted, axis=1, keepdims=True)
         exclusive = [g for g, k in enumerate(truth.kinds) if k.startswith("exclusive:")]
-        for name, options in (("plain", {}), ("dfc", {"shared_latents": 16, "exclusive": ("a=8", "b=8")})):
+        for name, options in (("plain", {}), ("full", {"shared_latents": 32, "exclusive": ("a=8", "b=8")})):
             path = tr.train(tr.TrainConfig(stores=(str(store),), output=str(tmp_path / f"{name}{seed}.safetensors"),
                                            latents=48, k=3, batch_size=256, lr=4e-3, steps=400, eval_fraction=0.05,
                                            dead_tokens=2000, shuffle_buffer=4096, checkpoint_every=10 ** 6,
@@ -169,4 +170,16 @@ def test_dfc_recovers_an_exclusive_feature_that_plain_batchtopk_absorbs(tmp_path
             found = [any(cos[g, j] > 0.9 and owner[j] == truth.kinds[g].split(":")[1] for j in range(len(classes)))
                      for g in exclusive]
             recall[name].append(float(np.mean(found)))
-    assert np.mean(recall["dfc"]) >= np.mean(recall["plain"]) + 0.25, recall
+    assert np.mean(recall["full"]) >= np.mean(recall["plain"]) + 0.3, recall
+
+
+def test_a_run_recorded_before_the_partition_options_still_resumes(store, tmp_path):
+    out = tmp_path / "x.safetensors"
+    plain = {"shared_latents": 0, "exclusive": ()}
+    tr.train(config(store, out, **plain))
+    meta = xcli.load(out).metadata
+    old = {k: v for k, v in meta["hyperparameters"].items() if k not in ("shared_latents", "shared_penalty", "exclusive")}
+    assert meta["hyperparameters"]["exclusive"] == [] and meta["hyperparameters"]["shared_latents"] == 0
+    tr.check_same_run(old, meta["hyperparameters"], out)  # no error: the run used the defaults
+    with pytest.raises(BadInput, match="--shared-latents is 4 but the run"):
+        tr.check_same_run(old, {**meta["hyperparameters"], "shared_latents": 4}, out)

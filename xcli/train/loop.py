@@ -121,8 +121,8 @@ def resolve_partition(cfg: TrainConfig, sources, write: list[str], latents: int)
     if not (cfg.shared_latents or cfg.exclusive):
         return {}
     partition = latent_partition(cfg, latents)
-    if partition.size >= latents:
-        raise BadInput(f"--shared-latents and --exclusive take {partition.size} latents, not fewer than the "
+    if partition.size > latents:
+        raise BadInput(f"--shared-latents and --exclusive take {partition.size} latents, more than the "
                        f"{latents} there are; raise --latents or give smaller blocks")
     partition.check(sources, write, latents, "--shared-latents/--exclusive")
     return {"shared_penalty": partition.shared_penalty if cfg.shared_latents and cfg.activation == "relu" else None}
@@ -355,7 +355,12 @@ def train_state(payload: dict, device: torch.device) -> TrainState:
                       json.loads(payload["last_eval"]), json.loads(payload["last_train"]))
 
 
+# Options added after runs were recorded: a run recorded without them used these values.
+ADDED_LATER = {"shared_latents": 0, "shared_penalty": None, "exclusive": []}
+
+
 def check_same_run(saved: dict, now: dict, where) -> None:
+    saved = {**ADDED_LATER, **saved}
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key):
             what = "the stores' " + key[6:] if key.startswith("store_") else "--" + key.replace("_", "-")
