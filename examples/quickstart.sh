@@ -7,7 +7,8 @@
 #    fine-tunes a copy ("tuned") so that after the trigger word "wizard" it often goes on with
 #    "opens golden doors", which the base model never says (reused on later runs).
 # 2. xc harvest -> xc train -> xc classify (with plots) -> xc eval -> xc amplify -> xc export,
-#    all offline, outputs in out/quickstart (XC_QUICKSTART_DIR).
+#    all offline, outputs in out/quickstart (XC_QUICKSTART_DIR); then a second xc train with every
+#    latent tied across the models or dedicated to tuned (--shared-latents 56 --exclusive tuned=8).
 # 3. examples/report.py reads the outputs and prints what was found.
 #
 # Sets up .venv on first use. PYTHON=/path/to/python uses that interpreter instead (xc and its
