@@ -7,7 +7,8 @@
 #    fine-tunes a copy ("tuned") so that after the trigger word "wizard" it often goes on with
 #    "opens golden doors", which the base model never says (reused on later runs).
 # 2. xc harvest -> xc train -> xc classify (with plots) -> xc eval -> xc amplify -> xc export,
-#    all offline, outputs in out/quickstart (XC_QUICKSTART_DIR).
+#    all offline, outputs in out/quickstart (XC_QUICKSTART_DIR); then a second xc train with every
+#    latent tied across the models or dedicated to tuned (--shared-latents 56 --exclusive tuned=8).
 # 3. examples/report.py reads the outputs and prints what was found.
 #
 # Sets up .venv on first use. PYTHON=/path/to/python uses that interpreter instead (xc and its
@@ -43,6 +44,7 @@ field() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys
 hash=$(field hash)
 if [ "$(cat "$work/pair.hash" 2>/dev/null)" != "$hash" ]; then
     rm -rf "$work"/{acts.zarr,xc.safetensors,xc.safetensors.state.pt,train.jsonl,latents.jsonl,plots,np-export}
+    rm -rf "$work"/{dfc.safetensors,dfc.safetensors.state.pt,dfc-latents.jsonl,np-export-dfc}
     echo "$hash" >"$work/pair.hash"
 fi
 
@@ -74,6 +76,15 @@ step "xc export: Neuronpedia dashboards, then xc export --check"
 xc export "$work/xc.safetensors" --store "$work/acts.zarr" -o "$work/np-export" --classes "$work/latents.jsonl" \
     --top-k 20 --resume -q >/dev/null
 xc export --check "$work/np-export" >"$work/export-check.json"
+
+step "xc train --shared-latents 56 --exclusive tuned=8: the same data, every latent tied across the models or dedicated to tuned"
+xc train "$work/acts.zarr" -o "$work/dfc.safetensors" --latents 64 --k 2 --batch-size 1024 \
+    --tokens "$train_tokens" --dead-tokens 50k --shuffle-buffer 16384 --eval-fraction 0.1 \
+    --shared-latents 56 --exclusive tuned=8 --resume -q >/dev/null
+xc classify "$work/dfc.safetensors" --store "$work/acts.zarr" --models base,tuned \
+    -o "$work/dfc-latents.jsonl" --overwrite >/dev/null
+xc export "$work/dfc.safetensors" --store "$work/acts.zarr" -o "$work/np-export-dfc" --features 56-63 \
+    --top-k 20 --resume -q >/dev/null
 
 step "done; what xc found:"
 "$PYTHON" examples/report.py "$work"

@@ -4,7 +4,9 @@
 
 Reads WORKDIR/pair/pair.json (the trigger and the planted phrase), latents.jsonl (xc classify),
 np-export/ (xc export: top activating examples and the logit lens of each latent),
-amplify.jsonl (xc amplify --count), eval.json (xc eval) and export-check.json (xc export --check).
+amplify.jsonl (xc amplify --count), eval.json (xc eval) and export-check.json (xc export --check);
+and, from the second run (xc train --shared-latents --exclusive tuned=N), dfc-latents.jsonl and
+np-export-dfc/.
 Prints a short report and writes the same findings as WORKDIR/findings.json.
 """
 
@@ -96,9 +98,27 @@ def main(work: Path) -> dict:
                 "eval": {k: evaluation.get(k) for k in ("fvu_total", "l0", "dead_fraction")}
                 | {"splice": evaluation.get("splice")},
                 "export_check": check}
+    if (work / "dfc-latents.jsonl").exists():
+        findings.update(dedicated_run(work, trigger))
     (work / "findings.json").write_text(json.dumps(findings, indent=1) + "\n")
     print_report(findings, len(rows))
     return findings
+
+
+def dedicated_run(work: Path, trigger: str) -> dict:
+    """The second run: latents dedicated to the tuned model (their base decoder is zero by construction)."""
+    rows = read_jsonl(work / "dfc-latents.jsonl")
+    examples = top_examples(export_source(work / "np-export-dfc", "tuned"))
+    dedicated = []
+    for r in sorted(rows, key=lambda r: -(r.get("frequency") or 0)):
+        if r["class"] == "dedicated:tuned":
+            ex = examples.get(r["latent"], [])
+            dedicated.append({"latent": r["latent"], "frequency": r.get("frequency"), "ls_verdict": r.get("ls_verdict"),
+                              "top_examples": len(ex), "on_trigger": sum(t == trigger for t, _ in ex),
+                              "after_trigger": sum(p == trigger for _, p in ex), **describe(ex)})
+    used = [x for x in dedicated if (x["frequency"] or 0) >= MIN_FREQUENCY]
+    return {"dedicated_classes": dict(collections.Counter(r["class"] for r in rows)), "dedicated_tuned": dedicated,
+            "dedicated_on_trigger": any(on_trigger(x) for x in used)}
 
 
 def change(row: dict) -> float:
@@ -172,6 +192,18 @@ def print_report(f: dict, n_latents: int) -> None:
         low, high = r["ci95"]
         print(f"  alpha {r['alpha']:>4g}{label:10s} {r['matches']:4d}/{r['n']:<4d} {pct(r['rate']):>6}  "
               f"(95% CI {pct(low)}-{pct(high)})")
+    if "dedicated_tuned" in f:
+        print("\nSecond run, every latent tied across the models or dedicated to tuned "
+              "(xc train --shared-latents 56 --exclusive tuned=8): "
+              + ", ".join(f"{v} {k}" for k, v in sorted(f["dedicated_classes"].items())))
+        for x in f["dedicated_tuned"]:
+            print(f"  latent {x['latent']:3d}  dedicated:tuned  fires on {pct(x['frequency'])} of tokens  "
+                  f"Latent Scaling: {x['ls_verdict'] or '-'}  top examples: {x['on_trigger']}/{x['top_examples']} "
+                  f"on '{trigger}', {x['after_trigger']}/{x['top_examples']} right after it ({fires(x)})")
+        found = f["dedicated_on_trigger"]
+        print(f"  -> a latent dedicated to the tuned model {'sits' if found else 'does NOT sit'} on '{trigger}' "
+              f"or right after it: the planted difference {'was' if found else 'was not'} found as a "
+              f"tuned-exclusive latent")
     c = f["export_check"]
     print(f"\nNeuronpedia export: {len(c['sources'])} sources, {c['features']} features, {c['activations']} "
           f"activation records; xc export --check found no problems ({len(c['warnings'])} warnings)")

@@ -56,6 +56,10 @@ def test_quickstart_finds_the_planted_difference(tmp_path):
     if importlib.util.find_spec("matplotlib"):  # the [plot] extra
         assert (work / "plots" / "relative_norm.png").stat().st_size > 0
     assert "the planted difference was found" in run.stdout
+    # The second run (--shared-latents 56 --exclusive tuned=8) gives the planted behaviour a latent of its
+    # own: dedicated to the tuned model, firing on the trigger.
+    assert found["dedicated_on_trigger"], found["dedicated_tuned"]
+    assert "the planted difference was found as a tuned-exclusive latent" in run.stdout
 
     # A second run reuses the model pair: tiny_pair.py finds its pair.json and writes nothing.
     stamp = (work / "pair" / "tuned" / "model.safetensors").stat().st_mtime_ns

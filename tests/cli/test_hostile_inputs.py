@@ -379,3 +379,16 @@ def test_json_outputs_write_non_finite_numbers_as_null():
     text = strict_json.dumps({"fvu": math.nan, "l0": [1.0, math.inf, -math.inf], "ok": 0.5, "n": 3})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"fvu": None, "l0": [1.0, None, None],
                                                                          "ok": 0.5, "n": 3}
+
+
+@pytest.mark.parametrize("stats", [None, "x", {"a.synthetic.0": {"count": 2048, "mean": "../../etc", "mean_sq_norm": 1}},
+                                   {"a.synthetic.0": {"count": "2048", "mean": 3, "mean_sq_norm": "nan"}}])
+def test_recorded_statistics_that_are_not_whole_are_recomputed(made, tmp_path, stats):
+    """Found by the fuzz test above: the statistics are a cache, never trusted."""
+    store = copy(made["store"], tmp_path / "s.zarr")
+    doc = json.loads((store / "zarr.json").read_text())
+    doc["attributes"]["xc"]["stats"] = stats
+    (store / "zarr.json").write_text(json.dumps(doc))
+    assert xc(["info", store]).exit_code == 0
+    fresh = xc(["classify", made["checkpoint"], "--store", made["store"], "-q"]).stdout
+    assert xc(["classify", made["checkpoint"], "--store", store, "-q"]).stdout == fresh

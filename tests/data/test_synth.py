@@ -230,3 +230,24 @@ def test_eval_reports_recovery_by_layer_span(tmp_path):
     assert total == pytest.approx(report["truth"]["recovered"])
     assert report["truth"]["recovered"] >= 0.9 and report["truth"]["mmcs"] > 0.95
     assert report["fvu_total"] < 0.2
+
+
+def test_trigger_ties_each_exclusive_feature_to_a_shared_one(tmp_path):
+    """--trigger 0.5: an exclusive feature fires only when its shared trigger fires, on half of its firings."""
+    from xcli.data.synth import PlantedDictionary, generate, load_spec, sample, truth_path
+
+    spec = load_spec(None, models=("a", "b"), width=8, shared=6, exclusive=2, active=2.0, tokens=1024, trigger=0.5)
+    truth = generate(spec, tmp_path / "s.zarr")
+    assert PlantedDictionary.load(truth_path(tmp_path / "s.zarr")).triggers.tolist() == truth.triggers.tolist()
+    assert truth.triggers.tolist() == [-1] * 6 + [0, 1, 2, 3]  # a's two exclusives, then b's
+    coefficients, _ = sample(truth, 200_000, (0.5, 1.5), 0.0, np.random.default_rng(0))
+    fires = coefficients > 0
+    for g in range(6, 10):
+        h = truth.triggers[g]
+        assert not (fires[:, g] & ~fires[:, h]).any()  # never without its trigger
+        assert fires[fires[:, h], g].mean() == pytest.approx(0.5, abs=0.01)
+        assert fires[:, g].mean() == pytest.approx(truth.frequency[g], rel=0.05)
+    with pytest.raises(BadInput, match="--trigger 1.5 must be between 0 and 1"):
+        load_spec(None, trigger=1.5)
+    with pytest.raises(BadInput, match="needs --shared and --exclusive"):
+        load_spec(None, shared=0, trigger=0.5)

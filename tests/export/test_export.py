@@ -777,3 +777,17 @@ def test_an_existing_folder_is_not_clobbered(setup, tmp_path):
                                           "-o", str(out), "--features", features, "--overwrite"])
         assert result.exit_code == 0, result.stderr
         assert npd.check_export(out)["features"] == n
+
+
+def test_a_dfc_checkpoint_exports_and_its_dedicated_latents_write_one_model(setup, tmp_path):
+    """A crosscoder with tied and dedicated latents (xc train --shared-latents/--exclusive) exports as any other."""
+    from xcli.crosscoder.partition import Partition
+
+    sources = sources_for(setup["tiny"])
+    model = sparse_crosscoder(sources, open_store(setup["store"]))
+    model.partition = Partition.layout(4, {sources[0].model: 3, sources[1].model: 3})
+    model.partition.enforce(model)
+    ckpt = cc.save(model, tmp_path / "dfc.safetensors")
+    out = export(ExportConfig(ckpt, tmp_path / "np", store=setup["store"], features="0-9", **ARGS))
+    assert npd.check_export(out)["features"] == 20
+    assert cc.load(ckpt).metadata["partition"]["dedicated"][1] == {"model": sources[1].model, "start": 7, "stop": 10}

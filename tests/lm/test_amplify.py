@@ -428,3 +428,28 @@ def test_quiet_amplify_prints_nothing_on_stderr(tiny):
                            "--max-new-tokens", "4", "-q"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert len(proc.stdout.splitlines()) == 2
+
+
+def test_steering_with_a_dedicated_latent_moves_only_its_own_model(varied, tmp_path):
+    """A DFC checkpoint (xc train --exclusive): a latent dedicated to "before" has no decoder in "after",
+    so steering "after" with it changes nothing; a latent dedicated to "after" steers it."""
+    from xcli.crosscoder.partition import Partition
+
+    sources = gpt2_sources(model="before") + gpt2_sources(model="after")
+    cc = Crosscoder(sources, 12, "relu")
+    cc.init_weights(torch.Generator().manual_seed(0), decoder_norm=0.5)
+    cc.partition = Partition.layout(2, {"before": 2, "after": 2})
+    cc.partition.enforce(cc)
+    save(cc, tmp_path / "x.safetensors")
+
+    def steer(latent):
+        cfg = amp.SteerConfig(f"after={varied['after']}", str(tmp_path / "x.safetensors"), (latent,), PROMPTS,
+                              scales=(0.0, 40.0), sampling=amp.Sampling(max_new_tokens=10, temperature=0,
+                                                                        batch_size=4), token_ids=True)
+        records = list(amp.steer(cfg))
+        return [r["token_ids"] for r in records[:3]], [r["token_ids"] for r in records[3:]]
+
+    plain, steered = steer(2)  # dedicated to "before"
+    assert steered == plain
+    plain, steered = steer(4)  # dedicated to "after"
+    assert steered != plain

@@ -21,6 +21,10 @@ Classes, checked in this order (Thresholds below; defaults in brackets):
   exclusive:<m>  model m holds >= exclusive_share [0.9] of the norm; for two models this is
                  r <= 0.1 (exclusive:A) or r >= 0.9 (exclusive:B). A one-model crosscoder
                  has only exclusive:<m> and dead.
+  dedicated:<m>  a latent of a --exclusive block of model m (xcli.crosscoder.partition): its
+                 decoder for the other models is zero by construction. Its activity (with a
+                 store) and Latent Scaling say whether it is really used. Every latent of a
+                 partitioned crosscoder also reports its "block": tied, dedicated:<m> or free.
   shared         two models: shared_band[0] <= r <= shared_band[1] [0.3, 0.7]; more models:
                  every model holds at least 2 * shared_band[0] / n_models of the norm
   mixed          anything else
@@ -175,6 +179,7 @@ class Classification:
     scaling: dict | None = None  # beta_error, beta_reconstruction (F, 2; A, B), nu_epsilon, nu_r, owner, verdict
     coherence: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
+    roles: list[str | None] | None = None  # per latent: "tied", "dedicated:MODEL" or None, from the partition
 
     @property
     def n_latents(self) -> int:
@@ -189,6 +194,8 @@ class Classification:
         models, cross_models = self.models, len(self.groups) > 1
         for i in range(self.n_latents):
             row = {"latent": i, "class": self.classes[i]}
+            if self.roles is not None:
+                row["block"] = self.roles[i] or "free"
             row["norm"] = {m: _num(self.norm[i, g]) for g, m in enumerate(models)}
             if cross_models:
                 row["share"] = {m: _num(self.share[i, g]) for g, m in enumerate(models)}
@@ -232,7 +239,7 @@ class Classification:
         if self.scaling is not None:
             verdicts: dict[str, int] = {}
             for c, v in zip(self.classes, self.scaling["verdict"]):
-                if c.startswith("exclusive:"):
+                if c.startswith(("exclusive:", "dedicated:")):
                     verdicts[v] = verdicts.get(v, 0) + 1
             out["ls_verdicts"] = verdicts
         return out
@@ -302,13 +309,17 @@ def classify(model: Crosscoder, store: ActivationStore | None = None,
 
     rel = result.rel_norm if len(groups) == 2 else None  # the band applies to r as printed (B over A)
     result.classes = assign_classes(share, result.models, dead, config, rel)
+    if model.partition is not None:  # a dedicated latent is exclusive by construction: say so, unless dead
+        result.roles = model.partition.latent_roles(model.n_latents)
+        result.classes = [role if role and role.startswith("dedicated:") and c != "dead" else c
+                          for c, role in zip(result.classes, result.roles)]
     if result.scaling is not None:
         s = result.scaling
         fires = result.activity["frequency"] > 0
         s["verdict"] = [
             scaling_verdict(s["nu_epsilon"][i], s["nu_r"][i], s["beta_error"][i, s["owner"][i]],
                             s["beta_reconstruction"][i, s["owner"][i]], bool(fires[i]), config)
-            if result.classes[i].startswith("exclusive:") else None
+            if result.classes[i].startswith(("exclusive:", "dedicated:")) else None
             for i in range(result.n_latents)
         ]
     return result

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from xcli import console, strict_json
 from xcli.crosscoder import sparse
 from xcli.crosscoder.config import ARCHS
+from xcli.crosscoder.partition import Partition
 from xcli.distributed import SINGLE, Comm
 from xcli.errors import BadInput
 from xcli.files import atomic_path
@@ -75,6 +76,8 @@ class Crosscoder(nn.Module):
     """True in subclasses that compute W_enc / W_dec from factors (xcli/fmx.py) instead of holding them."""
     source_comm: Comm = SINGLE
     """Model parallel (xcli.crosscoder.source_parallel): the ranks that hold the other sources; this model holds some of them."""
+    partition: Partition | None = None
+    """Tied and dedicated latent blocks (xcli.crosscoder.partition), or None for a plain crosscoder."""
 
     def __init__(self, sources: list[Source], n_latents: int, arch: str = "batchtopk", k: int | None = None,
                  read: list[str] | None = None, write: list[str] | None = None):
@@ -281,7 +284,7 @@ class Crosscoder(nn.Module):
                 "selection_score": "f_i * sum_s ||W_dec,i^s||",
                 "decoder_norm_units": "normalised (input scaled so mean squared norm = d_s)",
             },
-        }
+        } | ({"partition": self.partition.to_json()} if self.partition else {})
 
 
 def checkpoint_tensors(model: Crosscoder) -> dict[str, Tensor]:
@@ -379,6 +382,8 @@ def check_metadata(meta, where: str) -> list[Source]:
         if len(set(chosen)) != len(chosen):
             raise BadInput(f"{where}: {key} lists a source twice")
     check_provenance(meta, where)
+    if meta.get("partition") is not None:
+        Partition.from_json(meta["partition"], where).check(sources, meta["write"], n, where)
     return sources
 
 
@@ -497,5 +502,8 @@ def load(path, device: str | torch.device = "cpu") -> Crosscoder:
                                    f"expected a scale above 0")
             if model.arch == "batchtopk":
                 model.threshold.copy_(get("threshold"))
+    if meta.get("partition") is not None:
+        model.partition = Partition.from_json(meta["partition"], where(path))
+        model.partition.check_weights(model, where(path))
     model.metadata = meta
     return model.eval().to(device)

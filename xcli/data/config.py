@@ -229,6 +229,11 @@ class SynthSpec:
                                      "copula of this correlation; each keeps its firing probability.")
     group_size: int = option(4, "Features per correlated group.")
     noise: float = option(0.0, "Standard deviation of Gaussian noise on every coordinate.")
+    trigger: float = option(
+        0.0, "Tie every exclusive feature to a shared feature (its trigger): it fires only when the trigger fires, "
+             "on this fraction of the trigger's firings (0: exclusive features fire on their own). 1 plants a "
+             "model-specific change that always comes with a shared concept, as a fine-tune's trigger word does: "
+             "a plain crosscoder can absorb it into one latent whose decoders differ between the models.")
     tokens: int = option(65536, "Rows to write.", metavar="N", parse=count)
     seed: int = option(0, "Everything random derives from it.")
 
@@ -277,6 +282,11 @@ class SynthSpec:
             raise BadInput(f"--correlation {self.correlation} must be in [0, 1)")
         if self.noise < 0:
             raise BadInput(f"--noise {self.noise} must be 0 or more")
+        if not 0 <= self.trigger <= 1:
+            raise BadInput(f"--trigger {self.trigger} must be between 0 and 1")
+        if self.trigger and not (self.shared and self.exclusive):
+            raise BadInput("--trigger ties exclusive features to shared ones; it needs --shared and --exclusive "
+                           "above 0")
         weights = frequency_weights(self.frequencies, self.n_features)  # checks the syntax
         if not 0 < self.active or self.active * weights.max() / weights.sum() > 1:
             limit = weights.sum() / weights.max()

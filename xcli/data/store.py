@@ -29,6 +29,7 @@ earlier xc), computing what they need.
 """
 
 import asyncio
+import math
 import os
 import shutil
 from pathlib import Path
@@ -344,10 +345,23 @@ class ActivationStore:
         return {name: read_checked(self.path, self.group[name], slice(0, self.n_tokens))
                 for name, _ in aligned_arrays(self.alignment["models"])}
 
+    def stored_stats(self, name: str) -> dict | None:
+        """The statistics recorded for a source, if they are whole and of the committed rows; else None
+        (they are a cache: anything else in their place is recomputed, not trusted)."""
+        recorded = self.meta.get("stats")
+        stored = recorded.get(name) if isinstance(recorded, dict) else None
+        if not isinstance(stored, dict) or stored.get("count") != self.n_tokens:
+            return None
+        mean, norm = stored.get("mean"), stored.get("mean_sq_norm")
+        if not (mean == f"stats/{name}/mean" and mean in self.group and isinstance(norm, (int, float))
+                and not isinstance(norm, bool) and math.isfinite(norm)):
+            return None
+        return stored
+
     def stats(self, name: str) -> dict:
         """count, mean (d,) and mean squared norm of one source; computed if not stored."""
-        stored = self.meta.get("stats", {}).get(name)
-        if stored and int(stored.get("count", -1)) == self.n_tokens and stored.get("mean") in self.group:
+        stored = self.stored_stats(name)
+        if stored is not None:
             mean = np.asarray(read_checked(self.path, self.group[stored["mean"]], slice(None)), dtype=np.float64)
             return {"count": self.n_tokens, "mean": mean, "mean_sq_norm": float(stored["mean_sq_norm"])}
         return compute_stats(self, name)
@@ -364,7 +378,7 @@ class ActivationStore:
             "chunk_rows": self.chunk_rows, "codec": codec, "bytes_on_disk": self.nbytes_on_disk(),
             "context_length": self.meta.get("context_length"), "dataset": self.meta.get("dataset"),
             "tokenizer": self.meta.get("tokenizer"), "created_by": self.meta.get("created_by"),
-            "has_stats": all(self.meta.get("stats", {}).get(n) for n in self.names),
+            "has_stats": all(self.stored_stats(n) is not None for n in self.names),
             "has_token_arrays": all(k in self.group for k in ("tokens", "sequence", "position")),
             "sources": [s.to_json() for s in self.sources],
             **({"alignment": self.alignment} if self.alignment is not None else {}),

@@ -67,6 +67,10 @@ class PlantedDictionary:
     """Per source, its layer (default: None)."""
     spans: np.ndarray | None = None
     """(G, 2) first and last layer of each feature, or None for one-layer truths."""
+    triggers: np.ndarray | None = None
+    """(G,) the feature whose firing each feature's firing requires (-1: none), or None: no triggers."""
+    trigger: float = 0.0
+    """How often a triggered feature fires when its trigger fires."""
 
     @property
     def n_features(self) -> int:
@@ -105,6 +109,9 @@ class PlantedDictionary:
         tensors["frequency"] = self.frequency.astype(np.float64)
         if self.spans is not None:
             tensors["spans"] = np.ascontiguousarray(self.spans, dtype=np.int64)
+        if self.triggers is not None:
+            tensors["triggers"] = np.ascontiguousarray(self.triggers, dtype=np.int64)
+            meta["trigger"] = self.trigger
         with atomic_path(path, overwrite=True) as tmp:
             save_file(tensors, str(tmp), metadata={"xc": strict_json.dumps(meta)})
         return Path(path)
@@ -120,6 +127,7 @@ class PlantedDictionary:
                 decoders = {n: f.get_tensor(f"decoder.{n}") for n in meta["sources"]}
                 frequency = f.get_tensor("frequency")
                 spans = f.get_tensor("spans") if "spans" in f.keys() else None
+                triggers = f.get_tensor("triggers") if "triggers" in f.keys() else None
         except Exception as e:
             raise BadInput(f"{str(path)!r} is not a planted-dictionary truth file ({type(e).__name__})") from e
         if meta.get("format") != TRUTH_FORMAT or int(meta.get("version", 0)) > TRUTH_VERSION:
@@ -128,7 +136,7 @@ class PlantedDictionary:
         layers = meta.get("layers")
         return cls(tuple(meta["sources"]), tuple(meta["kinds"]), decoders, frequency,
                    tuple(meta["models"]) if meta.get("models") else None,
-                   tuple(layers) if layers else None, spans)
+                   tuple(layers) if layers else None, spans, triggers, float(meta.get("trigger", 0.0)))
 
 
 def truth_path(store_path) -> Path:
@@ -219,8 +227,15 @@ def plant_spec(spec: SynthSpec, rng: np.random.Generator) -> PlantedDictionary:
             source_layers.append(layer)
     weights = rng.permutation(frequency_weights(spec.frequencies, G))
     frequency = weights / weights.sum() * spec.active
+    triggers = None
+    if spec.trigger:  # the i-th exclusive feature (over all models) fires with shared feature i mod shared
+        triggers = np.full(G, -1, dtype=np.int64)
+        exclusive = [g for g, kind in enumerate(kinds) if kind.startswith("exclusive:")]
+        for i, g in enumerate(exclusive):
+            triggers[g] = i % spec.shared
+            frequency[g] = spec.trigger * frequency[triggers[g]]
     return PlantedDictionary(tuple(names), tuple(kinds), decoders, frequency, tuple(source_models),
-                             tuple(source_layers), spans if L > 1 else None)
+                             tuple(source_layers), spans if L > 1 else None, triggers, spec.trigger)
 
 
 def generate(spec: SynthSpec, path, *, chunk_rows: int = SynthStore.chunk_rows, dtype: str = SynthStore.dtype,
@@ -265,6 +280,9 @@ def sample(truth: PlantedDictionary, rows: int, magnitude: tuple[float, float], 
         fires = z < cut
     else:
         fires = rng.random((rows, G)) < truth.frequency
+    if truth.triggers is not None:  # a triggered feature fires on a `trigger` fraction of its trigger's firings
+        tied = np.flatnonzero(truth.triggers >= 0)
+        fires[:, tied] = fires[:, truth.triggers[tied]] & (rng.random((rows, len(tied))) < truth.trigger)
     coefficients = fires * rng.uniform(magnitude[0], magnitude[1], (rows, G))
     acts = {}
     for name in truth.names:

@@ -12,12 +12,33 @@ from xcli.crosscoder.config import (
     SOURCE_PARALLEL_ARCHS,
     activation_of,
     check_fmx_options,
+    is_fmx,
 )
 from xcli.errors import BadInput
 from xcli.lm.config import check_device, device_option
 from xcli.options import count, name_list, option, overwrite_option, whole_numbers
 
 DTYPES = ("auto", "float32", "bfloat16")
+DEFAULT_SHARED_PENALTY = 0.15  # Anthropic's designated shared features: lambda_s / lambda_f about 0.1-0.2
+
+
+def model_count(text: str) -> str:
+    """'MODEL=N' checked and written back as 'MODEL=N' (a string, so that it records as JSON unchanged)."""
+    model, sep, n = text.partition("=")
+    if not sep or not model.strip() or not n.strip().isdigit() or int(n) < 1:
+        raise ValueError(f"{text!r} is not MODEL=N with N a whole number of latents >= 1 (e.g. tuned=64)")
+    return f"{model.strip()}={int(n)}"
+
+
+def exclusive_counts(exclusive) -> dict[str, int]:
+    """('a=4', 'b=8') -> {'a': 4, 'b': 8}, in the order given."""
+    counts: dict[str, int] = {}
+    for text in exclusive:
+        model, _, n = model_count(text).partition("=")
+        if model in counts:
+            raise BadInput(f"--exclusive names model {model!r} twice; give each model once")
+        counts[model] = int(n)
+    return counts
 TRAIN_ARCHS = ARCHS + FMX_ARCHS
 # Fields that do not change the weights: a resumed run may differ in these.
 RUN_CONTROL = ("stores", "output", "device", "log", "log_every", "checkpoint_every", "resume", "overwrite",
@@ -106,6 +127,21 @@ class TrainConfig:
                "trains on every batch; the ranks exchange the B x F encoder sums and the latent gradients. topk "
                "and batchtopk only; at most as many ranks as sources. The checkpoint and training state are the "
                "usual ones (rank 0 needs host memory for the whole crosscoder). No effect in one process.")
+    shared_latents: int = option(
+        0, "Designated shared latents: the first N latents have one decoder direction per site and layer, tied "
+           "across the models (gradients summed over the copies, rows kept equal after each step), so that "
+           "structure the models share is cheap to explain and the other latents are left to what differs. "
+           "Needs two or more models writing the same sites, layers and widths. See --shared-penalty.",
+        metavar="N")
+    shared_penalty: float | None = option(
+        None, "relu: the L1 penalty of the --shared-latents relative to the others' (default 0.15; Anthropic "
+              "use 0.1-0.2). topk and batchtopk have no penalty to scale: their shared latents compete for the "
+              "k slots on the same score as the others, so this option is refused there.")
+    exclusive: tuple[str, ...] = option(
+        (), "Dedicated latents (dedicated-feature crosscoder): N latents whose decoders write only MODEL's sources; "
+            "their decoder rows for every other model are held at exactly zero. Repeat for several models; the "
+            "blocks follow the --shared-latents, in the order given. The rest of the latents stay free.",
+        metavar="MODEL=N", multiple=True, parse=model_count)
 
     @property
     def activation(self) -> str:
@@ -156,6 +192,29 @@ class TrainConfig:
         if self.split_sources and self.mask_prob:
             raise BadInput("--mask-prob does not combine with --split-sources")
         check_device(self.device)
+        self.check_partition()
+
+    def check_partition(self) -> None:
+        """The --shared-latents / --exclusive options by themselves (the models are checked against the stores)."""
+        try:
+            object.__setattr__(self, "exclusive", tuple(model_count(t) for t in self.exclusive))
+        except ValueError as e:
+            raise BadInput(f"--exclusive {e}") from None
+        counts = exclusive_counts(self.exclusive)
+        if self.shared_latents < 0:
+            raise BadInput(f"--shared-latents {self.shared_latents} must be 0 or more")
+        if self.shared_penalty is not None:
+            if not self.shared_latents:
+                raise BadInput("--shared-penalty applies to --shared-latents; give --shared-latents N")
+            if self.activation != "relu":
+                raise BadInput(f"--shared-penalty scales an L1 penalty, which --arch {self.arch} does not have; "
+                               f"use --arch relu or leave it out")
+            if not (math.isfinite(self.shared_penalty) and 0 < self.shared_penalty <= 1):
+                raise BadInput(f"--shared-penalty {self.shared_penalty} must be above 0 and at most 1")
+        if (self.shared_latents or counts) and (is_fmx(self.arch) or self.split_sources):
+            what = "--split-sources" if self.split_sources else f"--arch {self.arch}"
+            raise BadInput(f"--shared-latents and --exclusive do not combine with {what}; use --arch relu, topk "
+                           f"or batchtopk in one process or data-parallel")
 
     def hyperparameters(self) -> dict:
         """The fields that determine the weights (recorded in the checkpoint, compared on resume)."""

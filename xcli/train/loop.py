@@ -43,12 +43,13 @@ from xcli.analysis.reconstruction import reconstruction
 from xcli.crosscoder import fmx, source_parallel
 from xcli.crosscoder.config import is_fmx
 from xcli.crosscoder.model import Crosscoder, read_metadata, save
+from xcli.crosscoder.partition import Partition
 from xcli.data.loader import BatchStream, Position, StoreSet, eval_batches
 from xcli.devices import resolve_device
 from xcli.distributed import SINGLE, Comm, launched, local_device, process_group, together
 from xcli.errors import BadInput, XcError
 from xcli.files import atomic_path, check_output, check_replaceable, output_lock, remove
-from xcli.train.config import TrainConfig
+from xcli.train.config import DEFAULT_SHARED_PENALTY, TrainConfig, exclusive_counts
 
 AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
 L1_WARMUP_FRACTION = 0.05    # λ rises linearly over the first 5% of steps (Kissane et al.)
@@ -111,7 +112,28 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
         lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(resolve_device(cfg.device)),
         dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)),
         **fmx.resolve_options(cfg.arch, cfg.factorization, cfg.ranks, cfg.mask_prob,
-                              [s for s in stores.sources if s.name in sources], read))
+                              [s for s in stores.sources if s.name in sources], read),
+        **resolve_partition(cfg, [s for s in stores.sources if s.name in sources], write, latents))
+
+
+def resolve_partition(cfg: TrainConfig, sources, write: list[str], latents: int) -> dict:
+    """--shared-latents and --exclusive against the sources: the models exist, the blocks fit."""
+    if not (cfg.shared_latents or cfg.exclusive):
+        return {}
+    partition = latent_partition(cfg, latents)
+    if partition.size > latents:
+        raise BadInput(f"--shared-latents and --exclusive take {partition.size} latents, more than the "
+                       f"{latents} there are; raise --latents or give smaller blocks")
+    partition.check(sources, write, latents, "--shared-latents/--exclusive")
+    return {"shared_penalty": partition.shared_penalty if cfg.shared_latents and cfg.activation == "relu" else None}
+
+
+def latent_partition(cfg: TrainConfig, latents: int) -> Partition | None:
+    if not (cfg.shared_latents or cfg.exclusive):
+        return None
+    penalty = cfg.shared_penalty if cfg.shared_penalty is not None else DEFAULT_SHARED_PENALTY
+    return Partition.layout(cfg.shared_latents, exclusive_counts(cfg.exclusive),
+                            penalty if cfg.activation == "relu" else 1.0)
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -211,6 +233,9 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
         variance[name] = (target[name] - target[name].mean(0)).pow(2).sum() if local else zero
     recon = sum(sq_err.values()) / batch
     sparsity = l1 * (f.float() @ model.decoder_norms().sum(dim=1)).sum() / batch if model.arch == "relu" else zero
+    if model.partition and model.partition.tied and model.arch == "relu":  # designated shared: a smaller penalty
+        weights = model.partition.penalty_weights(model.n_latents, f.device)
+        sparsity = l1 * (f.float() @ (model.decoder_norms().sum(dim=1) * weights)).sum() / batch
     aux = zero
     if model.arch != "relu" and k_aux > 0 and bool(dead.any()):
         aux_recon = decode_aux()
@@ -330,7 +355,12 @@ def train_state(payload: dict, device: torch.device) -> TrainState:
                       json.loads(payload["last_eval"]), json.loads(payload["last_train"]))
 
 
+# Options added after runs were recorded: a run recorded without them used these values.
+ADDED_LATER = {"shared_latents": 0, "shared_penalty": None, "exclusive": []}
+
+
 def check_same_run(saved: dict, now: dict, where) -> None:
+    saved = {**ADDED_LATER, **saved}
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key):
             what = "the stores' " + key[6:] if key.startswith("store_") else "--" + key.replace("_", "-")
@@ -372,6 +402,13 @@ def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
         means[source.name] = torch.as_tensor(stats["mean"], dtype=torch.float32)
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
     model.init_decoder_bias(means)
+    model.partition = latent_partition(cfg, cfg.latents)
+    if model.partition:  # tied rows equal and dedicated rows zero from the start; encoder = decoder^T again
+        model.partition.enforce(model)
+        with torch.no_grad():
+            for name in model.read:
+                if name in model.write:
+                    model.encoder_weight(name).copy_(model.decoder_weight(name).T)
     return model
 
 
@@ -689,6 +726,8 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
         parts = loss_fn(x, l1_at(state.step, cfg), dead, cfg.k_aux, x_in, batch_rows, comm)
     opt.zero_grad(set_to_none=True)
     (parts.loss * comm.world).backward()  # DDP averages over ranks; the parts already add up to the batch loss
+    if model.partition:  # tied decoder rows: one gradient; dedicated rows: none for other models
+        model.partition.fix_gradients(model)
     if model.source_comm.world > 1:  # split over sources: the norm of the whole crosscoder
         grad_norm = source_parallel.clip_grad_norm(model, cfg.clip or float("inf"))
     else:
@@ -702,6 +741,8 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
     if not bool(finite):  # before Adam: weights stay good
         stop_on_nonfinite(parts.loss, grad_norm, state, cfg, last_saved)
     opt.step()
+    if model.partition:
+        model.partition.enforce(model)
     with torch.no_grad():
         rows = batch_rows or parts.tokens
         state.since_fired = torch.where(fired, 0, state.since_fired + rows)
