@@ -121,8 +121,8 @@ class Crosscoder(nn.Module):
 
         The default, 1/sqrt(written sources), gives each latent a decoder of unit norm over all
         its sources, as in Gao et al. (2024) and Conerly et al. (2024). The earlier 0.1 per source
-        left 87% of latents dead and recovered 11% of a planted set where this recovers 61%
-        (benchmarks/quality.py --quick, issue 16)."""
+        left 87% of latents dead and recovered 9% of a planted set where this recovers 61-65%
+        (benchmarks/README.md#qualitypy, issue 16)."""
         if decoder_norm is None:
             decoder_norm = len(self.write) ** -0.5
         for name in self.write:
