@@ -275,6 +275,7 @@ class Crosscoder(nn.Module):
     def calibrate_threshold(self, batches, candidates: int = 4) -> float:
         """Set the BatchTopK inference threshold so that k latents per token fire on average over
         `batches` (dicts of raw activations): the (k·N+1)-th largest selection score of their N rows.
+        Split over sources, every rank calls it on its sources' columns of the same rows.
 
         The running average of batch minima that training keeps lags the weights (it averages
         scores of earlier, different weights), which left inference L0 20-25% below k (issue 16).
@@ -282,7 +283,12 @@ class Crosscoder(nn.Module):
         unless one batch holds `candidates` times its share of them. Returns the threshold."""
         kept, rows = [], 0
         for x in batches:
-            score = self.scores(torch.relu(self.pre_activations(x)).float())
+            enc, dec = list(self.W_enc), list(self.W_dec)
+            mm = sparse.encoder_matmul([x[n].float() * self.scale(n) for n in self.read], enc, torch.float32)
+            norms = torch.stack([w.norm(dim=1) for w in dec], dim=1).sum(dim=1)
+            if self.source_comm.world > 1:  # split over sources: every rank sums the others' parts in
+                mm, norms = self.source_comm.sum_(mm), self.source_comm.sum_(norms)
+            score = torch.relu(mm + self.b_enc) * norms
             kept.append(score.flatten().topk(min(score.numel(), candidates * self.k * len(score))).values)
             rows += len(score)
         if not rows:

@@ -52,6 +52,7 @@ AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
 L1_WARMUP_FRACTION = 0.05    # λ rises linearly over the first 5% of steps (Kissane et al.)
 THRESHOLD_DECAY = 0.999      # BatchTopK threshold EMA decay (science-of-finetuning/dictionary_learning)
 STATE_VERSION = 1
+UNSTUDIED_DECODER_NORM = 0.1  # the decoder norm before the unit-norm default (relu, fmx)
 K_AUX_MAX = 512              # Gao et al. (2024): k_aux = 512; more makes AuxK dominate a wide crosscoder's step
 DEAD_TOKENS_MAX = 10_000_000  # the dead-latent window of Gao et al. (2024), for long runs
 DEAD_TOKENS_DIVISOR = 10      # short runs: a tenth of the run, so that AuxK acts (issue 16)
@@ -367,7 +368,9 @@ def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
                            f"it cannot be normalised (all zero, or NaN/inf rows)")
         model.input_scale[i] = scale
         means[source.name] = torch.as_tensor(stats["mean"], dtype=torch.float32)
-    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    # relu and fmxcoders keep decoder rows of norm 0.1 per source: their recipes were not studied
+    unstudied = cfg.activation == "relu" or is_fmx(cfg.arch)
+    model.init_weights(torch.Generator().manual_seed(cfg.seed), UNSTUDIED_DECODER_NORM if unstudied else None)
     model.init_decoder_bias(means)
     return model
 
@@ -604,6 +607,8 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         nonlocal last_saved
         stop_on_nonfinite_weights(model, state, cfg, last_saved, comm, device)  # before anything is written
         last_saved = state.step
+        if with_eval and cfg.activation == "batchtopk":  # every rank: split over sources it is a collective
+            model.calibrate_threshold(calibration_batches(stores, names, train_chunks, cfg.batch_size, device))
         optimizer_state = None
         if shard:
             if with_eval:
@@ -613,8 +618,6 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
             optimizer_state = None if complete else shard.gather_optimizer(opt, model, host)
         if not comm.main:
             return
-        if with_eval and not shard and cfg.activation == "batchtopk":
-            model.calibrate_threshold(calibration_batches(stores, names, train_chunks, cfg.batch_size, device))
         if with_eval and not shard:  # skipped when saving on Ctrl-C, so that stopping is quick
             # in float32, as consumers (xcli.load, xc eval) run the model, whatever --dtype trained it
             state.last_eval = held_out_metrics(model, stores, eval_chunks, cfg.batch_size, device, "float32")
