@@ -129,7 +129,7 @@ def test_masking_zeroes_exactly_the_chosen_inputs_and_never_the_targets(monkeypa
     m, x = random_fmx("cp", (3,), arch="batchtopk", k=2)
     x = {n: v.repeat(20, 1) for n, v in x.items()}  # 120 rows
     cfg = tr.TrainConfig(stores=("unused",), output="unused", arch="fmx", k=2, latents=7, steps=10, warmup=0,
-                         lr=1e-3, k_aux=0, mask_prob=0.3, seed=5, device="cpu")
+                         lr=1e-3, k_aux=0, dead_tokens=10**7, mask_prob=0.3, seed=5, device="cpu")
     seen = {}
     real_loss_parts = tr.loss_parts
 

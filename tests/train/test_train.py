@@ -627,3 +627,32 @@ def test_a_store_of_one_chunk_trains_with_the_defaults_and_holds_out_rows(tmp_pa
     assert rows and not rows & trained and len(rows | trained) == 3000
     evaluated, kind = eval_rows(xcli.load(out), StoreSet([store]), all_rows=False)
     assert kind == "held-out" and list(evaluated) == list(held)
+
+
+def test_dead_window_and_k_aux_defaults_scale_with_the_run(small_store, tmp_path):
+    stores = StoreSet([small_store])  # two sources of width 8
+    short = tr.resolve(config(small_store, tmp_path / "x.safetensors", dead_tokens=None, steps=50), stores)
+    assert short.dead_tokens == 50 * 64 // 10  # a tenth of the run
+    assert short.k_aux == 8  # half the summed width of the written sources
+    long = tr.resolve(config(small_store, tmp_path / "x.safetensors", dead_tokens=None, steps=10**7), stores)
+    assert long.dead_tokens == 10_000_000  # at most 10M tokens
+    given = tr.resolve(config(small_store, tmp_path / "x.safetensors", dead_tokens=123, k_aux=3), stores)
+    assert (given.dead_tokens, given.k_aux) == (123, 3)
+
+
+def test_k_aux_default_is_at_most_512(tmp_path):
+    wide = synth.generate(synth.load_spec(None, models=("a", "b", "c"), width=400, shared=8, exclusive=0,
+                                          tokens=256), tmp_path / "wide.zarr", chunk_rows=128)
+    assert wide.n_features == 8
+    stores = StoreSet([tmp_path / "wide.zarr"])
+    assert tr.resolve(config(tmp_path / "wide.zarr", tmp_path / "x.safetensors"), stores).k_aux == 512
+
+
+def test_init_gives_each_latent_a_unit_norm_decoder_and_the_encoder_its_transpose(small_store):
+    stores = StoreSet([small_store])
+    m = crosscoder.Crosscoder(stores.sources, 16, "batchtopk", 2)
+    m.init_weights(torch.Generator().manual_seed(0))
+    norms = m.decoder_norms()  # (F, sources)
+    torch.testing.assert_close(norms, torch.full_like(norms, 2 ** -0.5))
+    for s in stores.sources:
+        torch.testing.assert_close(m.encoder_weight(s.name), m.decoder_weight(s.name).T)

@@ -83,9 +83,10 @@ class TrainConfig:
                                "to zero.")
     clip: float = option(1.0, "Maximum gradient norm (0: no clipping).")
     k_aux: int | None = option(None, "Dead latents used per token by the AuxK loss (topk, batchtopk). Default: "
-                                     "half the summed width of the written sources; 0 turns AuxK off.")
-    dead_tokens: int = option(10_000_000, "A latent that has not fired for this many training tokens counts as "
-                                          "dead.", metavar="N", parse=count, cli_default="10M")
+                                     "half the summed width of the written sources, at most 512; 0 turns AuxK off.")
+    dead_tokens: int | None = option(
+        None, "A latent that has not fired for this many training tokens counts as dead (and AuxK trains it). "
+              "Default: a tenth of the run's tokens, at most 10M.", metavar="N", parse=count)
     eval_fraction: float = option(0.01, "Fraction of the store's chunks held out to report FVU, L0 and dead "
                                         "latents on (at least one chunk when above 0; 0: no evaluation). A store "
                                         "too small to spare a chunk is held out in blocks of down to 64 rows.")

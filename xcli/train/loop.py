@@ -55,6 +55,11 @@ AUX_WEIGHT = 1 / 32          # AuxK weight (Gao et al. 2024; Minder et al. 2025)
 L1_WARMUP_FRACTION = 0.05    # λ rises linearly over the first 5% of steps (Kissane et al.)
 THRESHOLD_DECAY = 0.999      # BatchTopK threshold EMA decay (science-of-finetuning/dictionary_learning)
 STATE_VERSION = 1
+UNSTUDIED_DECODER_NORM = 0.1  # the decoder norm before the unit-norm default (relu, fmx)
+K_AUX_MAX = 512              # Gao et al. (2024): k_aux = 512; more makes AuxK dominate a wide crosscoder's step
+DEAD_TOKENS_MAX = 10_000_000  # the dead-latent window of Gao et al. (2024), for long runs
+DEAD_TOKENS_DIVISOR = 10      # short runs: a tenth of the run, so that AuxK acts (issue 16)
+CALIBRATION_ROWS = 32768     # training rows on which each checkpoint calibrates the BatchTopK threshold
 
 
 # -- resolving defaults against the stores ------------------------------------------------
@@ -107,8 +112,9 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
     return dataclasses.replace(
         cfg, sources=tuple(sources), read=tuple(read), write=tuple(write), latents=latents, expansion=None,
         k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.activation == "relu" else None,
-        k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, sum(widths[n] for n in write) // 2),
+        k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, min(K_AUX_MAX, sum(widths[n] for n in write) // 2)),
         steps=steps, tokens=None, warmup=warmup,
+        dead_tokens=cfg.dead_tokens or max(1, min(DEAD_TOKENS_MAX, steps * cfg.batch_size // DEAD_TOKENS_DIVISOR)),
         lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(resolve_device(cfg.device)),
         dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)),
         **fmx.resolve_options(cfg.arch, cfg.factorization, cfg.ranks, cfg.mask_prob,
@@ -400,7 +406,9 @@ def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
                            f"it cannot be normalised (all zero, or NaN/inf rows)")
         model.input_scale[i] = scale
         means[source.name] = torch.as_tensor(stats["mean"], dtype=torch.float32)
-    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    # relu and fmxcoders keep decoder rows of norm 0.1 per source: their recipes were not studied
+    unstudied = cfg.activation == "relu" or is_fmx(cfg.arch)
+    model.init_weights(torch.Generator().manual_seed(cfg.seed), UNSTUDIED_DECODER_NORM if unstudied else None)
     model.init_decoder_bias(means)
     model.partition = latent_partition(cfg, cfg.latents)
     if model.partition:  # tied rows equal and dedicated rows zero from the start; encoder = decoder^T again
@@ -410,6 +418,21 @@ def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
                 if name in model.write:
                     model.encoder_weight(name).copy_(model.decoder_weight(name).T)
     return model
+
+
+def calibration_batches(stores: StoreSet, names: list[str], train_chunks, batch_size: int, device: torch.device,
+                        rows: int = CALIBRATION_ROWS):
+    """The first training chunks, up to `rows` rows (whole chunks, at least one), on the device: where the
+    BatchTopK inference threshold is calibrated. Fixed rows, so a resumed run calibrates alike."""
+    chunks, total = [], 0
+    for c in train_chunks:
+        if total >= rows:
+            break
+        chunks.append(c)
+        start, stop = stores.chunk_range(c)
+        total += stop - start
+    for batch in eval_batches(stores, names, chunks, batch_size):
+        yield {n: t.to(device).float() for n, t in batch.items()}
 
 
 def make_optimizer(model: Crosscoder, lr: float):
@@ -629,6 +652,8 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         nonlocal last_saved
         stop_on_nonfinite_weights(model, state, cfg, last_saved, comm, device)  # before anything is written
         last_saved = state.step
+        if with_eval and cfg.activation == "batchtopk":  # every rank: split over sources it is a collective
+            model.calibrate_threshold(calibration_batches(stores, names, train_chunks, cfg.batch_size, device))
         optimizer_state = None
         if shard:
             if with_eval:

