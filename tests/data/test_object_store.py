@@ -41,7 +41,7 @@ def s3(tmp_path_factory):
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_address[1]}"
+    endpoint = "http://{}:{}".format(*server.get_host_and_port())
     remote.configure({"endpoint_url": endpoint})
     remote.filesystem("s3").mkdir(BUCKET)
     yield {"endpoint": endpoint, "option": ["--storage-option", f"endpoint_url={endpoint}"]}
