@@ -23,6 +23,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from xcli import remote
 from xcli.errors import BadInput
 
 UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), then put back
@@ -31,6 +32,8 @@ os.umask(UMASK)
 
 def check_output(path, overwrite: bool = False, resume: bool = False) -> Path:
     """Refuse to write over an existing output unless asked to."""
+    if remote.is_url(path):
+        return _check_url_output(remote.location(path), overwrite or resume)
     path = Path(path)
     if path.exists() and not (overwrite or resume):
         raise BadInput(f"output {str(path)!r} already exists; pass --overwrite to replace it")
@@ -39,6 +42,22 @@ def check_output(path, overwrite: bool = False, resume: bool = False) -> Path:
     if not os.access(path.parent, os.W_OK | os.X_OK):  # also true of a read-only mount, for root too
         raise BadInput(f"output folder {str(path.parent)!r} is not writable (read-only, or no permission); "
                        f"choose another -o")
+    return path
+
+
+def _check_url_output(path, replace: bool):
+    """check_output for a URL: its bucket (or container) must be there; an existing output needs --overwrite."""
+    fs = path.fs()
+    try:
+        fs.invalidate_cache()
+        bucket_found = fs.exists(path.bucket)
+    except (OSError, ValueError) as e:  # credentials or endpoint wrong: say so on one line
+        raise BadInput(f"output {str(path)!r} cannot be reached ({type(e).__name__}: {str(e)[:160]})") from None
+    if not bucket_found:
+        raise BadInput(f"output bucket {path.protocol}://{path.bucket} does not exist or cannot be read; "
+                       f"create it first")
+    if path.exists() and not replace:
+        raise BadInput(f"output {str(path)!r} already exists; pass --overwrite to replace it")
     return path
 
 
@@ -124,12 +143,14 @@ def check_replaceable(path, kind: str, inputs=()) -> None:
     REPLACEABLE) and neither is nor holds one of the command's `inputs` (compared as resolved paths).
 
     A missing `path` passes. Refusals are one line (BadInput, exit 2) naming the path and why."""
+    if remote.is_url(path):
+        return _check_replaceable_url(remote.location(path), kind, inputs)
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         return
     out = path.resolve()
     for given in inputs:
-        if given is None or str(given) == "-":
+        if given is None or str(given) == "-" or remote.is_url(given):  # a URL is never a local output
             continue
         source = Path(given).expanduser().resolve()
         if source == out or out in source.parents:
@@ -140,6 +161,26 @@ def check_replaceable(path, kind: str, inputs=()) -> None:
     if why is not None:
         raise BadInput(f"output {str(path)!r} is not {REPLACEABLE[kind]} ({why}); refusing to replace it with "
                        f"--overwrite; remove it yourself or choose another -o")
+
+
+def _check_replaceable_url(path, kind: str, inputs) -> None:
+    """check_replaceable for a URL: only a store, recognised by the attributes in its zarr.json."""
+    if not path.exists():
+        return
+    if any(given is not None and remote.is_url(given) and str(remote.location(given)) == str(path)
+           for given in inputs):
+        raise BadInput(f"output {str(path)!r} is an input of this command; refusing to replace it with "
+                       f"--overwrite; choose another -o")
+    why = "no xc metadata" if kind == "store" else f"xc writes {REPLACEABLE[kind]} only to local paths"
+    if kind == "store":
+        try:
+            attrs = json.loads(path.fs().cat_file(f"{path.key}/zarr.json")).get("attributes", {})
+            if attrs.get("xc", {}).get("format") == "activations":
+                return
+        except (OSError, ValueError, AttributeError):
+            pass
+    raise BadInput(f"output {str(path)!r} is not {REPLACEABLE[kind]} ({why}); refusing to replace it with "
+                   f"--overwrite; remove it yourself or choose another -o")
 
 
 def inside(root, path) -> Path:
@@ -197,6 +238,12 @@ def remove_stale_temps(path) -> list[Path]:
 
 
 def remove(path) -> None:
+    if remote.is_url(path):
+        path = remote.location(path)
+        if path.exists():
+            path.fs().rm(path.key, recursive=True)
+            path.fs().invalidate_cache()
+        return
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -272,7 +319,11 @@ def output_lock(path):
     """One writer per output: an exclusive OS lock on `.NAME.lock` beside it, held while the block runs.
 
     A second xc writing the same output stops at once with one line (exit 2). The lock dies with its
-    process (kill -9 included), and the file goes when the block ends."""
+    process (kill -9 included), and the file goes when the block ends. At a URL: remote.output_lock."""
+    if remote.is_url(path):
+        with remote.output_lock(remote.location(path)):
+            yield
+        return
     path = Path(path)
     if not path.parent.is_dir():  # the command's own check says what is wrong
         yield

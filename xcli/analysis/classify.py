@@ -235,7 +235,7 @@ class Classification:
             counts[c] = counts.get(c, 0) + 1
         out = {"n_latents": self.n_latents, "models": self.models, "pair": self.pair, "classes": counts,
                "n_tokens": self.n_tokens, "thresholds": {k: v for k, v in asdict(self.config).items()
-                                                         if k not in ("device", "batch_elements", "max_tokens")}}
+                                                         if k not in ("device", "batch_elements", "max_tokens", "storage_options")}}
         if self.scaling is not None:
             verdicts: dict[str, int] = {}
             for c, v in zip(self.classes, self.scaling["verdict"]):

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from xcli import remote
 from xcli.errors import BadInput
 from xcli.lm.config import MODEL_DTYPES, check_device, device_option
 from xcli.options import count, name_list, option, pair
@@ -34,8 +35,10 @@ class ClassifyConfig:
     batch_elements: int = 1 << 22
     """At most this many tokens x latents per batch in the store pass (Python callers only)."""
     device: str = device_option("the store pass runs")
+    storage_options: tuple = remote.storage_options_option()
 
     def __post_init__(self):
+        remote.configure(self.storage_options)  # before any store is opened
         if self.models is not None:
             object.__setattr__(self, "models", tuple(self.models))
         if self.models is not None and (len(self.models) != 2 or self.models[0] == self.models[1]):
@@ -92,8 +95,10 @@ class EvalConfig:
                                 "supports it, else float32. The crosscoder runs in float32.",
                         choices=("auto", *MODEL_DTYPES))
     allow_incomplete: bool = option(False, "Accept a store whose harvest has not finished.")
+    storage_options: tuple = remote.storage_options_option()
 
     def __post_init__(self):
+        remote.configure(self.storage_options)  # before any store is opened
         object.__setattr__(self, "stores", tuple(self.stores))
         object.__setattr__(self, "models", tuple(self.models))
         if not self.stores:

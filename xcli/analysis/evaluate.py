@@ -26,11 +26,10 @@ the latents that fire.
 """
 
 import math
-from pathlib import Path
 
 import numpy as np
 
-from xcli import console
+from xcli import console, remote
 from xcli.analysis.coherence import functional_coherence
 from xcli.analysis.config import EvalConfig
 from xcli.analysis.latent_stats import coherence_layers
@@ -123,7 +122,7 @@ def eval_rows(model: Crosscoder, stores: StoreSet, all_rows: bool) -> tuple[np.n
         raise BadInput(f"these stores ({stores.n_tokens} rows) are not the ones the checkpoint was trained on "
                        f"({', '.join(repr(s['path']) for s in recorded)}: {sorted(rows)} rows, other tokens), so "
                        f"they have no held-out rows; pass --all-rows to evaluate on every row")
-    paths = {str(Path(s.path).resolve()) for s in stores.stores}
+    paths = {remote.resolved(s.path) for s in stores.stores}
     if paths != {s["path"] for s in recorded}:
         console.warn("the stores hold the same tokens as the training stores but live elsewhere; held-out rows "
                      "are the chunks training held out, assuming the same chunk size")

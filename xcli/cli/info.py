@@ -4,12 +4,13 @@
 import click
 
 from xcli import strict_json
-from xcli.cli.params import common_options
+from xcli.cli.params import common_options, storage_options
 from xcli.files import read_path_argument
 
 
 @click.command("info")
 @common_options
+@storage_options
 @click.argument("store", metavar="STORE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 def command(store, as_json):

@@ -140,6 +140,21 @@ def _set_debug(ctx, param, value):
         console.settings.debug = True
 
 
+def storage_options(f):
+    """--storage-option (xcli.remote.StorageConfig) for a command without a config of its own (xc info):
+    it sets the options of the URLs the command opens."""
+    from xcli.remote import StorageConfig
+
+    def configure(ctx, param, value):
+        StorageConfig(storage_options=value)
+
+    (field,) = dataclasses.fields(StorageConfig)
+    param = parameter(field, typing.get_type_hints(StorageConfig)[field.name])
+    param.callback, param.expose_value, param.is_eager = configure, False, True
+    f.__dict__.setdefault("__click_params__", []).append(param)
+    return f
+
+
 def common_options(f):
     """--quiet and --debug, accepted by every command and by `xc` itself."""
     f = click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,

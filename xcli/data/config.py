@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from xcli import remote
 from xcli.errors import BadInput
 from xcli.lm.config import MODEL_DTYPES, SITES, ModelSpec, check_device, check_dtype, device_option, parse_layers
 from xcli.options import count, name_list, option, overwrite_option, pair
@@ -120,11 +121,14 @@ class HarvestConfig:
     resume: bool = option(False, "Continue an incomplete store written with the same arguments, or start it if "
                                  "it is missing. The result equals an uninterrupted run.")
     overwrite: bool = overwrite_option("an existing store")
+    storage_options: tuple = remote.storage_options_option()
 
     def __post_init__(self):
         models = tuple(ModelSpec.parse(m) if isinstance(m, str) else m for m in self.models)
         object.__setattr__(self, "models", models)  # accept strings from Python callers
-        object.__setattr__(self, "output", Path(self.output))
+        remote.configure(self.storage_options)  # before any store is opened
+        object.__setattr__(self, "output", remote.location(self.output) if remote.is_url(self.output)
+                           else Path(self.output))
         object.__setattr__(self, "sites", tuple(self.sites))
         if not models:
             raise BadInput("give at least one --model")

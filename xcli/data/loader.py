@@ -17,14 +17,15 @@ import math
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from xcli import console
+from xcli import console, remote
 from xcli.data.store import ActivationStore, open_store, read_checked
 from xcli.errors import BadInput
 from xcli.source import Source
@@ -141,11 +142,12 @@ class StoreSet:
         out = []
         for s in self.stores:
             keep = {k: s.meta[k] for k in ("dataset", "tokenizer", "context_length", "created_by") if k in s.meta}
-            out.append({"path": str(Path(s.path).resolve()), "n_tokens": s.n_tokens, "complete": s.complete,
+            out.append({"path": remote.resolved(s.path), "n_tokens": s.n_tokens, "complete": s.complete,
                         "sources": s.names, "tokens_sha256": self.tokens_sha256, **keep})
         return out
 
 
+REMOTE_PARALLEL_READS = 16  # chunk reads in flight from a store at a URL (BatchStream._read_chunks)
 MIN_BLOCK_ROWS = 64  # the smallest unit a small store is held out in (StoreSet.hold_out)
 
 
@@ -203,6 +205,10 @@ class BatchStream:
         self.stores, self.names, self.train_chunks = stores, list(names), np.asarray(train_chunks)
         self.batch_size, self.seed, self.prefetch, self.pin_memory = batch_size, seed, prefetch, pin_memory
         self.rank, self.world = rank, world
+        # Chunks read at once: one GET to an object store waits tens of milliseconds, so a window's chunks
+        # are fetched in parallel there (benchmarks/object_store_loader.py); local disk reads one at a time.
+        remote_stores = any(remote.is_url(store.path) for store in stores.stores)
+        self.parallel_reads = REMOTE_PARALLEL_READS if remote_stores else 1
         self.window = max(1, -(-shuffle_rows // stores.chunk_rows))  # whole chunks per shuffle window
         sizes = [stores.chunk_range(int(c)) for c in self.train_chunks]
         self.chunk_sizes = {int(c): stop - start for c, (start, stop) in zip(self.train_chunks, sizes)}
@@ -229,12 +235,26 @@ class BatchStream:
         width = {s.name: s.d for s in self.stores.sources}
         out = {n: np.empty((len(places), width[n]), dtype=self.stores.stored_dtype(n)) for n in self.names}
         done = 0
-        for i in mine:
-            data = self.stores.read_chunk_stored(int(chunks[i]), self.names)
+        for i, data in zip(mine, self._read_chunks([int(chunks[i]) for i in mine])):
             for n in self.names:
                 out[n][slot[done:done + sizes[i]]] = data[n]
             done += sizes[i]
         return np.sort(places), out
+
+    def _read_chunks(self, chunks: list[int]) -> Iterator[dict[str, np.ndarray]]:
+        """The chunks' stored rows, in order; at most `parallel_reads` chunks in flight beyond the one taken."""
+        if self.parallel_reads <= 1:
+            for c in chunks:
+                yield self.stores.read_chunk_stored(c, self.names)
+            return
+        with ThreadPoolExecutor(self.parallel_reads, thread_name_prefix="xc-read") as pool:
+            pending = deque()
+            for c in chunks:
+                pending.append(pool.submit(self.stores.read_chunk_stored, c, self.names))
+                if len(pending) >= self.parallel_reads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def batches(self, position: Position = Position()) -> Iterator[Batch]:
         """Batches from `position` on, forever (epoch after epoch); synchronous."""

@@ -29,6 +29,7 @@ earlier xc), computing what they need.
 """
 
 import asyncio
+import io
 import math
 import os
 import shutil
@@ -38,6 +39,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
+from xcli import remote
 from xcli.data.config import CODECS, DEFAULT_CHUNK_ROWS, DEFAULT_CODEC, STORAGE_DTYPES
 from xcli.errors import BadInput, XcError
 from xcli.source import Source, check_source, is_plain_name, validate_source_names
@@ -70,6 +72,11 @@ def row_arrays(meta: dict) -> tuple[tuple[str, str], ...]:
     """Every row array besides the activations: TOKEN_ARRAYS, and the aligned arrays of an aligned store."""
     alignment = meta.get("alignment")
     return TOKEN_ARRAYS + (aligned_arrays(alignment["models"]) if isinstance(alignment, dict) else ())
+
+
+def store_path(path):
+    """A local store's Path, or a UrlPath for a store at a URL (xcli.remote)."""
+    return remote.location(path) if remote.is_url(path) else Path(path)
 
 
 def width_dim(name: str) -> str:
@@ -171,22 +178,32 @@ def _array_dir(path: Path, array: zarr.Array) -> Path:
     return Path(path) / array.path
 
 
+def _object_sizes(path, array: zarr.Array) -> dict[str, int]:
+    """Sizes of an array's objects at a URL by chunk key: one listing, not one request per chunk."""
+    url = remote.location(path)
+    fs, prefix = url.fs(), f"{url.key}/{array.path}/"
+    fs.invalidate_cache()
+    return {name[len(prefix):]: int(info["size"]) for name, info in fs.find(prefix, detail=True).items()
+            if name.startswith(prefix)}
+
+
 def bad_chunk_files(path, array: zarr.Array, rows: int) -> tuple[list[str], list[str]]:
     """Keys of the chunks (or shards) that rows [0, rows) of `array` need: those missing on disk, and
     (for an uncompressed array, whose chunk files have one size) those of the wrong size, e.g. truncated.
 
     One stat per chunk file, no data read: fast for big stores."""
     grid = array.metadata.chunk_grid.chunk_shape
-    folder = _array_dir(path, array)
+    folder = None if remote.is_url(path) else _array_dir(path, array)
     counts = [-(-rows // grid[0])] + [-(-n // c) for n, c in zip(array.shape[1:], grid[1:])]
     plain = not array.compressors and not array.filters and type(array.serializer).__name__ == "BytesCodec"
     size = int(np.prod(grid)) * array.dtype.itemsize if plain else None
+    sizes = _object_sizes(path, array) if remote.is_url(path) else None
     missing, wrong = [], []
     for coords in np.ndindex(*counts):
         key = array.metadata.encode_chunk_key(tuple(int(c) for c in coords))
         try:
-            found = os.stat(folder / key).st_size
-        except (FileNotFoundError, NotADirectoryError):
+            found = sizes[key] if sizes is not None else os.stat(folder / key).st_size
+        except (FileNotFoundError, NotADirectoryError, KeyError):
             missing.append(key)
             continue
         if size is not None and found != size:
@@ -231,7 +248,7 @@ class ActivationStore:
     """
 
     def __init__(self, path, group: zarr.Group):
-        self.path = Path(path)
+        self.path = store_path(path)
         self.group = group
         if "acts" not in group:
             raise BadInput(f"{str(path)!r} is not an activation store: it has no 'acts' arrays")
@@ -353,10 +370,13 @@ class ActivationStore:
         if not isinstance(stored, dict) or stored.get("count") != self.n_tokens:
             return None
         mean, norm = stored.get("mean"), stored.get("mean_sq_norm")
-        if not (mean == f"stats/{name}/mean" and mean in self.group and isinstance(norm, (int, float))
-                and not isinstance(norm, bool) and math.isfinite(norm)):
+        if not (mean == f"stats/{name}/mean" and isinstance(norm, (int, float)) and not isinstance(norm, bool)
+                and math.isfinite(norm)):
             return None
-        return stored
+        try:
+            return stored if isinstance(self.group[mean], zarr.Array) else None
+        except (ValueError, TypeError, KeyError):  # absent, or its zarr.json damaged: recompute
+            return None
 
     def stats(self, name: str) -> dict:
         """count, mean (d,) and mean squared norm of one source; computed if not stored."""
@@ -367,6 +387,8 @@ class ActivationStore:
         return compute_stats(self, name)
 
     def nbytes_on_disk(self) -> int:
+        if remote.is_url(self.path):
+            return int(self.path.fs().du(self.path.key))
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def summary(self) -> dict:
@@ -412,25 +434,27 @@ class StatsAccumulator:
 
 
 def open_store(path) -> ActivationStore:
-    path = Path(path)
-    if not path.exists():
+    path = store_path(path)
+    try:
+        found = path.exists()
+    except OSError as e:  # an object store that cannot be reached (endpoint, credentials)
+        raise BadInput(f"store {str(path)!r} cannot be reached ({type(e).__name__}: {str(e)[:160]})") from None
+    if not found:
         raise BadInput(f"store {str(path)!r} does not exist")
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(remote.zarr_target(path, read_only=True), mode="r")
     except Exception as e:  # zarr raises several types for "not a group"
         raise BadInput(f"{str(path)!r} is not a Zarr v3 activation store ({type(e).__name__})") from e
     try:
         return ActivationStore(path, group)
-    except (BadInput, MemoryError):
-        raise
-    except Exception as e:  # an array's zarr.json that is not JSON, or not Zarr metadata
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # an array's zarr.json: not JSON, not Zarr
         raise damaged(path, f"its Zarr metadata cannot be read ({type(e).__name__}: {str(e)[:120]})") from e
 
 
 def _create(path: Path, sources: list[Source], meta: dict | None, dtype: str, chunk_rows: int, codec: str,
             rows: int, **extra_meta) -> zarr.Group:
     """A new, empty store whose arrays have `rows` rows (none committed)."""
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(remote.zarr_target(path), mode="w")
     compressors = _compressors(codec)
     for s in sources:
         group.create_array(f"acts/{s.name}", shape=(rows, s.d), chunks=(chunk_rows, s.d),
@@ -462,9 +486,9 @@ class StoreWriter:
         if dtype not in STORAGE_DTYPES:
             raise BadInput(f"dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
         validate_source_names(sources)
-        self.path, self.sources, self.dtype, self.chunk_rows = Path(path), sources, dtype, chunk_rows
+        self.path, self.sources, self.dtype, self.chunk_rows = store_path(path), sources, dtype, chunk_rows
         if resume:
-            self.group = zarr.open_group(str(self.path), mode="r+")
+            self.group = zarr.open_group(remote.zarr_target(self.path), mode="r+")
             self.meta = dict(self.group.attrs["xc"])
             self.meta.pop("stats", None)  # recomputed below, recorded again by close()
             self.dtype = self.meta["dtype"]  # the store's, not the default: a float32 store stays float32
@@ -579,13 +603,22 @@ class StoreWriter:
 # chunks must not be written concurrently); a chunk is committed by its record file.
 
 def _record_path(path: Path, index: int) -> Path:
-    return Path(path) / PROGRESS / f"chunk-{index}.npz"
+    return store_path(path) / PROGRESS / f"chunk-{index}.npz"
+
+
+def _load_record(path, index: int):
+    """A chunk's record (np.load's NpzFile), from a file or an object."""
+    record = _record_path(path, index)
+    if remote.is_url(record):
+        return np.load(io.BytesIO(record.fs().cat_file(record.key)))
+    return np.load(record)
 
 
 def is_sharded(path) -> bool:
     """Whether the store at `path` is being written chunk by chunk by several processes."""
     try:
-        return bool(zarr.open_group(str(path), mode="r").attrs.get("xc", {}).get("sharded"))
+        return bool(zarr.open_group(remote.zarr_target(path, read_only=True), mode="r").attrs.get("xc", {})
+                    .get("sharded"))
     except Exception:  # absent, or not a store: not ours to judge here
         return False
 
@@ -593,7 +626,12 @@ def is_sharded(path) -> bool:
 def committed_chunks(path) -> set[int]:
     """Indices of the chunks of a sharded store whose records exist."""
     try:
-        names = os.listdir(Path(path) / PROGRESS)
+        if remote.is_url(path):
+            folder = store_path(path) / PROGRESS
+            folder.fs().invalidate_cache()
+            names = [name.rsplit("/", 1)[-1] for name in folder.fs().ls(folder.key, detail=False)]
+        else:
+            names = os.listdir(Path(path) / PROGRESS)
     except FileNotFoundError:  # none yet
         return set()
     return {int(n[6:-4]) for n in names if n.startswith("chunk-") and n.endswith(".npz")}
@@ -605,8 +643,9 @@ def create_sharded(path, sources: list[Source], meta: dict | None = None, *, dty
     if dtype not in STORAGE_DTYPES:
         raise BadInput(f"dtype {dtype!r} is not supported; use one of {', '.join(STORAGE_DTYPES)}")
     validate_source_names(sources)
-    _create(Path(path), sources, meta, dtype, chunk_rows, codec, rows=SHARDED_ROWS, sharded=True)
-    (Path(path) / PROGRESS).mkdir()
+    _create(store_path(path), sources, meta, dtype, chunk_rows, codec, rows=SHARDED_ROWS, sharded=True)
+    if not remote.is_url(path):  # an object store has no folders: the records' keys make it
+        (Path(path) / PROGRESS).mkdir()
 
 
 def make_sharded(path) -> None:
@@ -614,10 +653,11 @@ def make_sharded(path) -> None:
 
     Idempotent, so a conversion that was killed is simply done again.
     """
-    path = Path(path)
-    group = zarr.open_group(str(path), mode="r+")
+    path = store_path(path)
+    group = zarr.open_group(remote.zarr_target(path), mode="r+")
     meta = dict(group.attrs["xc"])
-    (path / PROGRESS).mkdir(exist_ok=True)
+    if not remote.is_url(path):
+        (path / PROGRESS).mkdir(exist_ok=True)
     if not meta.get("sharded"):
         store = ActivationStore(path, group)
         if store.n_tokens % store.chunk_rows:
@@ -652,8 +692,8 @@ class ChunkWriter:
     """
 
     def __init__(self, path, group: zarr.Group | None = None):
-        self.path = Path(path)
-        self.group = group if group is not None else zarr.open_group(str(self.path), mode="r+")
+        self.path = store_path(path)
+        self.group = group if group is not None else zarr.open_group(remote.zarr_target(self.path), mode="r+")
         self.meta = dict(self.group.attrs["xc"])
         self.sources = [Source.from_json(s) for s in self.meta["sources"]]
         self.dtype = self.meta["dtype"]
@@ -690,6 +730,11 @@ class ChunkWriter:
             sq_norms.append(acc.sum_sq_norm)
         count = next(iter(stored.values())).shape[0]
         final = _record_path(self.path, index)
+        if remote.is_url(final):  # one PUT: the object is whole or absent, so no rename is needed
+            buffer = io.BytesIO()
+            np.savez(buffer, count=np.int64(count), sum_sq_norm=np.array(sq_norms), **sums)
+            final.fs().pipe_file(final.key, buffer.getvalue())
+            return
         temporary = final.with_name(f".{final.name}.{os.getpid()}")
         with open(temporary, "wb") as handle:
             np.savez(handle, count=np.int64(count), sum_sq_norm=np.array(sq_norms), **sums)
@@ -700,7 +745,7 @@ def finish_sharded(path, n_tokens: int, **extra_meta) -> None:
     """Finish a store written by ChunkWriters: check that its chunks are exactly those of n_tokens rows,
     merge their statistics in chunk order (as StoreWriter adds them: the same figures), trim the
     arrays, and commit. Called by one process, after every writer is done."""
-    path = Path(path)
+    path = store_path(path)
     writer = ChunkWriter(path)
     chunk_rows = writer.chunk_rows
     n_chunks = -(-n_tokens // chunk_rows)
@@ -714,7 +759,7 @@ def finish_sharded(path, n_tokens: int, **extra_meta) -> None:
                       f"continue with --resume")
     stats = {s.name: StatsAccumulator(s.d) for s in writer.sources}
     for index in range(n_chunks):
-        with np.load(_record_path(path, index)) as record:
+        with _load_record(path, index) as record:
             expected = min(chunk_rows, n_tokens - index * chunk_rows)
             if int(record["count"]) != expected:
                 raise BadInput(f"chunk {index} of {str(path)!r} holds {int(record['count'])} rows where the "
@@ -745,4 +790,12 @@ def finish_sharded(path, n_tokens: int, **extra_meta) -> None:
 
 def remove_progress(path) -> None:
     """Delete the commit records once the store is complete (also those a kill left behind)."""
+    if remote.is_url(path):
+        folder = store_path(path) / PROGRESS
+        try:
+            folder.fs().rm(folder.key, recursive=True)
+        except FileNotFoundError:
+            pass
+        folder.fs().invalidate_cache()
+        return
     shutil.rmtree(Path(path) / PROGRESS, ignore_errors=True)

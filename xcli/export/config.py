@@ -4,6 +4,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from xcli import remote
 from xcli.errors import BadInput
 from xcli.export import neuronpedia_schema as npd
 from xcli.lm.config import check_device, device_option
@@ -66,11 +67,15 @@ class ExportConfig:
     device: str = device_option("the crosscoder runs over the store")
     resume: bool = option(False, "Continue an unfinished export in DIR: finished batches are skipped.")
     overwrite: bool = overwrite_option("DIR if it exists")
+    storage_options: tuple = remote.storage_options_option()
 
     def __post_init__(self):
+        remote.configure(self.storage_options)  # before any store is opened
         for name in ("checkpoint", "output", "store", "classes"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
+            if name == "store" and remote.is_url(value):
+                object.__setattr__(self, name, remote.location(value))
+            elif value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
         for name in ("model_ids", "model_paths"):
             object.__setattr__(self, name, tuple(getattr(self, name)))

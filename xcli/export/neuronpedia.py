@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xcli import console, files
+from xcli import console, files, remote
 from xcli.crosscoder import model as cc
 from xcli.data.corpus import Packing
 from xcli.data.store import ActivationStore, open_store
@@ -257,7 +257,7 @@ def prepare(config: ExportConfig) -> Plan:
     identity = {
         "checkpoint": str(config.checkpoint.resolve()), "checkpoint_fingerprint": fingerprint(config.checkpoint),
         "crosscoder": crosscoder,
-        "store": str(Path(config.store).resolve()), "store_tokens": store.n_tokens,
+        "store": remote.resolved(config.store), "store_tokens": store.n_tokens,
         "features": config.features, "top_k": config.top_k, "batch_size": config.batch_size,
         "window": config.window, "vectors": config.vectors, "set_name": set_name,
         "creator_id": config.creator_id, "creator_name": config.creator_name,

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from xcli import remote
 from xcli.crosscoder.config import (
     ARCHS,
     FACTORIZATIONS,
@@ -42,7 +43,7 @@ def exclusive_counts(exclusive) -> dict[str, int]:
 TRAIN_ARCHS = ARCHS + FMX_ARCHS
 # Fields that do not change the weights: a resumed run may differ in these.
 RUN_CONTROL = ("stores", "output", "device", "log", "log_every", "checkpoint_every", "resume", "overwrite",
-               "allow_incomplete", "split_sources")
+               "allow_incomplete", "split_sources", "storage_options")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class TrainConfig:
                                  "is complete.")
     overwrite: bool = overwrite_option("an existing checkpoint, log and training state")
     allow_incomplete: bool = option(False, "Train on a store whose harvest has not finished.")
+    storage_options: tuple = remote.storage_options_option()
     factorization: str | None = option(
         None, "fmx: how encoder and decoder (layer x activation x latent) tensors are factorized: tr, a tensor "
               "ring, W[l,a,i] = trace(G_layer[l] G_act[a] G_latent[i]); cp, a CP decomposition, W[l,a,i] = "
@@ -159,6 +161,7 @@ class TrainConfig:
 
         if not self.stores:
             raise BadInput("give at least one activation store")
+        remote.configure(self.storage_options)  # before any store is opened
         if self.arch not in TRAIN_ARCHS:
             raise BadInput(f"--arch {self.arch!r} is not known; use one of {', '.join(TRAIN_ARCHS)}")
         if self.dtype not in DTYPES:
