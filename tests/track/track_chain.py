@@ -3,7 +3,7 @@
 v1, v2 and v3 share 8 "grammar" features (same directions, same norms in every release);
 each release also has 2 features of its own: v2's are the behaviour that version 2 adds
 and version 3 removes. Crosscoders: (v1, v2), (v2, v3), (v2, v3) again with another
-seed, and one over (v1, v2, v3) at once. About 15 s on one CPU core.
+seed, and one over (v1, v2, v3) at once. About 30 s on one CPU core.
 """
 
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ from xcli.data.config import SynthSpec
 from xcli.data.synth import PlantedDictionary
 
 SPEC = SynthSpec(models=("v1", "v2", "v3"), width=12, shared=8, exclusive=2, active=2.0, tokens=8192, seed=0)
-TRAIN = {"arch": "topk", "latents": 32, "k": 2, "batch_size": 256, "tokens": 6 * 8192, "lr": 5e-3,
+TRAIN = {"arch": "topk", "latents": 32, "k": 2, "batch_size": 256, "tokens": 12 * 8192, "lr": 5e-3,
          "dead_tokens": 2000, "shuffle_buffer": 2048, "eval_fraction": 0.125, "device": "cpu", "log_every": 10 ** 6,
          "checkpoint_every": 10 ** 6}
 
