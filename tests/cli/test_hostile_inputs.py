@@ -298,7 +298,7 @@ def replaced(value, path, new):
 
 DELETE = object()
 # Derandomized, so that CI runs the same cases every time; XC_FUZZ_EXAMPLES=500 searches further.
-FUZZ = settings(max_examples=int(os.environ.get("XC_FUZZ_EXAMPLES", 40)), deadline=None, derandomize=True,
+FUZZ = settings(max_examples=int(os.environ.get("XC_FUZZ_EXAMPLES", 25)), deadline=None, derandomize=True,
                 database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -183,7 +183,7 @@ def test_train_eval_classify_and_export_read_from_s3(s3, harvested, tmp_path):
 
 def test_killed_harvest_at_s3_resumes_to_equal_an_uninterrupted_run(s3, tiny, tmp_path):
     corpus = tmp_path / "big.txt"
-    corpus.write_text("\n".join(tiny_models.corpus_lines(600, seed=5)) + "\n")
+    corpus.write_text("\n".join(tiny_models.corpus_lines(300, seed=5)) + "\n")
     args = ["harvest", "-m", str(tiny["gpt2"]), "-m", f"b={tiny['gpt2_b']}", "--layers", "0,2", "-c", "64",
             "-b", "4", "--chunk-rows", "256", "-d", str(corpus), *s3["option"]]
     whole, killed = f"s3://{BUCKET}/whole.zarr", f"s3://{BUCKET}/killed.zarr"
