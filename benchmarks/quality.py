@@ -197,14 +197,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between two markers of benchmarks/README.md (quality_archs.py has its own markers)."""
     readme = ROOT / "benchmarks" / "README.md"
     content = readme.read_text()
-    if BEGIN not in content or END not in content:
-        raise SystemExit(f"benchmarks/README.md has no {BEGIN} ... {END} block to rewrite")
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    if begin not in content or end not in content:
+        raise SystemExit(f"benchmarks/README.md has no {begin} ... {end} block to rewrite")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def parse_override(text: str) -> tuple[str, object]:

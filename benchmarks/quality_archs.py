@@ -32,6 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from xcli.data.synth import PRESETS  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality import write_readme  # noqa: E402
+
 ARCHS = ("relu", "topk", "batchtopk")
 BEGIN, END = "<!-- quality-archs-table:begin -->", "<!-- quality-archs-table:end -->"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -73,16 +76,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "benchmarks" / "README.md"
-    content = readme.read_text()
-    if BEGIN not in content or END not in content:
-        raise SystemExit(f"benchmarks/README.md has no {BEGIN} ... {END} block to rewrite")
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
@@ -106,7 +99,7 @@ def main():
             f"each: {elapsed / 60:.1f} min on this machine's 2 shared CPU cores).")
     print(text)
     if not args.no_readme:
-        write_readme(text)
+        write_readme(text, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import xcli
+from test_train import weights
 from xcli.analysis.classify import classify
 from xcli.analysis.config import ClassifyConfig
 from xcli.cli import cli
@@ -23,11 +24,9 @@ from xcli.train import loop as tr
 DFC = {"shared_latents": 4, "exclusive": ("a=3", "b=3")}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dfc") / "s.zarr"
-    synth.make_store(path, n_tokens=2048, d=8, n_shared=4, n_exclusive=2, active=2.0, chunk_rows=128, seed=3)
-    return path
+@pytest.fixture
+def store(small_store):
+    return small_store
 
 
 def config(store, out, **overrides):
@@ -35,11 +34,6 @@ def config(store, out, **overrides):
                 checkpoint_every=10, log_every=5, eval_fraction=0.125, dead_tokens=256, shuffle_buffer=256,
                 device="cpu", **DFC)
     return tr.TrainConfig(**{**base, **overrides})
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def assert_structure(dec_a: torch.Tensor, dec_b: torch.Tensor) -> None:
@@ -58,7 +52,7 @@ def test_tied_rows_stay_equal_and_dedicated_rows_stay_exactly_zero(store, tmp_pa
                         lambda self, *a, **kw: sparse_calls.append(1) or forward_sparse(self, *a, **kw))
     path = tr.train(config(store, tmp_path / "x.safetensors", arch=arch, **overrides))
     assert bool(sparse_calls) == (arch != "relu")  # topk and batchtopk trained on the sparse path
-    w = tensors(path)
+    w = weights(path)
     assert_structure(w["decoder.a"], w["decoder.b"])
     meta = xcli.load(path).metadata
     assert meta["partition"]["dedicated"] == [{"model": "a", "start": 4, "stop": 7}, {"model": "b", "start": 7, "stop": 10}]
@@ -79,7 +73,7 @@ def test_resume_of_a_dfc_run_ends_with_the_uninterrupted_weights(store, tmp_path
 
     with pytest.raises(Crash):
         tr.train(config(store, out), on_log=crash_at_25)
-    mid = tensors(out)
+    mid = weights(out)
     assert json.loads(safe_open(str(out), "pt").metadata()["xc"])["training"]["step"] == 20
     assert_structure(mid["decoder.a"], mid["decoder.b"])
     state = torch.load(tr.state_path(out), weights_only=True)["model"]
@@ -87,7 +81,7 @@ def test_resume_of_a_dfc_run_ends_with_the_uninterrupted_weights(store, tmp_path
     with pytest.raises(BadInput, match="--exclusive"):  # another partition is another run
         tr.train(config(store, out, resume=True, exclusive=("a=2", "b=3")))
     tr.train(config(store, out, resume=True))
-    ref, got = tensors(reference), tensors(out)
+    ref, got = weights(reference), weights(out)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     assert_structure(got["decoder.a"], got["decoder.b"])
 
@@ -137,7 +131,7 @@ def test_cli_takes_repeated_exclusive_options(store, tmp_path):
             "--device", "cpu", "--shared-latents", "4", "--exclusive", "a=3", "--exclusive", "b=3", "--quiet"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    w = tensors(out)
+    w = weights(out)
     assert not w["decoder.b"][4:7].any() and not w["decoder.a"][7:10].any()
     bad = CliRunner().invoke(cli, [*args[:-5], "--exclusive", "a=x"])
     assert bad.exit_code == 2 and "'a=x' is not MODEL=N" in bad.output

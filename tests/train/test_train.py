@@ -49,14 +49,6 @@ def row_store(path, n_rows=1037, chunk_rows=100, names=("a", "b"), tokens=None, 
     return path
 
 
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
-    """A small two-source synthetic store (2048 rows in 16 chunks)."""
-    path = tmp_path_factory.mktemp("small") / "small.zarr"
-    synth.make_store(path, n_tokens=2048, d=8, n_shared=4, n_exclusive=2, active=2.0, chunk_rows=128, seed=3)
-    return path
-
-
 def config(store, out, **overrides):
     base = dict(stores=(str(store),), output=str(out), latents=16, k=2, batch_size=64, steps=60,
                 checkpoint_every=10, log_every=5, eval_fraction=0.125, dead_tokens=256, shuffle_buffer=256,
@@ -493,6 +485,23 @@ def test_a_diverging_run_is_warned_about(small_store, tmp_path):
     fvu = xcli.load(out).metadata["training"]["fvu_total"]
     assert fvu > 100  # seen: about 1e4
     assert result.stderr.count("may be diverging") == 1 and f"held-out FVU is {fvu:.4g}" in result.stderr
+
+
+
+@pytest.mark.parametrize("fvus, warned_at", [((3.0, 1.5, 0.4), None),  # a wide start above 1 that falls: no alarm
+                                             ((1.2, 1.6, 2.0), 20),  # rising above 1: warned once, when it rises
+                                             ((0.6, 0.5, 1.3), 30),  # rising past 1
+                                             ((1.9, 1.4, 1.1), 30)])  # the finished run worse than the mean
+def test_the_divergence_warning_follows_the_held_out_fvu(small_store, tmp_path, monkeypatch, fvus, warned_at):
+    seen = iter(fvus)
+    monkeypatch.setattr(tr, "held_out_metrics", lambda *a, **kw: {"fvu_total": next(seen), "tokens": 1})
+    warnings = []
+    monkeypatch.setattr(tr.console, "warn", warnings.append)
+    tr.train(config(small_store, tmp_path / "x.safetensors", steps=30, checkpoint_every=10))
+    alarms = [w for w in warnings if "may be diverging" in w]
+    assert len(alarms) == (warned_at is not None)
+    if warned_at:
+        assert f"at step {warned_at}:" in alarms[0]
 
 
 # -- the command line ------------------------------------------------------------------------------------

@@ -646,11 +646,14 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         if on_log and comm.main:
             on_log(record)
 
+    warned_divergence = False
+
     def checkpoint(complete: bool, with_eval: bool = True) -> None:
         """Rank 0 evaluates and writes; the other ranks go on and wait for it at the next collective.
         Split over sources, every rank evaluates its sources and sends them to rank 0's host copy."""
-        nonlocal last_saved
+        nonlocal last_saved, warned_divergence
         stop_on_nonfinite_weights(model, state, cfg, last_saved, comm, device)  # before anything is written
+        previous_fvu = (state.last_eval or {}).get("fvu_total")
         last_saved = state.step
         if with_eval and cfg.activation == "batchtopk":  # every rank: split over sources it is a collective
             model.calibrate_threshold(calibration_batches(stores, names, train_chunks, cfg.batch_size, device))
@@ -669,7 +672,11 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         if with_eval and state.last_eval:
             emit({"kind": "eval", "step": state.step, "tokens": state.tokens, **state.last_eval})
             fvu = state.last_eval.get("fvu_total")
-            if fvu is not None and fvu > 1:
+            # A fresh wide dictionary starts above 1 (each unit-norm decoder adds its own noise): warn only when
+            # the error grows between evaluations, or when the finished run is still worse than the mean.
+            rising = previous_fvu is not None and fvu is not None and fvu > previous_fvu
+            if fvu is not None and fvu > 1 and (rising or complete) and not warned_divergence:
+                warned_divergence = True
                 console.warn(f"held-out FVU is {fvu:.4g} at step {state.step}: worse than predicting the mean; "
                              f"training may be diverging (lower --lr)")
         whole = host if shard else model
