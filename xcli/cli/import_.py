@@ -10,6 +10,7 @@ from xcli.imports.config import ImportConfig
   xc import model_final.pt -o diff.safetensors --source base:resid_post:13 --source chat:resid_post:13
   xc import crosscoder-hub-folder -o diff.safetensors --source base=google/gemma-2-2b:resid_post:13 \\
       --source chat=google/gemma-2-2b-it:resid_post:13
+  xc import .checkpoints/exp/step_100000 -o diff.safetensors
   xc import saelens-sae-folder -o sae.safetensors
   xc import model_final.pt -o diff.safetensors --source ... | xc classify - --format table""")
 @config_options(ImportConfig)
@@ -19,8 +20,10 @@ def command(path, **options):
 
     Reads science-of-finetuning/dictionary_learning crosscoders (CrossCoder and
     BatchTopKCrossCoder: a state dict saved with torch.save, loaded weights-only,
-    or a hub folder with config.json and model.safetensors) and SAELens SAEs and
-    transcoders (a folder with cfg.json and sae_weights.safetensors). The result
+    or a hub folder with config.json and model.safetensors), oli-clive-griffin/crosscode
+    crosscoders and cross-layer transcoders (a step folder with model.pt and
+    model_cfg.yaml) and SAELens SAEs and transcoders (a folder with cfg.json and
+    sae_weights.safetensors). The result
     encodes and decodes as the original does, so classify, eval, export, amplify
     and track work on it unchanged; prints its path.
 
@@ -28,12 +31,14 @@ def command(path, **options):
     scale becomes the source's input scale, a mean folds into the biases), and the
     BatchTopK threshold is kept. What cannot be expressed exactly is refused with
     one line: per-latent JumpReLU thresholds, per-token normalisation, per-layer
-    (DECOUPLED) BatchTopK, ranks other than xc's. The checkpoint's metadata records
+    (DECOUPLED) BatchTopK, batch-dependent BatchTopK without a threshold (crosscode),
+    ranks other than xc's. The checkpoint's metadata records
     the format and how each field was mapped ("imported").
 
     dictionary_learning crosscoders do not record which model and layer each of their
     layers is: give --source once per layer, in their order. SAELens records it in
-    cfg.json; --source overrides it.
+    cfg.json, crosscode in the experiment_config.yaml above its step folders;
+    --source overrides them.
     """
     from xcli.imports import import_dictionary
 
