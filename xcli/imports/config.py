@@ -7,7 +7,7 @@ from pathlib import Path
 from xcli.errors import BadInput
 from xcli.options import option, overwrite_option
 
-FORMATS = ("auto", "dictionary-learning", "crosscode", "saelens")
+FORMATS = ("auto", "dictionary-learning", "crosscode", "gemma-scope", "saelens")
 SOURCE_SPEC = re.compile(r"^(?:(?P<name>[^=:]+)=)?(?P<model>[^:]+):(?P<site>[^:]+)(?::(?P<layer>\d+))?$")
 
 
