@@ -10,7 +10,6 @@ import yaml
 from click.testing import CliRunner
 
 from xcli.cli import cli
-from xcli.crosscoder.config import ARCHS
 from xcli.crosscoder.model import load, read_metadata
 from xcli.errors import BadInput
 from xcli.imports import ImportConfig, detect, import_dictionary
@@ -173,7 +172,6 @@ def test_topk_with_equal_decoder_norms_differs_only_by_their_negative_picks(tmp_
     assert meta["arch"] == "topk" and meta["k"] == k and "negative" in meta["imported"]["topk"]
 
 
-@pytest.mark.skipif("jumprelu" not in ARCHS, reason="needs xc's JumpReLU architecture")
 @pytest.mark.parametrize("prefix", ["_activation_fn", "activation_fn"])
 def test_jumprelu_thresholds_are_kept_per_latent(tmp_path, prefix):
     w = unfolded()
@@ -249,10 +247,10 @@ def refuse_cases():
         (sd_with(W_skip_XdXd=torch.zeros(3, 3)), "skip connection"),
         (sd_with(b_enc_L=torch.full((F,), float("nan"))), "non-finite"),
         (sd_with(b_enc_L=torch.zeros(F + 1)), "b_enc_L has shape"),
+        (lambda sd, cfg: (sd.pop("_activation_fn.log_threshold_L"),
+                          cfg.update(activation_fn={"classname": "AnthropicSTEJumpReLUActivation", "cfg": {}})),
+         "without its log_threshold_L"),
     ]
-    if "jumprelu" not in ARCHS:
-        cases.append((cfg_with(activation_fn={"classname": "AnthropicSTEJumpReLUActivation", "cfg": {"size": F}}),
-                      "need xc's JumpReLU architecture"))
     return cases
 
 

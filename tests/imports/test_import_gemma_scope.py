@@ -11,20 +11,18 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from xcli.cli import cli
-from xcli.crosscoder.config import ARCHS
 from xcli.crosscoder.model import load, read_metadata
 from xcli.errors import BadInput
 from xcli.imports import ImportConfig, detect, import_dictionary
 
 D, F = 8, 32
-needs_jumprelu = pytest.mark.skipif("jumprelu" not in ARCHS, reason="needs xc's JumpReLU architecture")
 
 
 def their_params(d_in=D, d_out=D, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"w_enc": torch.randn(d_in, F, generator=g) / d_in ** 0.5, "w_dec": torch.randn(F, d_out, generator=g),
             "b_enc": torch.randn(F, generator=g) * 0.1, "b_dec": torch.randn(d_out, generator=g),
-            "threshold": torch.rand(F, generator=g) * 0.6 + 0.05}
+            "threshold": torch.rand(F, generator=g) * 0.7 - 0.1}  # a few below 0: they fire at p > 0
 
 
 def their_forward(params, x):
@@ -64,7 +62,6 @@ def check_against_theirs(out, params, d_in=D):
     torch.testing.assert_close(x_hat, x_ref, rtol=1e-4, atol=1e-4)
 
 
-@needs_jumprelu
 def test_gemma_scope_2_sae_with_its_config(tmp_path):
     params = their_params()
     folder = gemma_scope_2(tmp_path / "resid_post" / "layer_13_width_16k_l0_medium", params,
@@ -73,13 +70,12 @@ def test_gemma_scope_2_sae_with_its_config(tmp_path):
     out = import_dictionary(ImportConfig(folder, tmp_path / "xc.safetensors"))
     check_against_theirs(out, params)
     meta = read_metadata(out)
-    assert meta["arch"] == "jumprelu"
+    assert meta["arch"] == "jumprelu" and meta["imported"]["thresholds_below_zero"] > 0
     assert meta["sources"] == [{"name": "gemma-3-1b-pt.resid_post.13", "model": "google/gemma-3-1b-pt",
                                 "site": "resid_post", "layer": 13, "d": D, "revision": None}]
     assert meta["imported"]["format"] == "gemma_scope" and meta["imported"]["kind"] == "SAE"
 
 
-@needs_jumprelu
 def test_gemma_scope_2_transcoder_reads_its_input_and_writes_its_output(tmp_path):
     params = their_params(d_in=D, d_out=D + 2)
     folder = gemma_scope_2(tmp_path / "transcoder" / "layer_7", params, model_name="gemma-v3-270m-pt",
@@ -95,7 +91,6 @@ def test_gemma_scope_2_transcoder_reads_its_input_and_writes_its_output(tmp_path
     assert meta["read"] == [meta["sources"][0]["name"]] and meta["write"] == [meta["sources"][1]["name"]]
 
 
-@needs_jumprelu
 @pytest.mark.parametrize("n_sources", [1, 2])
 def test_gemma_scope_1_npz_with_sources_from_the_command_line(tmp_path, n_sources):
     """params.npz records nothing: one --source makes it an SAE, two a transcoder (input, then output)."""
@@ -111,24 +106,18 @@ def test_gemma_scope_1_npz_with_sources_from_the_command_line(tmp_path, n_source
         import_dictionary(ImportConfig(folder, tmp_path / "again.safetensors"))
 
 
-def refusal_cases():
-    cases = [
-        (lambda p, c: c.update(affine_connection=True), "skip transcoder"),
-        (lambda p, c: p.update(affine_skip_connection=torch.zeros(D, D)), "skip transcoder"),
-        (lambda p, c: p.update(w_dec=torch.zeros(F, 3, D)), "not publicly documented"),
-        (lambda p, c: p.update(scaling_factor=torch.full((1,), 2.0)), "scaling_factor"),
-        (lambda p, c: p.update(threshold=torch.zeros(F + 1)), "threshold has shape"),
-        (lambda p, c: c.update(architecture="topk"), "is not jump_relu"),
-    ]
-    if "jumprelu" in ARCHS:
-        cases.append((lambda p, c: c.update(hf_hook_point_in="model.layers.3.self_attn.o_proj.input"),
-                      "a module's input"))
-    else:
-        cases.append((lambda p, c: None, "need xc's JumpReLU architecture"))
-    return cases
+REFUSALS = [
+    (lambda p, c: c.update(affine_connection=True), "skip transcoder"),
+    (lambda p, c: p.update(affine_skip_connection=torch.zeros(D, D)), "skip transcoder"),
+    (lambda p, c: p.update(w_dec=torch.zeros(F, 3, D)), "not publicly documented"),
+    (lambda p, c: p.update(scaling_factor=torch.full((1,), 2.0)), "scaling_factor"),
+    (lambda p, c: p.update(threshold=torch.zeros(F + 1)), "threshold has shape"),
+    (lambda p, c: c.update(architecture="topk"), "is not jump_relu"),
+    (lambda p, c: c.update(hf_hook_point_in="model.layers.3.self_attn.o_proj.input"), "a module's input"),
+]
 
 
-@pytest.mark.parametrize("change, message", refusal_cases())
+@pytest.mark.parametrize("change, message", REFUSALS)
 def test_what_xc_cannot_express_is_refused_in_one_line(tmp_path, change, message):
     params, config = their_params(), {"model_name": "gemma-v3-1b-pt", "hf_hook_point_in": "model.layers.3.output"}
     change(params, config)

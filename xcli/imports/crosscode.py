@@ -43,7 +43,6 @@ from pathlib import Path
 import torch
 
 from xcli import console
-from xcli.crosscoder.config import ARCHS
 from xcli.crosscoder.model import Crosscoder
 from xcli.errors import BadInput
 from xcli.imports.common import (
@@ -251,12 +250,9 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         name = first(tensors, THRESHOLD_NAMES)
         if name is None:
             raise BadInput(f"{where}: a {classname} without its log_threshold_L tensor")
-        if "jumprelu" not in ARCHS:
-            raise BadInput(f"{where}: a JumpReLU crosscoder ({classname}) has per-latent thresholds, which need xc's "
-                           f"JumpReLU architecture; this xc does not have it yet, so it is not imported")
         thresholds = tensor(tensors, name, (F,), where).exp()
         xc_arch = "jumprelu"
-        record["threshold"] = f"exp({name}) per latent: f_i = p_i where p_i > threshold_i, else 0"
+        record["threshold"] = f"exp({name}) per latent: f_i = p_i where p_i > threshold_i, else 0 (xc's JumpReLU)"
     elif classname == TOPK:
         k = k_override or act_cfg.get("k")
         if not whole(k):
@@ -298,7 +294,7 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
             model.decoder_weight(name).copy_(W_dec[:, j])
             model.decoder_bias(name).copy_(b_dec[j])
         if thresholds is not None:
-            model.threshold.copy_(thresholds)  # per latent: xc's JumpReLU architecture
+            model.set_thresholds(thresholds)
     record["layers"] = {"in": read, "out": write}
     if cfg:
         record["config"] = {key: value for key, value in cfg.items()

@@ -16,7 +16,8 @@ Their forward (no input centring, no normalisation: apply_b_dec_to_input false, 
 
     p = x W_enc + b_enc;   f = ReLU(p) * (p > threshold);   x̂ = f W_dec + b_dec
 
-which is xc's JumpReLU with the per-latent thresholds kept. An SAE reads and writes one source; a
+which is xc's JumpReLU, f = p * (p > threshold), with the per-latent thresholds kept: for a threshold
+below 0 theirs fires at p > 0, so it becomes 0 (exact, recorded). An SAE reads and writes one source; a
 transcoder reads its input and writes its output. Sources come from config.json (Gemma Scope 2: the
 model, and the sites of its HF hook points) or from --source (one for an SAE; the input, then the
 output, for a transcoder: params.npz does not say which it is).
@@ -33,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xcli.crosscoder.config import ARCHS
 from xcli.crosscoder.model import Crosscoder
 from xcli.errors import BadInput
 from xcli.imports.common import Imported, make_source, read_json, read_state_dict, sources_for, tensor
@@ -143,9 +143,6 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
     b_enc = tensor(tensors, "b_enc", (F,), where)
     b_dec = tensor(tensors, "b_dec", (d_out,), where)
     threshold = tensor(tensors, "threshold", (F,), where)
-    if "jumprelu" not in ARCHS:
-        raise BadInput(f"{where}: its JumpReLU has per-latent thresholds, which need xc's JumpReLU architecture; "
-                       f"this xc does not have it yet, so it is not imported")
     transcoder = "hf_hook_point_out" in config or len(specs) == 2 or d_in != d_out
     sources = None if specs else config_sources(config, d_in, d_out, transcoder, where)
     if sources is None:
@@ -159,10 +156,12 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         model.b_enc.copy_(b_enc)
         model.decoder_weight(names[-1]).copy_(W_dec)
         model.decoder_bias(names[-1]).copy_(b_dec)
-        model.threshold.copy_(threshold)
+        model.set_thresholds(threshold.clamp(min=0))
     record = {"format": "gemma_scope", "path": str(path.resolve()), "file": weights.name,
               "kind": "transcoder" if transcoder else "SAE",
-              "threshold": "per latent: f_i = ReLU(p_i) where p_i > threshold_i, else 0",
+              "threshold": "per latent: f_i = ReLU(p_i) where p_i > threshold_i, else 0 (xc's JumpReLU; thresholds "
+                           "below 0 become 0, the same rule)",
+              "thresholds_below_zero": int((threshold < 0).sum()),
               "sources": {"input": names[0], "output": names[-1]},
               "sources_from": "--source" if specs else CONFIG}
     if config:
