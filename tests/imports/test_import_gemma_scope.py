@@ -135,3 +135,42 @@ def test_npz_object_arrays_are_never_unpickled(tmp_path):
              threshold=np.zeros(F))
     with pytest.raises(BadInput, match="not a readable .npz of plain arrays"):
         import_dictionary(ImportConfig(folder, tmp_path / "xc.safetensors", sources=("m:resid_post:1",)))
+
+
+def test_gemma_scope_2_transcoders_go_on_to_circuit_tracer(tmp_path):
+    """Published transcoders to attribution graphs: two Gemma Scope 2 transcoder layers imported, exported as
+    circuit-tracer's transcoder set; each layer file encodes and decodes as the Gemma Scope transcoder (circuit-
+    tracer's documented JumpReLU, x * (x > threshold), and circuit-tracer itself where it is importable)."""
+    from safetensors import safe_open
+
+    from xcli.export import ExportConfig, export
+
+    params, paths = [], []
+    for layer in range(2):
+        params.append(their_params(seed=layer))
+        folder = gemma_scope_2(tmp_path / f"transcoder_l{layer}", params[-1], model_name="gemma-v3-270m-pt",
+                               hf_hook_point_in=f"model.layers.{layer}.pre_feedforward_layernorm.output",
+                               hf_hook_point_out=f"model.layers.{layer}.post_feedforward_layernorm.output")
+        paths.append(import_dictionary(ImportConfig(folder, tmp_path / f"tc{layer}.safetensors")))
+    out = export(ExportConfig(checkpoint=paths[0], transcoders=(paths[1],), output=tmp_path / "ct",
+                              format="circuit-tracer", hooks=("ln2.hook_normalized", "hook_mlp_out")))
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(4)) * 2
+    for layer, p in enumerate(params):
+        with safe_open(str(out / f"layer_{layer}.safetensors"), framework="pt") as f:
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        pre = torch.nn.functional.linear(x, t["W_enc"], t["b_enc"])
+        f_ct = pre * (pre > t["activation_function.threshold"])
+        f_ref, x_ref = their_forward(p, x)
+        torch.testing.assert_close(f_ct, f_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(f_ct @ t["W_dec"] + t["b_dec"], x_ref, rtol=1e-4, atol=1e-4)
+    try:
+        from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+    except ImportError:
+        return  # circuit-tracer pins transformers<=4.57.3: not installed with xc (docs/commands/xc-export.md)
+    tset = load_transcoder_set({i: str(out / f"layer_{i}.safetensors") for i in range(2)}, scan="gemma-scope-2",
+                               feature_input_hook="ln2.hook_normalized", feature_output_hook="hook_mlp_out",
+                               device=torch.device("cpu"))
+    for layer, p in enumerate(params):
+        f_ref, x_ref = their_forward(p, x)
+        torch.testing.assert_close(tset[layer].encode(x), f_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tset[layer].decode(f_ref), x_ref, rtol=1e-4, atol=1e-4)
