@@ -276,3 +276,11 @@ def test_python_objects_in_its_yaml_are_never_built(tmp_path):
     (step / "model_cfg.yaml").unlink()  # without it, ReLU and TopK cannot be told apart
     result = CliRunner().invoke(cli, ["import", str(step), "-o", str(tmp_path / "xc.safetensors")])
     assert result.exit_code == 2 and "cannot tell which" in result.output
+
+
+def test_unknown_tensors_are_refused(tmp_path):
+    sd = their_state_dict(unfolded())
+    sd["_activation_fn.gate_L"] = torch.ones(F)
+    step = save_checkpoint(tmp_path, sd, model_cfg())
+    with pytest.raises(BadInput, match="_activation_fn.gate_L"):
+        import_dictionary(ImportConfig(step, tmp_path / "xc.safetensors"))

@@ -157,6 +157,7 @@ def test_transcoder_reads_one_site_and_writes_another(tmp_path):
     x = x_in()
     f, x_hat = run(model, x)
     f_ref = torch.relu(x @ sae.W_enc.detach() + sae.b_enc.detach())
+    torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_hat, f_ref @ sae.W_dec.detach() + sae.b_dec.detach(), rtol=1e-5, atol=1e-5)
 
 

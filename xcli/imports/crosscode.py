@@ -206,9 +206,13 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
     tensors = read_state_dict(weights)
     if not recognises(tensors):
         raise BadInput(f"{where}: no {W_ENC[0]} and {W_DEC[0]} (or {W_ENC[1]}, {W_DEC[1]}); not a crosscode crosscoder")
-    if "W_skip_XdXd" in tensors or any(k.startswith("W_skip") for k in tensors):
+    if any(k.startswith("W_skip") for k in tensors):
         raise BadInput(f"{where}: it has a linear skip connection (W_skip); xc crosscoders have none, so it is not "
                        f"imported")
+    unknown = sorted(set(tensors) - set(W_ENC + W_DEC + B_ENC + B_DEC + FOLD_BUFFERS + THRESHOLD_NAMES))
+    if unknown:
+        raise BadInput(f"{where}: tensor {unknown[0]!r:.80} is not part of a crosscode crosscoder xc knows; xc does "
+                       f"not know what it does, so it is not imported")
     cfg = read_yaml(cfg_path) if cfg_path else {}
     enc_name, dec_name = first(tensors, W_ENC), first(tensors, W_DEC)
     enc, dec = tensors[enc_name], tensors[dec_name]
@@ -243,7 +247,7 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
                                "saving (is_folded)", "folded_scaling_factors": factors}
     if not b_enc_name or not b_dec_name:
         record["biases"] = "absent ones are zero (use_encoder_bias / use_decoder_bias false)"
-    xc_arch, k, thresholds, note = "relu", None, None, None
+    xc_arch, k, thresholds = "relu", None, None
     if classname == RELU:
         pass
     elif classname in JUMPRELUS:
@@ -257,7 +261,7 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         k = k_override or act_cfg.get("k")
         if not whole(k):
             raise BadInput(f"{where}: a TopkActivation without k in {MODEL_CFG}; give --k")
-        xc_arch, note = "topk", "pending"
+        xc_arch = "topk"
     elif classname == BATCHTOPK:
         raise BadInput(f"{where}: its BatchTopkActivation keeps the k*B largest pre-activations of whatever batch it "
                        f"is given and has no inference threshold, so its output depends on the batch; xc's "
@@ -281,7 +285,7 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         record["sources_from"] = str(experiment)
     names = [s.name for s in sources]
     read, write = (names, names) if shared else (names[:n_in], names[n_in:])
-    if note is not None:
+    if xc_arch == "topk":
         note = topk_difference([W_dec[:, j] for j in range(n_out)], where)
         record["topk"] = note
         console.warn(f"crosscode TopK imported: {note}")
@@ -296,7 +300,9 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         if thresholds is not None:
             model.set_thresholds(thresholds)
     record["layers"] = {"in": read, "out": write}
-    if cfg:
+    if cfg:  # its small plain settings (YAML may hold dates and nested objects: left out)
         record["config"] = {key: value for key, value in cfg.items()
-                            if isinstance(value, (str, int, float, bool, type(None))) or key == "activation_fn"}
+                            if isinstance(value, (str, int, float, bool, type(None)))}
+        record["activation_cfg"] = {key: value for key, value in act_cfg.items()
+                                    if isinstance(value, (str, int, float, bool, type(None)))}
     return Imported(model.eval(), record)
