@@ -284,3 +284,26 @@ def test_unknown_tensors_are_refused(tmp_path):
     step = save_checkpoint(tmp_path, sd, model_cfg())
     with pytest.raises(BadInput, match="_activation_fn.gate_L"):
         import_dictionary(ImportConfig(step, tmp_path / "xc.safetensors"))
+
+
+def test_a_model_diffing_crosscoder_feeds_classify(tmp_path):
+    """Two models, one hookpoint (their model-diffing shape), JumpReLU: xc classify runs on it unchanged, with the
+    sources named as the store's."""
+    import json
+
+    from xcli.data.synth import make_store
+
+    make_store(tmp_path / "acts.zarr", n_tokens=512, sources=("a", "b"), d=D, chunk_rows=256)
+    w = unfolded(Xi=(2, 1), Xo=(2, 1))
+    sd = their_state_dict(w, jumprelu=True)
+    cfg = {**model_cfg("AnthropicSTEJumpReLUActivation", {"size": F, "bandwidth": 2.0}), "n_models": 2,
+           "n_hookpoints": 1}
+    step = save_checkpoint(tmp_path, sd, cfg, experiment=False)
+    result = CliRunner().invoke(cli, ["import", str(step), "-o", str(tmp_path / "xc.safetensors"),
+                                      "--source", "a=a:synthetic", "--source", "b=b:synthetic"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["classify", str(tmp_path / "xc.safetensors"), "--store",
+                                      str(tmp_path / "acts.zarr")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == F and {"latent", "class"} <= set(rows[0])
