@@ -88,7 +88,7 @@ HOSTILE = {
     "zero width": (source(0, d=0), "width d 0"),
     "source not an object": (lambda m, t: m["sources"].__setitem__(0, "a"), "a source is str"),
     "sources not a list": (set_meta(sources={"a": 1}), "sources {'a': 1}"),
-    "unknown arch": (set_meta(arch="jumprelu"), "arch 'jumprelu'"),
+    "unknown arch": (set_meta(arch="gated"), "arch 'gated'"),
     "zero latents": (set_meta(n_latents=0), "n_latents 0"),
     "string latents": (set_meta(n_latents="16"), "n_latents '16'"),
     "k too large": (set_meta(k=16), "k 16"),

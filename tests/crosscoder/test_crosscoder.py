@@ -113,7 +113,7 @@ def test_bad_configurations():
     with pytest.raises(BadInput, match="--k"):
         cc.Crosscoder(SOURCES, 8, "topk", k=8)
     with pytest.raises(BadInput, match="--arch"):
-        cc.Crosscoder(SOURCES, 8, "jumprelu")
+        cc.Crosscoder(SOURCES, 8, "gated")
     with pytest.raises(BadInput, match="unknown source 'c'"):
         cc.Crosscoder(SOURCES, 8, "relu", read=["c"])
 

@@ -26,7 +26,8 @@ def transcoder(tmp_path, layer, arch="batchtopk", seed=0, d_out=D, read_site="bl
                write_site="mlp_out", read_layer=None):
     s_in = Source(f"gpt2.ln2.{layer}", "gpt2", read_site, layer if read_layer is None else read_layer, D)
     s_out = Source(f"gpt2.mlp_out.{layer}", "gpt2", write_site, layer, d_out)
-    model = Crosscoder([s_in, s_out], F, arch, k=4 if arch != "relu" else None, read=[s_in.name], write=[s_out.name])
+    model = Crosscoder([s_in, s_out], F, arch, k=4 if arch not in ("relu", "jumprelu") else None, read=[s_in.name],
+                       write=[s_out.name])
     g = torch.Generator().manual_seed(seed + layer)
     model.init_weights(g)
     with torch.no_grad():
@@ -34,6 +35,8 @@ def transcoder(tmp_path, layer, arch="batchtopk", seed=0, d_out=D, read_site="bl
         model.b_dec[0].copy_(torch.randn(d_out, generator=g))
         model.input_scale.copy_(torch.tensor([0.5, 2.0]))
         model.threshold.fill_(0.03)
+        if arch == "jumprelu":
+            model.set_thresholds(torch.linspace(0.0, 0.5, F))
         model.decoder_weight(s_out.name)[3].zero_()  # a latent that writes nothing
     return save(model.eval(), tmp_path / f"tc{layer}.safetensors")
 
@@ -60,7 +63,7 @@ def their_layer(path):
     return t, encode, lambda acts: acts @ t["W_dec"] + t["b_dec"]
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "relu"])
+@pytest.mark.parametrize("arch", ["batchtopk", "relu", "jumprelu"])
 def test_layout_and_each_layer_computes_as_the_xc_transcoder(tmp_path, arch):
     paths, out = exported(tmp_path, arch)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", *(f"layer_{i}.safetensors" for i in
@@ -73,7 +76,7 @@ def test_layout_and_each_layer_computes_as_the_xc_transcoder(tmp_path, arch):
     for layer, path in enumerate(paths):
         t, encode, decode = their_layer(out / f"layer_{layer}.safetensors")
         assert t["W_enc"].shape == (F, D) and t["W_dec"].shape == (F, D) and t["b_dec"].shape == (D,)
-        assert ("activation_function.threshold" in t) == (arch == "batchtopk")
+        assert ("activation_function.threshold" in t) == (arch in ("batchtopk", "jumprelu"))
         model = load(path)
         with torch.no_grad():
             f = model.encode({model.read[0]: x})
@@ -82,6 +85,9 @@ def test_layout_and_each_layer_computes_as_the_xc_transcoder(tmp_path, arch):
         if arch == "batchtopk":
             assert 0 < int((acts > 0).sum()) < int((torch.relu(x @ t["W_enc"].T + t["b_enc"]) > 0).sum())
             assert t["activation_function.threshold"][3] > 1e30
+        if arch == "jumprelu":
+            torch.testing.assert_close(t["activation_function.threshold"], torch.linspace(0.0, 0.5, F))
+            assert 0 < int((acts > 0).sum()) < int((torch.relu(x @ t["W_enc"].T + t["b_enc"]) > 0).sum())
         torch.testing.assert_close(acts, f, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(decode(acts), x_hat, rtol=1e-5, atol=1e-5)
     manifest = json.loads((out / "xc-export.json").read_text())

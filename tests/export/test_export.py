@@ -70,6 +70,8 @@ def sparse_crosscoder(sources, store, arch="relu", k=None, seed=0) -> cc.Crossco
         m.b_enc[DEAD] = -1e3
         if arch == "batchtopk":
             m.threshold.fill_(0.05)
+        if arch == "jumprelu":  # per-latent thresholds that cut part of each latent's activity
+            m.set_thresholds(torch.linspace(0.0, 0.3, N_LATENTS))
     return m.eval()
 
 
@@ -234,9 +236,10 @@ def test_latent_encoder_on_a_subset_equals_the_full_encode(setup):
     store = open_store(setup["store"])
     x = {n: store.read(n, 0, 50) for n in store.names}
     chosen = np.array([1, 4, 7, 20])
-    for arch, k in (("relu", None), ("batchtopk", 3), ("topk", 3)):
+    for arch, k in (("relu", None), ("batchtopk", 3), ("topk", 3), ("jumprelu", None)):
         model = sparse_crosscoder(sources_for(setup["tiny"]), store, arch, k)
         full = model.encode({n: torch.from_numpy(v) for n, v in x.items()}).detach()
+        assert full[:, chosen].count_nonzero() > 0
         part = db.LatentEncoder(model, chosen, torch.device("cpu"))(x)
         torch.testing.assert_close(part, full[:, chosen], rtol=1e-5, atol=1e-6)
 

@@ -23,8 +23,9 @@ from xcli.export import ExportConfig, export
 from xcli.export.common import crosscoder_id, default_set_name
 from xcli.source import Source
 
-ARCHS = [("relu", None), ("batchtopk", 3), ("topk", 3)]
-CLASSES = {"relu": sae_lens.StandardSAE, "batchtopk": sae_lens.JumpReLUSAE, "topk": sae_lens.TopKSAE}
+ARCHS = [("relu", None), ("batchtopk", 3), ("topk", 3), ("jumprelu", None)]
+CLASSES = {"relu": sae_lens.StandardSAE, "batchtopk": sae_lens.JumpReLUSAE, "topk": sae_lens.TopKSAE,
+           "jumprelu": sae_lens.JumpReLUSAE}
 ROWS = 120
 
 
@@ -94,7 +95,8 @@ def test_saelens_loads_every_slice_and_computes_the_crosscoder(tiny, store_path,
         sae = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
         assert type(sae) is CLASSES[arch] and sae.cfg.d_in == source.d and sae.cfg.d_sae == N_LATENTS
         w = load_file(str(folder / "sae_weights.safetensors"))
-        assert set(w) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if arch == "batchtopk" else set())
+        thresholded = arch in ("batchtopk", "jumprelu")
+        assert set(w) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if thresholded else set())
         assert w["W_enc"].shape == (source.d, N_LATENTS) and w["W_dec"].shape == (N_LATENTS, source.d)
         x = rows(store_path, source.name)
         f, recon = on_its_own(model, source.name, x) if arch != "topk" else slice_rule(model, source.name, x)

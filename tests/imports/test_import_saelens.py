@@ -112,9 +112,8 @@ def jumprelu(thresholds_from, tmp_path):
 def test_jumprelu_with_one_batchtopk_threshold_becomes_batchtopk(tmp_path):
     theta = 0.7
     sae, folder = jumprelu(lambda norms: theta / norms, tmp_path)  # as SAELens saves a rescaled BatchTopK
-    with pytest.raises(BadInput, match="give --k"):
-        imported(folder, tmp_path)
-    model = imported(folder, tmp_path, k=4)
+    assert imported(folder, tmp_path).arch == "jumprelu"  # without k: its thresholds kept per latent
+    model = imported(folder, tmp_path, k=4, overwrite=True)
     assert model.arch == "batchtopk" and float(model.threshold) == pytest.approx(theta, rel=1e-6)
     x = x_in()
     pre = x @ sae.W_enc.detach() + sae.b_enc.detach()
@@ -126,11 +125,23 @@ def test_jumprelu_with_one_batchtopk_threshold_becomes_batchtopk(tmp_path):
         torch.testing.assert_close(x_hat, sae(x), rtol=1e-5, atol=1e-5)
 
 
-def test_jumprelu_with_per_latent_thresholds_is_refused(tmp_path):
-    _, folder = jumprelu(lambda norms: torch.rand(F, generator=torch.Generator().manual_seed(3)), tmp_path)
-    with pytest.raises(BadInput, match="per-latent thresholds"):
+def test_jumprelu_with_per_latent_thresholds_becomes_jumprelu(tmp_path):
+    """Per-latent thresholds, some below 0 (SAELens fires those at p > 0: xc's threshold 0)."""
+    thresholds = torch.rand(F, generator=torch.Generator().manual_seed(3)) * 0.8 - 0.1
+    sae, folder = jumprelu(lambda norms: thresholds, tmp_path)
+    with pytest.raises(BadInput, match="differ per latent"):
         imported(folder, tmp_path, k=4)
     assert not (tmp_path / "xc.safetensors").exists()
+    model = imported(folder, tmp_path)
+    assert model.arch == "jumprelu" and bool((thresholds < 0).any())
+    x = x_in()
+    pre = x @ sae.W_enc.detach() + sae.b_enc.detach()
+    f_ref = torch.relu(pre) * (pre > thresholds)  # SAELens JumpReLU
+    assert 0 < int((f_ref > 0).sum()) < int((pre > 0).sum())
+    f, x_hat = run(model, x)
+    torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(x_hat, sae(x), rtol=1e-5, atol=1e-5)
 
 
 def test_transcoder_reads_one_site_and_writes_another(tmp_path):
@@ -146,6 +157,7 @@ def test_transcoder_reads_one_site_and_writes_another(tmp_path):
     x = x_in()
     f, x_hat = run(model, x)
     f_ref = torch.relu(x @ sae.W_enc.detach() + sae.b_enc.detach())
+    torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_hat, f_ref @ sae.W_dec.detach() + sae.b_dec.detach(), rtol=1e-5, atol=1e-5)
 
 

@@ -271,9 +271,11 @@ def test_scale_adds_exactly_S_times_decoder_row_over_input_scale_at_each_site(ti
     assert not steering._handles  # hooks removed on exit
 
 
-def test_clamp_sets_the_latent_to_V_when_reencoded(tiny, tmp_path):
+@pytest.mark.parametrize("arch", ["relu", "jumprelu"])
+def test_clamp_sets_the_latent_to_V_when_reencoded(tiny, tmp_path, arch):
     sources = [Source("m.resid_post.1", "m", "resid_post", 1, 32)]
-    cc = checkpoint(tmp_path / "x.safetensors", sources, F=8, orthonormal=True, scales={"m.resid_post.1": 0.3})
+    cc = checkpoint(tmp_path / "x.safetensors", sources, F=8, orthonormal=True, scales={"m.resid_post.1": 0.3},
+                    arch=arch)
     model, tok = load(tiny["gpt2"]), tokenizer(tiny["gpt2"])
     steering = amp.Steering(model, cc, sources, [5], "clamp")
     after = {}

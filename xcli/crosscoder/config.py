@@ -6,7 +6,17 @@ the model code (xcli.crosscoder.model, xcli.crosscoder.fmx).
 
 from xcli.errors import BadInput
 
-ARCHS = ("relu", "topk", "batchtopk")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+THRESHOLD_ARCHS = ("jumprelu",)
+"""--arch values with a learned threshold per latent (xcli.crosscoder.jumprelu): no k."""
+
+# JumpReLU training defaults: Anthropic's January 2025 update, as the crosscode trainer records them
+# (oli-clive-griffin/model-diffing, crosscode/trainers/jan_update_crosscoder/config.py).
+JUMPRELU_TANH_PENALTY = 20.0      # final λ_s; it rises linearly from 0 over the run
+JUMPRELU_TANH_SCALE = 4.0         # c in tanh(c · f_i · ||d_i||)
+JUMPRELU_PREACT_PENALTY = 3e-6    # λ_p
+JUMPRELU_BANDWIDTH = 2.0          # ε of the straight-through estimator's rectangle kernel
+JUMPRELU_LOG_THRESHOLD = 0.1      # log θ at the start ("they set log t to 0.1, not t"): θ = e^0.1
 FMX_ARCHS = ("fmx", "fmx-topk", "fmx-relu")
 """--arch values of fmxcoders; `fmx` selects with BatchTopK, as the paper does."""
 FACTORIZATIONS = ("tr", "cp")

@@ -9,16 +9,18 @@ Decoder norms (used for classification) are in normalised units.
 
 act is ReLU (with an L1 penalty weighted by the sum of per-source decoder norms),
 TopK per token, or BatchTopK (top k*B over the batch in training; a learned global
-threshold at inference, so that encoding one token never depends on its batch).
+threshold at inference, so that encoding one token never depends on its batch), or
+JumpReLU (f_i = h_i where h_i > θ_i, a learned threshold per latent; xcli.crosscoder.jumprelu).
 Latents are ranked by f_i * sum_s ||W_dec,i^s||; the kept values are the unscaled f_i.
 
 The checkpoint (man/xc-checkpoint.5) is one safetensors file: tensors
 `encoder.<source>` (d_s, F), `decoder.<source>` (F, d_s), `encoder_bias` (F,),
 `decoder_bias.<source>` (d_s,), `input_scale.<source>` (), `threshold` () for
-batchtopk, and metadata key "xc" holding a JSON description.
+batchtopk or (F,) for jumprelu, and metadata key "xc" holding a JSON description.
 """
 
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,8 +30,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from xcli import console, strict_json
-from xcli.crosscoder import sparse
-from xcli.crosscoder.config import ARCHS
+from xcli.crosscoder import jumprelu, sparse
+from xcli.crosscoder.config import ARCHS, THRESHOLD_ARCHS
 from xcli.crosscoder.partition import Partition
 from xcli.distributed import SINGLE, Comm
 from xcli.errors import BadInput
@@ -105,6 +107,12 @@ class Crosscoder(nn.Module):
         self.b_dec = nn.ParameterList([nn.Parameter(torch.zeros(d[n])) for n in write])
         self.register_buffer("input_scale", torch.ones(len(sources)))
         self.register_buffer("threshold", torch.zeros(()))
+        if arch == "jumprelu":  # θ_i = exp(log_threshold_i), trained (xcli.crosscoder.jumprelu)
+            self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(jumprelu.DEFAULT_INITIAL_THRESHOLD)))
+            # training settings (xc train sets them from its options; not part of the checkpoint's tensors)
+            self.bandwidth = jumprelu.DEFAULT_BANDWIDTH
+            self.tanh_scale = jumprelu.DEFAULT_TANH_SCALE
+            self.preact_penalty = jumprelu.DEFAULT_PREACT_PENALTY
 
     # -- parameters by source name ------------------------------------------------
     def scale(self, name: str) -> Tensor:
@@ -153,6 +161,15 @@ class Crosscoder(nn.Module):
         """Per-latent decoder norm in each written source, shape (F, n_write), normalised units."""
         return torch.stack([w.norm(dim=1) for w in self.W_dec], dim=1)
 
+    def thresholds(self) -> Tensor:
+        """JumpReLU: the per-latent thresholds θ (F,) on the pre-activations, differentiable."""
+        return self.log_threshold.exp()
+
+    @torch.no_grad()
+    def set_thresholds(self, theta: Tensor) -> None:
+        """JumpReLU: set θ (F,), values >= 0 (0 gives log θ = -inf: the latent is a plain ReLU)."""
+        self.log_threshold.copy_(torch.as_tensor(theta, dtype=torch.float32).log())
+
     def scores(self, f: Tensor) -> Tensor:
         """The selection score f_i * sum_s ||W_dec,i^s|| that TopK, BatchTopK and the threshold use."""
         return f * self.decoder_norms().sum(dim=1)
@@ -165,6 +182,8 @@ class Crosscoder(nn.Module):
 
     def activate(self, pre: Tensor, batch_select: bool | None = None) -> Tensor:
         """The activation function. batch_select: BatchTopK over the batch (default: in training)."""
+        if self.arch == "jumprelu":
+            return jumprelu.jumprelu(pre, self.thresholds(), self.bandwidth)
         f = torch.relu(pre)
         if self.arch == "relu":
             return f
@@ -205,8 +224,8 @@ class Crosscoder(nn.Module):
         Data-parallel: x is this rank's share of a batch of `batch_rows` rows, and BatchTopK
         selects over the whole batch through `comm`. Split over sources (`self.source_comm`): x holds
         this rank's sources of the whole batch, and every rank makes the same selection."""
-        if self.arch == "relu":
-            raise ValueError("forward_sparse is for topk and batchtopk; relu latents are dense")
+        if self.arch in ("relu", *THRESHOLD_ARCHS):
+            raise ValueError(f"forward_sparse is for topk and batchtopk; {self.arch} latents are computed densely")
         device = self.b_enc.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
         enc, dec = list(self.W_enc), list(self.W_dec)  # once: computed from factors in xcli.crosscoder.fmx
@@ -319,7 +338,12 @@ class Crosscoder(nn.Module):
                 "selection_score": "f_i * sum_s ||W_dec,i^s||",
                 "decoder_norm_units": "normalised (input scaled so mean squared norm = d_s)",
             },
-        } | ({"partition": self.partition.to_json()} if self.partition else {})
+        } | ({"partition": self.partition.to_json()} if self.partition else {}) | (
+            {"jumprelu": {"activation": "f_i = h_i if h_i > threshold_i else 0, h the pre-activation in normalised "
+                                        "units; tensor threshold (F,)",
+                          "sparsity_penalty": "lambda_s(t) * sum_i tanh(c * f_i * sum_s ||W_dec,i^s||) + lambda_p * "
+                                              "sum_i relu(threshold_i - h_i) * sum_s ||W_dec,i^s||"}}
+            if self.arch == "jumprelu" else {})
 
 
 def checkpoint_tensors(model: Crosscoder) -> dict[str, Tensor]:
@@ -333,6 +357,8 @@ def checkpoint_tensors(model: Crosscoder) -> dict[str, Tensor]:
         tensors[f"input_scale.{s.name}"] = model.scale(s.name)
     if model.arch == "batchtopk":
         tensors["threshold"] = model.threshold
+    if model.arch == "jumprelu":
+        tensors["threshold"] = model.thresholds()
     tensors.update(model.extra_tensors())
     return {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
 
@@ -394,9 +420,10 @@ def check_metadata(meta, where: str) -> list[Source]:
         raise BadInput(f"{where}: arch {arch!r:.40} is not known; xc reads {', '.join(ARCHS)}")
     if not (_is_int(n) and 1 <= n <= MAX_LATENTS):
         raise BadInput(f"{where}: n_latents {n!r:.40} is not a whole number from 1 to {MAX_LATENTS}")
-    if arch != "relu" or k is not None:
+    k_optional = arch in ("relu", *THRESHOLD_ARCHS)
+    if not k_optional or k is not None:
         if not (_is_int(k) and 1 <= k < n):
-            need = "a whole number" if arch != "relu" else "null or a whole number"
+            need = "a whole number" if not k_optional else "null or a whole number"
             raise BadInput(f"{where}: k {k!r:.40} is not {need} from 1 to n_latents - 1 ({n - 1}) for arch {arch}")
     listed = meta.get("sources")
     if not isinstance(listed, list) or not listed:
@@ -460,6 +487,8 @@ def expected_shapes(meta: dict, sources: list[Source]) -> dict[str, tuple[int, .
     shapes.update({f"input_scale.{s.name}": () for s in sources})
     if meta["arch"] == "batchtopk":
         shapes["threshold"] = ()
+    if meta["arch"] == "jumprelu":
+        shapes["threshold"] = (n,)
     if "fmx" in meta:
         shapes.update({f"fmx.{part}.{mode}": None for part in ("encoder", "decoder")
                        for mode in ("layer", "activation", "latent")})
@@ -537,6 +566,13 @@ def load(path, device: str | torch.device = "cpu") -> Crosscoder:
                                    f"expected a scale above 0")
             if model.arch == "batchtopk":
                 model.threshold.copy_(get("threshold"))
+            if model.arch == "jumprelu":
+                theta = get("threshold")
+                if bool((theta < 0).any()):
+                    i = int((theta < 0).nonzero()[0, 0])
+                    raise BadInput(f"{where(path)}: tensor threshold holds {float(theta[i]):.6g} at latent {i}; "
+                                   f"JumpReLU thresholds must be 0 or more")
+                model.set_thresholds(theta)
     if meta.get("partition") is not None:
         model.partition = Partition.from_json(meta["partition"], where(path))
         model.partition.check_weights(model, where(path))

@@ -16,8 +16,8 @@ when DIR is PARENT/NAME, or uploaded as a hub repository with `load_transcoder_f
 Each layer is one xc checkpoint that reads one source and writes one source of the same width
 (`xc train --read IN --write OUT`), both in block L (resid_post of layer L-1 is hook_resid_pre
 of block L, and resid_pre of layer L+1 is hook_resid_post of block L). Weights are written in raw
-units (input scales folded). ReLU maps to ReLU; BatchTopK to JumpReLU with threshold_i =
-theta / ||W_dec,i|| (xc's inference rule, exactly); TopK has no circuit-tracer form and is refused.
+units (input scales folded). ReLU maps to ReLU; JumpReLU to JumpReLU with its thresholds;
+BatchTopK to JumpReLU with threshold_i = theta / ||W_dec,i|| (xc's inference rule, exactly); TopK has no circuit-tracer form and is refused.
 """
 
 from pathlib import Path
@@ -60,7 +60,7 @@ def layer_plan(model: cc.Crosscoder, path: Path, hooks: tuple[str, str] | None) 
                        f"one source and writes another (xc train --read IN --write OUT)")
     if model.arch == "topk":
         raise BadInput(f"{where} is a TopK transcoder; circuit-tracer's transcoder sets load ReLU and JumpReLU "
-                       f"only (train with --arch batchtopk or relu)")
+                       f"only (train with --arch batchtopk, jumprelu or relu)")
     sources = {s.name: s for s in model.sources}
     s_in, s_out = sources[model.read[0]], sources[model.write[0]]
     if s_in.d != s_out.d:
@@ -97,6 +97,8 @@ def transcoder_tensors(model: cc.Crosscoder) -> dict[str, torch.Tensor]:
             "W_dec": (model.decoder_weight(name_out).float() / model.scale(name_out)).contiguous(),
             "b_dec": (model.decoder_bias(name_out).float() / model.scale(name_out)).contiguous(),
         }
+        if model.arch == "jumprelu":  # x * (x > threshold) on the same pre-activation
+            tensors["activation_function.threshold"] = model.thresholds().detach().float().clone()
         if model.arch == "batchtopk":
             norms = model.decoder_norms().sum(dim=1).float()  # the selection score's norms (normalised units)
             theta, dead = max(float(model.threshold), 0.0), norms <= 0

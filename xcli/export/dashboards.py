@@ -61,7 +61,7 @@ def sample_key(rows: Tensor, latents: Tensor) -> Tensor:
 class LatentEncoder:
     """Raw store rows -> activations of chosen latents, shape (rows, len(latents)).
 
-    ReLU and BatchTopK (at inference, a per-latent threshold) encode each latent on
+    ReLU, BatchTopK (at inference, a per-latent threshold) and JumpReLU encode each latent on
     its own, so only the chosen encoder columns are multiplied; TopK needs all
     latents to pick the k best, so it encodes everything and selects.
     """
@@ -75,6 +75,8 @@ class LatentEncoder:
                 self.W = [model.encoder_weight(n)[:, self.latents].contiguous() for n in model.read]
                 self.b = model.b_enc[self.latents]
                 self.norm_sum = model.decoder_norms().sum(dim=1)[self.latents]
+                if model.arch == "jumprelu":
+                    self.theta = model.thresholds()[self.latents]
 
     @torch.no_grad()
     def __call__(self, x: dict[str, np.ndarray]) -> Tensor:
@@ -86,6 +88,8 @@ class LatentEncoder:
         pre = self.b
         for name, w in zip(self.model.read, self.W):
             pre = pre + (xs[name].to(w.dtype) * self.model.scale(name)) @ w
+        if self.model.arch == "jumprelu":
+            return pre * (pre > self.theta)
         f = torch.relu(pre)
         if self.model.arch == "batchtopk":
             f = f * (f * self.norm_sum > self.model.threshold)

@@ -45,8 +45,9 @@ def saelens_slice(model: cc.Crosscoder, name: str) -> tuple[str, dict[str, torch
     """One source of the crosscoder as a single-source SAE in raw units: (architecture, weights, extra cfg).
 
     The slice encodes from this source alone (as if every other source were 0).
-    ReLU -> "standard" and BatchTopK -> "jumprelu" with threshold_i = theta / sum_s ||d_i^s||
-    (exactly our inference rule): latents are the crosscoder's, decoder rows its raw ones.
+    ReLU -> "standard", JumpReLU -> "jumprelu" with its thresholds, and BatchTopK -> "jumprelu"
+    with threshold_i = theta / sum_s ||d_i^s|| (exactly our inference rule): latents are the
+    crosscoder's, decoder rows its raw ones.
     TopK -> "topk" with rescale_acts_by_decoder_norm and unit decoder rows, already folded:
     latent i is f_i * r_i with r_i = ||d_i^this|| / c_this (its decoder norm in raw units), and the
     top k are picked by that. SAELens's folded TopK ranks by the norm of a latent's contribution to
@@ -63,6 +64,8 @@ def saelens_slice(model: cc.Crosscoder, name: str) -> tuple[str, dict[str, torch
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     if model.arch == "relu":
         return "standard", tensors, {}
+    if model.arch == "jumprelu":  # the same rule on the same pre-activation: threshold_i = theta_i
+        return "jumprelu", {**tensors, "threshold": model.thresholds().detach().float().clone()}, {}
     if model.arch == "batchtopk":
         theta = max(float(model.threshold), 0.0)
         dead = norm_sum <= 0

@@ -7,7 +7,7 @@ from pathlib import Path
 from xcli.errors import BadInput
 from xcli.options import option, overwrite_option
 
-FORMATS = ("auto", "dictionary-learning", "saelens")
+FORMATS = ("auto", "dictionary-learning", "crosscode", "gemma-scope", "saelens")
 SOURCE_SPEC = re.compile(r"^(?:(?P<name>[^=:]+)=)?(?P<model>[^:]+):(?P<site>[^:]+)(?::(?P<layer>\d+))?$")
 
 
@@ -24,8 +24,10 @@ def source_spec(text: str) -> tuple[str | None, str, str, int | None]:
 @dataclass(frozen=True)
 class ImportConfig:
     path: Path = option(help="The published dictionary: a state dict (.pt, loaded weights-only), a .safetensors "
-                             "file, or a folder (SAELens: cfg.json + sae_weights.safetensors; dictionary_learning "
-                             "on the hub: config.json + model.safetensors).", argument=True, metavar="PATH")
+                             "or .npz file, or a folder (SAELens: cfg.json + sae_weights.safetensors; "
+                             "dictionary_learning on the hub: config.json + model.safetensors; crosscode: model.pt + "
+                             "model_cfg.yaml; Gemma Scope: params.npz, or params.safetensors + config.json).",
+                        argument=True, metavar="PATH")
     output: Path = option(help="The xc checkpoint to write (.safetensors).", flags=("-o", "--output"),
                           metavar="CHECKPOINT")
     format: str = option("auto", "The layout of PATH; auto tells it from the tensor names and config files, and "
@@ -34,11 +36,14 @@ class ImportConfig:
         (), "What each of the dictionary's layers is, in its own order: the model, the site (an xc site such as "
             "resid_post, or a module path) and the layer; NAME is the source's name in xc (default "
             "MODEL.SITE.LAYER, as xc harvest names them). Needed for dictionary_learning crosscoders, which do "
-            "not record it; SAELens records it (--source then overrides: the input, then a transcoder's output).",
+            "not record it, and Gemma Scope's params.npz (one for an SAE, two for a transcoder); SAELens records "
+            "it, crosscode in the experiment_config.yaml above its step folders and Gemma Scope 2 in config.json "
+            "(--source then overrides: the input, then a transcoder's output; crosscode: model-major).",
         flags=("--source",), metavar="[NAME=]MODEL:SITE[:LAYER]", multiple=True, parse=source_spec)
     k: int | None = option(None, "BatchTopK's k for a dictionary that does not record it (a SAELens JumpReLU whose "
-                                 "thresholds are one BatchTopK threshold, as SAELens saves BatchTopK SAEs). Only "
-                                 "training-time selection uses k; inference uses the threshold.", metavar="K")
+                                 "thresholds are one BatchTopK threshold, as SAELens saves BatchTopK SAEs: with K it "
+                                 "becomes BatchTopK, without it JumpReLU). Only training-time selection uses k; "
+                                 "inference uses the threshold.", metavar="K")
     overwrite: bool = overwrite_option("CHECKPOINT if it exists")
 
     def __post_init__(self):

@@ -15,9 +15,11 @@ inference, with b = b_dec when apply_b_dec_to_input:
 
 Mapped exactly: standard and transcoder -> relu (b folded into b_enc); topk -> topk (rescaled: the norms
 folded into the encoder, unit decoder rows; unrescaled: only when every decoder row has one norm, since
-xc ranks by f_i * ||W_dec,i||); jumprelu -> batchtopk when threshold_i * ||W_dec,i|| is one number theta
-(xc's rule f_i * ||W_dec,i|| > theta; what `xc export --format saelens` writes), and -> relu when every
-threshold is 0. Other JumpReLUs need per-latent thresholds, which xc checkpoints cannot hold: refused.
+xc ranks by f_i * ||W_dec,i||); jumprelu -> batchtopk when threshold_i * ||W_dec,i|| is one number theta and
+k is known (cfg.json or --k; xc's rule f_i * ||W_dec,i|| > theta, what `xc export --format saelens`
+wrote for BatchTopK before xc had JumpReLU), -> relu when every threshold is 0, and -> jumprelu with the
+thresholds kept otherwise (xc's f = p * (p > threshold) is SAELens's ReLU(p) * (p > threshold) once a
+threshold below 0 becomes 0).
 """
 
 from pathlib import Path
@@ -167,7 +169,7 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         enc_bias = enc_bias - b_dec @ W_enc
         record["apply_b_dec_to_input"] = "folded into encoder_bias"
     norms = W_dec.norm(dim=1)
-    xc_arch, k, theta = "relu", None, None
+    xc_arch, k, theta, per_latent = "relu", None, None, None
     if arch == "topk":
         xc_arch, k = "topk", (k_override or top_k(cfg))
         if k is None:
@@ -188,15 +190,20 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
             record["threshold"] = "every threshold 0: a ReLU"
         else:
             theta = one_threshold(threshold, norms, where)
-            if theta is None:
-                raise BadInput(f"{where}: its JumpReLU has per-latent thresholds (threshold_i * ||W_dec,i|| is not "
-                               f"one number); xc checkpoints hold one BatchTopK threshold, so it is not imported "
-                               f"(JumpReLU is an architecture of its own)")
-            xc_arch, k = "batchtopk", (k_override or top_k(cfg))
-            if k is None:
-                raise BadInput(f"{where}: its thresholds are one BatchTopK threshold ({theta:.6g}) but {CFG} has no "
-                               f"k; give --k (the k it was trained with)")
-            record["threshold"] = f"threshold_i * ||W_dec,i|| = {theta:.9g} for every latent: xc's BatchTopK rule"
+            k = k_override or top_k(cfg)
+            if theta is not None and k is not None:  # a BatchTopK SAE as SAELens saves one: back to BatchTopK
+                xc_arch = "batchtopk"
+                record["threshold"] = f"threshold_i * ||W_dec,i|| = {theta:.9g} for every latent: xc's BatchTopK rule"
+            else:
+                if k_override is not None:
+                    raise BadInput(f"{where}: --k {k_override} applies to a JumpReLU whose thresholds are one "
+                                   f"BatchTopK threshold (threshold_i * ||W_dec,i|| one number); these differ per "
+                                   f"latent, so it is imported as JumpReLU without --k")
+                record["threshold"] = ("per latent: f_i = ReLU(p_i) where p_i > threshold_i (xc's JumpReLU; "
+                                       "thresholds below 0 become 0, the same rule)")
+                if theta is not None:
+                    record["threshold"] += "; they are one BatchTopK threshold: --k K imports it as BatchTopK"
+                xc_arch, k, theta, per_latent = "jumprelu", None, None, threshold.clamp(min=0)
     if k is not None and not 0 < k < F:
         raise BadInput(f"{where}: k {k} must be between 1 and d_sae - 1 ({F - 1})")
     sources = sources_of(cfg, specs, d_in, d_out if transcoder else None, where)
@@ -209,6 +216,8 @@ def convert(path: Path, specs, k_override: int | None = None) -> Imported:
         model.decoder_bias(names[-1]).copy_(b_dec)
         if theta is not None:
             model.threshold.fill_(theta)
+        if per_latent is not None:
+            model.set_thresholds(per_latent)
         if scale is not None:  # a training checkpoint: SAELens multiplies the input by it, divides the output
             model.input_scale.fill_(scale)
     record["sources"] = {"input": names[0], "output": names[-1]}
