@@ -10,6 +10,11 @@ from xcli.crosscoder.config import (
     ARCHS,
     FACTORIZATIONS,
     FMX_ARCHS,
+    JUMPRELU_BANDWIDTH,
+    JUMPRELU_LOG_THRESHOLD,
+    JUMPRELU_PREACT_PENALTY,
+    JUMPRELU_TANH_PENALTY,
+    JUMPRELU_TANH_SCALE,
     SOURCE_PARALLEL_ARCHS,
     activation_of,
     check_fmx_options,
@@ -64,7 +69,9 @@ class TrainConfig:
               "and writing layer n+1 makes a transcoder.", metavar="NAMES", parse=name_list)
     arch: str = option(
         "batchtopk", "relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; batchtopk: "
-        "the k*B best per batch, with a learned threshold at inference. fmx: a factorized masked crosscoder "
+        "the k*B best per batch, with a learned threshold at inference; jumprelu: a learned threshold per latent "
+        "(Anthropic's January 2025 recipe: tanh sparsity penalty and pre-activation loss; see --tanh-penalty, "
+        "--tanh-scale, --preact-penalty, --bandwidth, --initial-threshold). fmx: a factorized masked crosscoder "
         "(fmxcoder) over layers of one model, selecting with batchtopk; fmx-topk and fmx-relu select with topk "
         "and relu. See --factorization, --ranks, --mask-prob.", choices=TRAIN_ARCHS)
     latents: int | None = option(None, "Dictionary size F.")
@@ -73,6 +80,23 @@ class TrainConfig:
     k: int | None = option(None, "Active latents per token, for topk and batchtopk (default 32).")
     l1: float | None = option(None, "Sparsity penalty lambda for relu (default 2.0); it warms up over the first "
                                     "5% of steps.")
+    tanh_penalty: float | None = option(
+        None, f"jumprelu: the sparsity coefficient lambda_s of lambda_s * sum_i tanh(c * f_i * sum_s ||W_dec,i^s||), "
+              f"reached at the end of the run: it rises linearly from 0 over all steps (default "
+              f"{JUMPRELU_TANH_PENALTY:g}, Anthropic's). Raise it for fewer active latents.")
+    tanh_scale: float | None = option(None, f"jumprelu: c in the tanh sparsity penalty (default "
+                                            f"{JUMPRELU_TANH_SCALE:g}, Anthropic's).")
+    preact_penalty: float | None = option(
+        None, f"jumprelu: lambda_p of the pre-activation loss lambda_p * sum_i relu(theta_i - h_i) * "
+              f"sum_s ||W_dec,i^s||, which keeps latents from dying (default {JUMPRELU_PREACT_PENALTY:g}, "
+              f"Anthropic's; 0 turns it off).")
+    bandwidth: float | None = option(
+        None, f"jumprelu: width of the rectangle kernel of the straight-through estimator that trains the "
+              f"thresholds (default {JUMPRELU_BANDWIDTH:g}, Anthropic's).")
+    initial_threshold: float | None = option(
+        None, f"jumprelu: every latent's threshold theta at the start (default e^{JUMPRELU_LOG_THRESHOLD:g}, "
+              f"about {math.exp(JUMPRELU_LOG_THRESHOLD):.3f}: Anthropic start log theta at "
+              f"{JUMPRELU_LOG_THRESHOLD:g}).")
     batch_size: int = option(4096, "Tokens per step.", metavar="N", parse=count)
     tokens: int | None = option(None, "Training tokens, e.g. 50M (rounded up to whole batches; several epochs "
                                       "when it exceeds the store). Default: one pass over the training rows.",
@@ -175,12 +199,23 @@ class TrainConfig:
             raise BadInput("--tokens and --steps both set the length of training; give one of them")
         if self.k is not None and self.activation == "relu":
             raise BadInput("--k applies to --arch topk and batchtopk; relu uses --l1")
+        if self.k is not None and self.activation == "jumprelu":
+            raise BadInput("--k applies to --arch topk and batchtopk; jumprelu learns a threshold per latent "
+                           "(use --tanh-penalty for sparsity)")
+        jump_options = ("tanh_penalty", "tanh_scale", "preact_penalty", "bandwidth", "initial_threshold")
+        if self.activation != "jumprelu":
+            for name in jump_options:
+                if getattr(self, name) is not None:
+                    raise BadInput(f"--{name.replace('_', '-')} applies to --arch jumprelu, not {self.arch}")
+        if self.activation == "jumprelu" and self.k_aux:
+            raise BadInput("--k-aux applies to --arch topk and batchtopk; jumprelu's pre-activation loss "
+                           "(--preact-penalty) keeps latents alive instead")
         if self.l1 is not None and self.activation != "relu":
             raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses --k")
         for name in ("latents", "expansion", "k", "batch_size", "tokens", "steps", "lr", "dead_tokens",
-                     "shuffle_buffer", "log_every", "checkpoint_every"):
+                     "shuffle_buffer", "log_every", "checkpoint_every", "tanh_scale", "bandwidth", "initial_threshold"):
             positive(name, getattr(self, name))
-        for name in ("l1", "warmup", "clip", "k_aux"):
+        for name in ("l1", "warmup", "clip", "k_aux", "tanh_penalty", "preact_penalty"):
             positive(name, getattr(self, name), zero_ok=True)
         if not 0 <= self.decay <= 1:
             raise BadInput(f"--decay {self.decay} must be between 0 and 1")
