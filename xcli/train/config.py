@@ -259,3 +259,39 @@ class TrainConfig:
         """The fields that determine the weights (recorded in the checkpoint, compared on resume)."""
         return {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Everything `xc convert` needs: a BatchTopK checkpoint becomes a JumpReLU one (xcli.train.convert)."""
+
+    checkpoint: str = option(help="The BatchTopK checkpoint (.safetensors); - reads its path from stdin.",
+                             argument=True, metavar="CHECKPOINT")
+    stores: tuple[str, ...] = option(help="Activation stores holding the checkpoint's sources (rows lined up).",
+                                     argument=True, multiple=True, metavar="STORE...")
+    output: str = option(help="The JumpReLU checkpoint to write (.safetensors; format in xc-checkpoint(5)).",
+                         flags=("-o", "--output"), metavar="FILE")
+    all_rows: bool = option(False, "Calibrate on every row of the stores (stores the checkpoint was not trained "
+                                   "on). Default: the rows `xc train` held out.")
+    max_rows: int = option(65536, "Calibrate on at most this many rows (whole chunks, the first ones); they are "
+                                  "held in memory.", metavar="N", parse=count)
+    batch_size: int | None = option(None, "Rows per BatchTopK selection (the k*B best of each batch) when finding "
+                                          "each latent's smallest selected pre-activation. Default: the batch size "
+                                          "the checkpoint was trained with, else 4096.", metavar="N", parse=count)
+    target_l0: float | None = option(None, "Mean active latents per row the thresholds are scaled to on the "
+                                           "calibration rows. Default: the checkpoint's k.")
+    device: str = device_option("the calibration runs")
+    overwrite: bool = overwrite_option("an existing output checkpoint")
+    storage_options: tuple = remote.storage_options_option()
+
+    def __post_init__(self):
+        remote.configure(self.storage_options)
+        if not self.stores:
+            raise BadInput("give at least one activation store")
+        if self.max_rows < 1:
+            raise BadInput(f"--max-rows {self.max_rows} must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise BadInput(f"--batch-size {self.batch_size} must be at least 1")
+        if self.target_l0 is not None and not (math.isfinite(self.target_l0) and self.target_l0 > 0):
+            raise BadInput(f"--target-l0 {self.target_l0} must be positive and finite")
+        check_device(self.device)
