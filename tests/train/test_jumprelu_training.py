@@ -99,6 +99,7 @@ def test_jumprelu_trains_resumes_exactly_and_its_consumers_read_it(small_store, 
     (dict(arch="batchtopk", tanh_penalty=1.0), "--tanh-penalty applies to --arch jumprelu, not batchtopk"),
     (dict(arch="jumprelu", k=None, bandwidth=0.0), "--bandwidth 0.0 must be positive"),
     (dict(arch="jumprelu", k=None, k_aux=8), "--k-aux applies to --arch topk and batchtopk"),
+    ({"arch": "jumprelu", "k": None, "l1": 1.0}, "--l1 applies to --arch relu; jumprelu uses --tanh-penalty"),
 ])
 def test_jumprelu_options_are_checked(small_store, tmp_path, overrides, message):
     with pytest.raises(BadInput, match=message):

@@ -211,7 +211,8 @@ class TrainConfig:
             raise BadInput("--k-aux applies to --arch topk and batchtopk; jumprelu's pre-activation loss "
                            "(--preact-penalty) keeps latents alive instead")
         if self.l1 is not None and self.activation != "relu":
-            raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses --k")
+            sparsity = "--tanh-penalty" if self.activation == "jumprelu" else "--k"
+            raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses {sparsity}")
         for name in ("latents", "expansion", "k", "batch_size", "tokens", "steps", "lr", "dead_tokens",
                      "shuffle_buffer", "log_every", "checkpoint_every", "tanh_scale", "bandwidth", "initial_threshold"):
             positive(name, getattr(self, name))
