@@ -15,7 +15,10 @@ training rows (the chunks `xc train` does not hold out) for the same number of t
   BatchTopK with the same selection score as xc; written plainly here, sharing no code
   with xc's trainer;
 - xc: `xcli.train.train` with its defaults (the set fixes only F, k, batch and tokens;
-  --xc KEY=VALUE overrides a TrainConfig field, for studies of the recipe).
+  --xc KEY=VALUE overrides a TrainConfig field, for studies of the recipe);
+- xc-jumprelu (only when asked, `--trainers xc,xc-jumprelu`): xc with --arch jumprelu, the same
+  F, batch and tokens, no k; `--tanh-penalty` sets its sparsity coefficient (L0 follows from it,
+  so compare at the L0 the table shows).
 
 Both are scored alike on the held-out rows (xcli.analysis): recovery (share of planted
 features with a latent whose decoder has cosine > 0.9), class accuracy (two-model sets),
@@ -136,9 +139,11 @@ def reference_train(store: Path, p: Protocol, seed: int) -> Crosscoder:
 
 # -- xc and the scoring -----------------------------------------------------------------------
 
-def xc_train(store: Path, p: Protocol, seed: int, work: Path, overrides: dict) -> Crosscoder:
+def xc_train(store: Path, p: Protocol, seed: int, work: Path, overrides: dict, jump: dict | None = None) -> Crosscoder:
+    """xc's trainer; `jump`: train --arch jumprelu with these options (e.g. tanh_penalty) instead."""
     out = Path(tempfile.mkdtemp(dir=work)) / f"{store.stem}-xc-{seed}.safetensors"  # runs may overlap
-    cfg = TrainConfig(stores=(str(store),), output=str(out), overwrite=True, latents=p.latents, k=p.k,
+    arch = {"latents": p.latents, "k": p.k} if jump is None else {"latents": p.latents, "arch": "jumprelu", **jump}
+    cfg = TrainConfig(stores=(str(store),), output=str(out), overwrite=True, **arch,
                       batch_size=p.batch_size, tokens=p.tokens, seed=seed, eval_fraction=EVAL_FRACTION,
                       checkpoint_every=10**9, device="cpu")
     train(replace(cfg, **overrides))
@@ -162,11 +167,17 @@ def planted(name: str, work: Path) -> Path:
     return store
 
 
-def run(name: str, trainer: str, seed: int, work: Path, overrides: dict, tokens: int | None = None) -> dict:
+def run(name: str, trainer: str, seed: int, work: Path, overrides: dict, tokens: int | None = None,
+        jump: dict | None = None) -> dict:
     p, store = SETS[name], planted(name, work)
     p = replace(p, tokens=tokens or p.tokens)
     started = time.perf_counter()
-    model = reference_train(store, p, seed) if trainer == "reference" else xc_train(store, p, seed, work, overrides)
+    if trainer == "reference":
+        model = reference_train(store, p, seed)
+    elif trainer == "xc-jumprelu":
+        model = xc_train(store, p, seed, work, {}, jump or {})
+    else:
+        model = xc_train(store, p, seed, work, overrides)
     seconds = time.perf_counter() - started
     return {"set": name, "trainer": trainer, "seed": seed, "tokens": p.tokens, **score(model, store), "seconds": round(seconds, 1),
             "tokens_per_s": round(p.tokens / seconds)}
@@ -192,6 +203,8 @@ def table(rows: list[dict]) -> str:
         for trainer in dict.fromkeys(r["trainer"] for r in rows if r["set"] == name):
             group = [r for r in rows if r["set"] == name and r["trainer"] == trainer]
             label = f"reference (lr {p.reference_lr:g})" if trainer == "reference" else trainer
+            if trainer == "xc-jumprelu" and group[0].get("jumprelu"):
+                label += f" (tanh penalty {group[0]['jumprelu']['tanh_penalty']:g})"
             cells = [spread([r[key] for r in group]) for key in ("recovered", "class_accuracy", "fvu", "l0", "dead")]
             lines.append(f"| {name} | {proto} | {label} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -224,6 +237,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--xc", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field of the xc runs (a recipe study)")
     parser.add_argument("--tokens", type=int, help="training tokens for both trainers instead of the set's budget")
+    parser.add_argument("--tanh-penalty", type=float, help="xc-jumprelu: its --tanh-penalty (default xc's)")
     parser.add_argument("--quick", action="store_true", help="the quick set, seed 0, xc only")
     parser.add_argument("--old-recipe", action="store_true",
                         help="xc as before issue 16: decoder rows of norm 0.1 per source, a 10M-token dead window, "
@@ -267,17 +281,23 @@ def study(args, sets: list[str]) -> list[dict]:
     for name in sets:
         for trainer in args.trainers.split(","):
             for seed in seeds:
-                row = run(name, trainer, seed, work, overrides, args.tokens)
+                jump = {} if args.tanh_penalty is None else {"tanh_penalty": args.tanh_penalty}
+                row = run(name, trainer, seed, work, overrides, args.tokens, jump)
+                if trainer == "xc-jumprelu" and jump:
+                    row["jumprelu"] = jump
                 if overrides and trainer == "xc":
                     row["overrides"] = overrides
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     elapsed = time.perf_counter() - started
     command = ("python benchmarks/quality.py" + ("" if sets == ["two-models", "layers", "wide"] else f" --sets {args.sets}")
-               + (f" --tokens {args.tokens}" if args.tokens else ""))
+               + (f" --tokens {args.tokens}" if args.tokens else "")
+               + (f" --trainers {args.trainers}" if args.trainers != "reference,xc" else "")
+               + (f" --seeds {args.seeds}" if args.seeds != "0,1,2" else "")
+               + (f" --tanh-penalty {args.tanh_penalty:g}" if args.tanh_penalty is not None else ""))
     text = f"{table(rows)}\n\n`{command}` ({elapsed / 60:.0f} min, one process of {args.threads} threads)."
     print(text)
-    if not (args.no_readme or args.quick or overrides):
+    if not (args.no_readme or args.quick or overrides or "xc-jumprelu" in args.trainers):
         write_readme(text)
     return rows
 

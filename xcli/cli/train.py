@@ -31,8 +31,9 @@ def command(stores, **options):
     Each source is scaled so that its mean squared norm is its width; the scales
     are saved and applied inside encode and decode, so a loaded model takes and
     returns raw activations. The loss is the squared error summed over written
-    sources (plus, for relu, l1 * sum_i f_i * sum_s ||W_dec,i^s||) and an AuxK
-    term for dead latents.
+    sources (plus, for relu, l1 * sum_i f_i * sum_s ||W_dec,i^s||; for jumprelu,
+    a tanh sparsity penalty and a pre-activation loss) and an AuxK term for dead
+    latents (topk, batchtopk).
 
     Every --checkpoint-every steps, the checkpoint and a training state
     (OUTPUT.state.pt) are written atomically and held-out chunks are evaluated.

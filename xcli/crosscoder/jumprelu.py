@@ -87,3 +87,41 @@ def preact_penalty(pre: Tensor, threshold: Tensor, norm_sum: Tensor) -> Tensor:
 def tanh_penalty_at(step: int, steps: int, final: float) -> float:
     """λ_s(t): rises linearly from 0 to `final` over the whole run (Anthropic, January 2025)."""
     return final * min(1.0, (step + 1) / max(1, steps))
+
+
+# -- BatchTopK -> JumpReLU ----------------------------------------------------------------------------------
+
+NEVER_FIRES = 3.0e38
+"""The threshold of a latent the BatchTopK model never selected on the calibration rows (finite in float32)."""
+
+
+@torch.no_grad()
+def selected_minima(model, batches) -> Tensor:
+    """Per latent, the smallest pre-activation h_i that BatchTopK's training selection (the k·B best
+    scores of each batch) kept over `batches` (dicts of raw activations); inf where it kept none."""
+    theta = torch.full((model.n_latents,), math.inf, device=model.b_enc.device)
+    for x in batches:
+        pre = model.pre_activations(x).float()
+        kept = model.activate(pre, batch_select=True) != 0
+        theta = torch.minimum(theta, torch.where(kept, pre, math.inf).amin(dim=0))
+    return theta
+
+
+@torch.no_grad()
+def l0_scale(model, batches, theta: Tensor, target_l0: float, candidates: int = 4) -> float:
+    """The factor a such that thresholds a·θ fire `target_l0` latents per row on average over `batches`.
+
+    A pair (row, latent) fires when h_i > a·θ_i, i.e. when h_i/θ_i > a: a is the (target·N+1)-th
+    largest ratio over the N rows, found exactly from each batch's `candidates`·target·B largest
+    ratios (as the BatchTopK threshold is calibrated). Latents with θ_i = inf never fire."""
+    kept, rows = [], 0
+    for x in batches:
+        pre = model.pre_activations(x).float()
+        ratio = torch.where(torch.isfinite(theta) & (pre > 0), pre / theta.clamp_min(1e-30), 0.0)
+        want = min(ratio.numel(), math.ceil(candidates * target_l0 * len(pre)))
+        kept.append(ratio.flatten().topk(want).values)
+        rows += len(pre)
+    values = torch.cat(kept)
+    want = round(target_l0 * rows)
+    return float(values.topk(want + 1).values[-1]) if values.numel() > want else 0.0
+

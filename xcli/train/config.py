@@ -10,6 +10,11 @@ from xcli.crosscoder.config import (
     ARCHS,
     FACTORIZATIONS,
     FMX_ARCHS,
+    JUMPRELU_BANDWIDTH,
+    JUMPRELU_LOG_THRESHOLD,
+    JUMPRELU_PREACT_PENALTY,
+    JUMPRELU_TANH_PENALTY,
+    JUMPRELU_TANH_SCALE,
     SOURCE_PARALLEL_ARCHS,
     activation_of,
     check_fmx_options,
@@ -64,7 +69,9 @@ class TrainConfig:
               "and writing layer n+1 makes a transcoder.", metavar="NAMES", parse=name_list)
     arch: str = option(
         "batchtopk", "relu: L1 penalty weighted by decoder norms; topk: the k best latents per token; batchtopk: "
-        "the k*B best per batch, with a learned threshold at inference. fmx: a factorized masked crosscoder "
+        "the k*B best per batch, with a learned threshold at inference; jumprelu: a learned threshold per latent "
+        "(Anthropic's January 2025 recipe: tanh sparsity penalty and pre-activation loss; see --tanh-penalty, "
+        "--tanh-scale, --preact-penalty, --bandwidth, --initial-threshold). fmx: a factorized masked crosscoder "
         "(fmxcoder) over layers of one model, selecting with batchtopk; fmx-topk and fmx-relu select with topk "
         "and relu. See --factorization, --ranks, --mask-prob.", choices=TRAIN_ARCHS)
     latents: int | None = option(None, "Dictionary size F.")
@@ -73,6 +80,23 @@ class TrainConfig:
     k: int | None = option(None, "Active latents per token, for topk and batchtopk (default 32).")
     l1: float | None = option(None, "Sparsity penalty lambda for relu (default 2.0); it warms up over the first "
                                     "5% of steps.")
+    tanh_penalty: float | None = option(
+        None, f"jumprelu: the sparsity coefficient lambda_s of lambda_s * sum_i tanh(c * f_i * sum_s ||W_dec,i^s||), "
+              f"reached at the end of the run: it rises linearly from 0 over all steps (default "
+              f"{JUMPRELU_TANH_PENALTY:g}, Anthropic's). Raise it for fewer active latents.")
+    tanh_scale: float | None = option(None, f"jumprelu: c in the tanh sparsity penalty (default "
+                                            f"{JUMPRELU_TANH_SCALE:g}, Anthropic's).")
+    preact_penalty: float | None = option(
+        None, f"jumprelu: lambda_p of the pre-activation loss lambda_p * sum_i relu(theta_i - h_i) * "
+              f"sum_s ||W_dec,i^s||, which keeps latents from dying (default {JUMPRELU_PREACT_PENALTY:g}, "
+              f"Anthropic's; 0 turns it off).")
+    bandwidth: float | None = option(
+        None, f"jumprelu: width of the rectangle kernel of the straight-through estimator that trains the "
+              f"thresholds (default {JUMPRELU_BANDWIDTH:g}, Anthropic's).")
+    initial_threshold: float | None = option(
+        None, f"jumprelu: every latent's threshold theta at the start (default e^{JUMPRELU_LOG_THRESHOLD:g}, "
+              f"about {math.exp(JUMPRELU_LOG_THRESHOLD):.3f}: Anthropic start log theta at "
+              f"{JUMPRELU_LOG_THRESHOLD:g}).")
     batch_size: int = option(4096, "Tokens per step.", metavar="N", parse=count)
     tokens: int | None = option(None, "Training tokens, e.g. 50M (rounded up to whole batches; several epochs "
                                       "when it exceeds the store). Default: one pass over the training rows.",
@@ -175,12 +199,24 @@ class TrainConfig:
             raise BadInput("--tokens and --steps both set the length of training; give one of them")
         if self.k is not None and self.activation == "relu":
             raise BadInput("--k applies to --arch topk and batchtopk; relu uses --l1")
+        if self.k is not None and self.activation == "jumprelu":
+            raise BadInput("--k applies to --arch topk and batchtopk; jumprelu learns a threshold per latent "
+                           "(use --tanh-penalty for sparsity)")
+        jump_options = ("tanh_penalty", "tanh_scale", "preact_penalty", "bandwidth", "initial_threshold")
+        if self.activation != "jumprelu":
+            for name in jump_options:
+                if getattr(self, name) is not None:
+                    raise BadInput(f"--{name.replace('_', '-')} applies to --arch jumprelu, not {self.arch}")
+        if self.activation == "jumprelu" and self.k_aux:
+            raise BadInput("--k-aux applies to --arch topk and batchtopk; jumprelu's pre-activation loss "
+                           "(--preact-penalty) keeps latents alive instead")
         if self.l1 is not None and self.activation != "relu":
-            raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses --k")
+            sparsity = "--tanh-penalty" if self.activation == "jumprelu" else "--k"
+            raise BadInput(f"--l1 applies to --arch relu; {self.arch} uses {sparsity}")
         for name in ("latents", "expansion", "k", "batch_size", "tokens", "steps", "lr", "dead_tokens",
-                     "shuffle_buffer", "log_every", "checkpoint_every"):
+                     "shuffle_buffer", "log_every", "checkpoint_every", "tanh_scale", "bandwidth", "initial_threshold"):
             positive(name, getattr(self, name))
-        for name in ("l1", "warmup", "clip", "k_aux"):
+        for name in ("l1", "warmup", "clip", "k_aux", "tanh_penalty", "preact_penalty"):
             positive(name, getattr(self, name), zero_ok=True)
         if not 0 <= self.decay <= 1:
             raise BadInput(f"--decay {self.decay} must be between 0 and 1")
@@ -224,3 +260,39 @@ class TrainConfig:
         """The fields that determine the weights (recorded in the checkpoint, compared on resume)."""
         return {k: (list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(self).items() if k not in RUN_CONTROL}
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Everything `xc convert` needs: a BatchTopK checkpoint becomes a JumpReLU one (xcli.train.convert)."""
+
+    checkpoint: str = option(help="The BatchTopK checkpoint (.safetensors); - reads its path from stdin.",
+                             argument=True, metavar="CHECKPOINT")
+    stores: tuple[str, ...] = option(help="Activation stores holding the checkpoint's sources (rows lined up).",
+                                     argument=True, multiple=True, metavar="STORE...")
+    output: str = option(help="The JumpReLU checkpoint to write (.safetensors; format in xc-checkpoint(5)).",
+                         flags=("-o", "--output"), metavar="FILE")
+    all_rows: bool = option(False, "Calibrate on every row of the stores (stores the checkpoint was not trained "
+                                   "on). Default: the rows `xc train` held out.")
+    max_rows: int = option(65536, "Calibrate on at most this many rows (whole chunks, the first ones); they are "
+                                  "held in memory.", metavar="N", parse=count)
+    batch_size: int | None = option(None, "Rows per BatchTopK selection (the k*B best of each batch) when finding "
+                                          "each latent's smallest selected pre-activation. Default: the batch size "
+                                          "the checkpoint was trained with, else 4096.", metavar="N", parse=count)
+    target_l0: float | None = option(None, "Mean active latents per row the thresholds are scaled to on the "
+                                           "calibration rows. Default: the checkpoint's k.")
+    device: str = device_option("the calibration runs")
+    overwrite: bool = overwrite_option("an existing output checkpoint")
+    storage_options: tuple = remote.storage_options_option()
+
+    def __post_init__(self):
+        remote.configure(self.storage_options)
+        if not self.stores:
+            raise BadInput("give at least one activation store")
+        if self.max_rows < 1:
+            raise BadInput(f"--max-rows {self.max_rows} must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise BadInput(f"--batch-size {self.batch_size} must be at least 1")
+        if self.target_l0 is not None and not (math.isfinite(self.target_l0) and self.target_l0 > 0):
+            raise BadInput(f"--target-l0 {self.target_l0} must be positive and finite")
+        check_device(self.device)

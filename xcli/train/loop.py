@@ -14,6 +14,8 @@ Loss, in normalised units (each source scaled so its mean squared norm is d_s):
     aux      = AuxK: dead latents reconstruct the residual, / its variance (Gao et al. 2024; topk, batchtopk)
     loss     = recon + sparsity + aux / 32
 
+jumprelu instead (xcli.crosscoder.jumprelu): loss = recon + tanh sparsity penalty + pre-activation loss.
+
 Resuming: every checkpoint also writes `<output>.state.pt` (weights, Adam, step,
 dead-latent counters, threshold, loader position, RNG); `--resume` continues from it
 and ends with exactly the weights of an uninterrupted run.
@@ -40,7 +42,7 @@ from torch import Tensor
 
 from xcli import console, strict_json
 from xcli.analysis.reconstruction import reconstruction
-from xcli.crosscoder import fmx, source_parallel
+from xcli.crosscoder import fmx, jumprelu, source_parallel
 from xcli.crosscoder.config import is_fmx
 from xcli.crosscoder.model import Crosscoder, read_metadata, save
 from xcli.crosscoder.partition import Partition
@@ -100,7 +102,7 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
     widths = {s.name: s.d for s in stores.sources}
 
     latents = cfg.latents or max(1, round((cfg.expansion or 16) * max(widths[n] for n in sources)))
-    k = None if cfg.activation == "relu" else (cfg.k or 32)
+    k = None if cfg.activation in ("relu", "jumprelu") else (cfg.k or 32)
     if k is not None and k >= latents:
         raise BadInput(f"--k {k} must be below the number of latents ({latents}); lower --k or raise --latents")
     train_chunks, _ = stores.hold_out(cfg.eval_fraction)
@@ -112,14 +114,28 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
     return dataclasses.replace(
         cfg, sources=tuple(sources), read=tuple(read), write=tuple(write), latents=latents, expansion=None,
         k=k, l1=(2.0 if cfg.l1 is None else cfg.l1) if cfg.activation == "relu" else None,
-        k_aux=cfg.k_aux if cfg.k_aux is not None else max(1, min(K_AUX_MAX, sum(widths[n] for n in write) // 2)),
+        k_aux=0 if cfg.activation == "jumprelu" else
+        cfg.k_aux if cfg.k_aux is not None else max(1, min(K_AUX_MAX, sum(widths[n] for n in write) // 2)),
         steps=steps, tokens=None, warmup=warmup,
         dead_tokens=cfg.dead_tokens or max(1, min(DEAD_TOKENS_MAX, steps * cfg.batch_size // DEAD_TOKENS_DIVISOR)),
         lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(resolve_device(cfg.device)),
         dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)),
+        **resolve_jumprelu(cfg),
         **fmx.resolve_options(cfg.arch, cfg.factorization, cfg.ranks, cfg.mask_prob,
                               [s for s in stores.sources if s.name in sources], read),
         **resolve_partition(cfg, [s for s in stores.sources if s.name in sources], write, latents))
+
+
+def resolve_jumprelu(cfg: TrainConfig) -> dict:
+    """The jumprelu options' defaults (Anthropic's, xcli.crosscoder.jumprelu); none for other archs."""
+    if cfg.activation != "jumprelu":
+        return {}
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return {"tanh_penalty": pick(cfg.tanh_penalty, jumprelu.DEFAULT_TANH_PENALTY),
+            "tanh_scale": pick(cfg.tanh_scale, jumprelu.DEFAULT_TANH_SCALE),
+            "preact_penalty": pick(cfg.preact_penalty, jumprelu.DEFAULT_PREACT_PENALTY),
+            "bandwidth": pick(cfg.bandwidth, jumprelu.DEFAULT_BANDWIDTH),
+            "initial_threshold": pick(cfg.initial_threshold, jumprelu.DEFAULT_INITIAL_THRESHOLD)}
 
 
 def resolve_partition(cfg: TrainConfig, sources, write: list[str], latents: int) -> dict:
@@ -174,6 +190,13 @@ def l1_at(step: int, cfg: TrainConfig) -> float:
     return (cfg.l1 or 0.0) * min(1.0, (step + 1) / ramp)
 
 
+def sparsity_at(step: int, cfg: TrainConfig) -> float:
+    """The sparsity coefficient of a step: relu's λ (l1_at), or jumprelu's λ_s(t), which rises over the run."""
+    if cfg.activation == "jumprelu":
+        return jumprelu.tanh_penalty_at(step, cfg.steps, cfg.tanh_penalty)
+    return l1_at(step, cfg)
+
+
 def threshold_decay(updates: int) -> float:
     """A plain running mean for the first 1000 updates, then an EMA with decay 0.999,
     so that short runs do not keep their first, untrained batches in the threshold."""
@@ -202,6 +225,8 @@ class LossParts(NamedTuple):
     min_score: Tensor | None
     """BatchTopK: the smallest selection score kept in the batch (the inference threshold tracks it)."""
     tokens: int
+    preact: Tensor | None = None
+    """jumprelu: λ_p · mean over tokens of Σ_i ReLU(θ_i - h_i) Σ_s ||W_dec,i^s|| (None for other archs)."""
 
 
 def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor, k_aux: int,
@@ -218,6 +243,8 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
     target = model.normalise({n: x[n] for n in model.write})
     local = target[model.write[0]].shape[0]
     batch = batch_rows or local
+    if model.arch == "jumprelu":
+        return jumprelu_loss_parts(model, x_in, target, l1, batch, local)
     if model.arch != "relu" and model.sparse_path:
         out = model.forward_sparse(x_in, batch_rows=batch, comm=comm)
         reconstruction, min_score = out.reconstruction, out.min_score
@@ -258,6 +285,28 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
         aux = torch.where(scale > 0, err / scale.clamp_min(1e-30), zero)
     return LossParts(recon + sparsity + AUX_WEIGHT * aux, recon, sparsity, aux, sq_err, variance,
                      l0, fired, min_score, local)
+
+
+def jumprelu_loss_parts(model: Crosscoder, x_in: dict[str, Tensor], target: dict[str, Tensor], tanh_penalty: float,
+                        batch: int, local: int) -> LossParts:
+    """The JumpReLU loss (xcli.crosscoder.jumprelu): recon + λ_s(t)·tanh penalty + λ_p·pre-activation loss.
+
+    Dense: the straight-through estimator needs ∂L/∂f_i at every pair within ε/2 of its threshold,
+    fired or not, and the pre-activation loss reaches every latent, so a decode of the fired pairs alone
+    (the sparse path) would drop part of the thresholds' gradient."""
+    out = model(x_in)
+    f = out.latents
+    norm_sum = model.decoder_norms().sum(dim=1)
+    zero = torch.zeros((), device=f.device)
+    sq_err, variance = {}, {}
+    for name in model.write:
+        sq_err[name] = (target[name] - out.reconstruction[name].float()).pow(2).sum()
+        variance[name] = (target[name] - target[name].mean(0)).pow(2).sum() if local else zero
+    recon = sum(sq_err.values()) / batch
+    sparsity = tanh_penalty * jumprelu.tanh_penalty(f, norm_sum, model.tanh_scale) / batch
+    preact = model.preact_penalty * jumprelu.preact_penalty(out.pre_activations, model.thresholds(), norm_sum) / batch
+    return LossParts(recon + sparsity + preact, recon, sparsity, zero, sq_err, variance,
+                     (f != 0).sum() / batch, (f != 0).any(0), None, local, preact)
 
 
 class TrainingLoss(torch.nn.Module):
@@ -362,7 +411,8 @@ def train_state(payload: dict, device: torch.device) -> TrainState:
 
 
 # Options added after runs were recorded: a run recorded without them used these values.
-ADDED_LATER = {"shared_latents": 0, "shared_penalty": None, "exclusive": []}
+ADDED_LATER = {"shared_latents": 0, "shared_penalty": None, "exclusive": [],
+               **dict.fromkeys(("tanh_penalty", "tanh_scale", "preact_penalty", "bandwidth", "initial_threshold"))}
 
 
 def check_same_run(saved: dict, now: dict, where) -> None:
@@ -410,6 +460,9 @@ def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
     unstudied = cfg.activation == "relu" or is_fmx(cfg.arch)
     model.init_weights(torch.Generator().manual_seed(cfg.seed), UNSTUDIED_DECODER_NORM if unstudied else None)
     model.init_decoder_bias(means)
+    if cfg.activation == "jumprelu":
+        configure_jumprelu(model, cfg)
+        model.set_thresholds(torch.full((cfg.latents,), cfg.initial_threshold))
     model.partition = latent_partition(cfg, cfg.latents)
     if model.partition:  # tied rows equal and dedicated rows zero from the start; encoder = decoder^T again
         model.partition.enforce(model)
@@ -418,6 +471,11 @@ def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
                 if name in model.write:
                     model.encoder_weight(name).copy_(model.decoder_weight(name).T)
     return model
+
+
+def configure_jumprelu(model: Crosscoder, cfg: TrainConfig) -> None:
+    """The training settings of a JumpReLU model (not part of the checkpoint's tensors)."""
+    model.bandwidth, model.tanh_scale, model.preact_penalty = cfg.bandwidth, cfg.tanh_scale, cfg.preact_penalty
 
 
 def calibration_batches(stores: StoreSet, names: list[str], train_chunks, batch_size: int, device: torch.device,
@@ -473,7 +531,7 @@ class Metrics:
 
     def add(self, parts: LossParts) -> None:
         values = {"loss": parts.loss, "recon": parts.recon, "sparsity": parts.sparsity, "aux": parts.aux,
-                  "l0": parts.l0,
+                  "l0": parts.l0, **({"preact": parts.preact} if parts.preact is not None else {}),
                   **{f"err.{k}": v for k, v in parts.sq_err.items()},
                   **{f"var.{k}": v for k, v in parts.variance.items()}}
         for key, value in values.items():
@@ -485,7 +543,8 @@ class Metrics:
         """Averages since the last record, over all ranks (every rank must call it). Data-parallel,
         the ranks hold different rows; split over sources (`same_rows`), the same rows (L0 and the
         tokens are counted once) and the parts of the loss and errors of different sources."""
-        keys = ["loss", "recon", "sparsity", "aux", "l0", *(f"{kind}.{n}" for kind in ("err", "var") for n in names)]
+        keys = ["loss", "recon", "sparsity", "aux", "l0", *(f"{kind}.{n}" for kind in ("err", "var") for n in names),
+                *(["preact"] if "preact" in self.sums else [])]
         once = same_rows and not comm.main
         values = [0.0 if k not in self.sums or (once and k == "l0") else self.sums[k] for k in keys]
         values.append(0.0 if once else float(self.tokens))
@@ -495,7 +554,7 @@ class Metrics:
         tokens = float(totals[-1])
         fvu = {n: avg[f"err.{n}"] / avg[f"var.{n}"] if avg[f"var.{n}"] > 0 else float("nan") for n in names}
         var_total = sum(avg[f"var.{n}"] for n in names)
-        record = {k: avg[k] / self.steps for k in ("loss", "recon", "sparsity", "aux", "l0")}
+        record = {k: avg[k] / self.steps for k in ("loss", "recon", "sparsity", "aux", "l0", "preact") if k in avg}
         record.update(fvu=fvu, fvu_total=sum(avg[f"err.{n}"] for n in names) / var_total if var_total else None,
                       tokens_per_s=tokens / max(time.perf_counter() - self.started, 1e-9))
         self.__init__()
@@ -705,6 +764,8 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
                     waited = batches.waited
                     if cfg.activation == "relu":
                         record["l1"] = l1_at(state.step - 1, cfg)
+                    if cfg.activation == "jumprelu":
+                        record["tanh_penalty"] = sparsity_at(state.step - 1, cfg)
                     if cfg.activation == "batchtopk":
                         record["threshold"] = float(model.threshold)
                     emit(record)
@@ -755,7 +816,7 @@ def train_step(model: Crosscoder, opt, x: dict[str, Tensor], state: TrainState, 
             keep = keep[torch.as_tensor(index)]
         x_in = fmx.mask_layers(x, model.read, keep)
     with autocast(next(model.parameters()).device, cfg.dtype):
-        parts = loss_fn(x, l1_at(state.step, cfg), dead, cfg.k_aux, x_in, batch_rows, comm)
+        parts = loss_fn(x, sparsity_at(state.step, cfg), dead, cfg.k_aux, x_in, batch_rows, comm)
     opt.zero_grad(set_to_none=True)
     (parts.loss * comm.world).backward()  # DDP averages over ranks; the parts already add up to the batch loss
     if model.partition:  # tied decoder rows: one gradient; dedicated rows: none for other models
