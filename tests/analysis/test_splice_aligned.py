@@ -16,11 +16,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny_models
 from xcli.analysis.splice import SpliceConfig, spliced_loss
+from xcli.analysis.splice_aligned import aligned_spliced_loss
 from xcli.cli import cli
 from xcli.crosscoder.model import load
 from xcli.data import store as st
 from xcli.data.harvest import HarvestConfig, harvest
 from xcli.data.loader import StoreSet
+from xcli.errors import BadInput
 from xcli.lm.config import ModelSpec
 from xcli.train import TrainConfig, train
 
@@ -111,7 +113,8 @@ def test_spliced_loss_per_model_equals_brute_force(setup):
     stores = StoreSet([str(setup["store"])])
     assert stores.n_chunks >= 4
     evaluated = {0, 2, 3}
-    result = spliced_loss(load(setup["ckpt"]), stores, np.array(sorted(evaluated)), SpliceConfig(windows=1000))
+    chunks = np.array(sorted(evaluated))
+    result = aligned_spliced_loss(load(setup["ckpt"]), stores, chunks, SpliceConfig(windows=1000))
     assert set(result) == set(NAMES)
     assert "loss" not in result["wordpiece"] and "no causal language-model head" in result["wordpiece"]["note"]
     for name in CAUSAL:
@@ -124,6 +127,8 @@ def test_spliced_loss_per_model_equals_brute_force(setup):
         assert got["ce_increase"] == pytest.approx(got["ce_spliced"] - got["ce_clean"])
         assert got["ce_score"] == pytest.approx((got["ce_ablated"] - got["ce_spliced"])
                                                 / (got["ce_ablated"] - got["ce_clean"]))
+    with pytest.raises(BadInput, match="aligned_spliced_loss"):  # the single-tokenizer measure refuses
+        spliced_loss(load(setup["ckpt"]), stores, chunks, SpliceConfig())
     # Byte-level BPE splits non-ASCII characters into several tokens: not every position is a row.
     assert result["bpe"]["spliced_fraction"] < 1 and result["bpe"]["positions"] != result["words"]["positions"]
 
@@ -131,8 +136,9 @@ def test_spliced_loss_per_model_equals_brute_force(setup):
 def test_data_file_gives_the_store_windows_and_the_cli_reports_each_model(setup, tmp_path):
     crosscoder, stores = load(setup["ckpt"]), StoreSet([str(setup["store"])])
     every = np.arange(stores.n_chunks)
-    from_store = spliced_loss(crosscoder, stores, every, SpliceConfig(windows=1000))
-    from_text = spliced_loss(crosscoder, stores, every, SpliceConfig(windows=1000, data=str(setup["corpus"])))
+    from_store = aligned_spliced_loss(crosscoder, stores, every, SpliceConfig(windows=1000))
+    from_text = aligned_spliced_loss(crosscoder, stores, every,
+                                     SpliceConfig(windows=1000, data=str(setup["corpus"])))
     for name in CAUSAL:
         for key in ("tokens", "positions", "spliced", "ce_clean", "ce_spliced", "ce_ablated"):
             assert from_text[name][key] == pytest.approx(from_store[name][key], rel=1e-6), (name, key)

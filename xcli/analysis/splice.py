@@ -305,10 +305,10 @@ def model_specs(crosscoder, stores: StoreSet, given: tuple[str, ...]) -> list[tu
 def spliced_loss(crosscoder, stores: StoreSet, chunks, cfg: SpliceConfig) -> dict:
     """CE clean/spliced/ablated, CE score and KL score for each model with written sources."""
 
-    if any(s.alignment for s in stores.stores):  # models with different tokenizers: each runs its own tokens
-        from xcli.analysis.splice_aligned import aligned_spliced_loss
-
-        return aligned_spliced_loss(crosscoder, stores, chunks, cfg)
+    aligned = next((s for s in stores.stores if s.alignment), None)
+    if aligned is not None:  # models with different tokenizers: each runs its own tokens
+        raise BadInput(f"store {str(aligned.path)!r} aligns models with different tokenizers (xc harvest --align); "
+                       f"its spliced-in loss is xcli.analysis.splice_aligned.aligned_spliced_loss")
     device = torch.device(cfg.device)
     dtype = fast_dtype(cfg.dtype, device)
     specs = model_specs(crosscoder, stores, cfg.models)

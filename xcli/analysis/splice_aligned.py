@@ -163,8 +163,9 @@ def store_documents(store, wanted: set[int]) -> dict[int, str]:
     harvest = store.meta.get("harvest") or {}
     data = harvest.get("data")
     if not isinstance(data, str) or data == "-":
-        raise BadInput(f"store {str(store.path)!r} was harvested from {'stdin' if data == '-' else 'no recorded corpus'}"
-                       f", which cannot be read again; pass --data TEXT_FILE")
+        source = "stdin" if data == "-" else "no recorded corpus"
+        raise BadInput(f"store {str(store.path)!r} was harvested from {source}, which cannot be read again; "
+                       f"pass --data TEXT_FILE")
     recorded = harvest.get("data_content")
     if Path(data).is_absolute() and not Path(data).exists():
         raise BadInput(f"the corpus {data!r} that store {str(store.path)!r} was harvested from is not there; "
