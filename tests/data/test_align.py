@@ -273,8 +273,11 @@ def test_train_classify_and_eval_run_on_an_aligned_store(aligned, tmp_path):
     fvu = report["fvu"]
     assert set(fvu) == {"bpe.resid_post.1", "words.resid_post.1"} and all(0 < v < 1 for v in fvu.values()), fvu
     assert 0 < report["l0"] < 16  # batchtopk at inference: a threshold, about k (4) per row
-    result = invoke(cli, ["eval", str(ckpt), str(store), "--splice", "--device", "cpu"])
-    assert result.exit_code == 2 and "--align" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # Each model spliced in its own tokens (measured against a brute force in tests/analysis/test_splice_aligned.py).
+    result = invoke(cli, ["eval", str(ckpt), str(store), "--splice", "--windows", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.stderr
+    splice = json.loads(result.stdout)["splice"]
+    assert set(splice) == {"bpe", "words"} and all(0 < m["spliced_fraction"] <= 1 for m in splice.values())
 
     # Neuronpedia examples per model: each model's slice shows the rows in its own tokens.
     from xcli.export import export

@@ -455,3 +455,48 @@ def test_steering_with_a_dedicated_latent_moves_only_its_own_model(varied, tmp_p
     assert steered == plain
     plain, steered = steer(4)  # dedicated to "after"
     assert steered != plain
+
+
+# -- models with different tokenizers (a crosscoder of xc harvest --align) -------------------------------
+
+ALIGNED_PROMPTS = ("Zürich's café serves", "the king and the queen", "東京 and")
+
+
+@pytest.fixture(scope="module")
+def aligned_pair(tmp_path_factory):
+    """A byte-level BPE GPT-2 32 wide and a word-level Llama 24 wide, and a crosscoder reading and writing both."""
+    import tiny_models
+
+    root = tmp_path_factory.mktemp("aligned_pair")
+    texts = list(tiny_models.ALIGNED_TEXT) + tiny_models.aligned_corpus(50) + [" ".join(tiny_models.WORDS)]
+    bpe = tiny_models.build_byte_level_tokenizer(root / "bpe_tok", texts, vocab_size=400)
+    words = tiny_models.build_word_level_tokenizer(root / "words_tok", texts)
+    paths = {"bpe": tiny_models.build_model("gpt2", root / "bpe", bpe, hidden=32),
+             "words": tiny_models.build_model("llama", root / "words", words, hidden=24)}
+    sources = [Source("bpe.resid_post.1", "bpe", "resid_post", 1, 32),
+               Source("words.resid_post.1", "words", "resid_post", 1, 24)]
+    checkpoint(root / "x.safetensors", sources, scales={"bpe.resid_post.1": 0.5, "words.resid_post.1": 0.5})
+    return {**paths, "checkpoint": root / "x.safetensors"}
+
+
+@pytest.mark.parametrize("name", ["bpe", "words"])
+def test_steering_each_model_of_an_aligned_crosscoder_uses_its_own_tokenizer(aligned_pair, name):
+    cfg = amp.SteerConfig(f"{name}={aligned_pair[name]}", str(aligned_pair["checkpoint"]), (3,), ALIGNED_PROMPTS,
+                          scales=(0.0, 40.0), sampling=amp.Sampling(max_new_tokens=8, temperature=0, batch_size=4),
+                          token_ids=True)
+    records = list(amp.steer(cfg))
+    own = tokenizer(aligned_pair[name])
+    for i, prompt in enumerate(ALIGNED_PROMPTS):
+        assert records[i]["token_ids"] == greedy_generate(aligned_pair[name], prompt, 8)
+        assert max(records[i]["token_ids"]) < len(own)  # ids of this model's own vocabulary
+    assert [r["token_ids"] for r in records[3:]] != [r["token_ids"] for r in records[:3]]
+    # --clamp must encode the activations of both models at once: one model alone cannot.
+    result = cli_run(["--model", f"{name}={aligned_pair[name]}", "--checkpoint", aligned_pair["checkpoint"],
+                      "--latent", 3, "--clamp", 1, "--prompt", "the king", "--max-new-tokens", 4])
+    assert_refused(result, "another model; use --scale")
+
+
+def test_amplification_refuses_models_with_different_tokenizers_and_says_why(aligned_pair):
+    result = cli_run(["--before", aligned_pair["bpe"], "--after", aligned_pair["words"], "--alpha", 1,
+                      "--prompt", "the king"])
+    assert_refused(result, "different tokenizers", "token by token", "--model, --checkpoint, --latent")

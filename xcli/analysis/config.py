@@ -84,7 +84,9 @@ class EvalConfig:
                                  "store's harvest recorded (local folders or the local Hugging Face cache; never "
                                  "downloaded).")
     data: str | None = option(None, "Measure the spliced-in loss on this text file (one sequence per line) "
-                                    "instead of the store's token windows.", metavar="TEXT")
+                                    "instead of the store's token windows. On an aligned store each line is a "
+                                    "document, aligned and cut into windows as the harvest would.",
+                              metavar="TEXT")
     windows: int = option(64, "Token windows (sequences) the spliced-in loss is measured on, at most; spread "
                               "evenly over the evaluated rows.")
     batch_size: int = option(4096, "Rows per batch for FVU, L0 and dead latents.", metavar="N", parse=count)

@@ -163,8 +163,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["coherence"] = {"mean": coherence.mean(), "layers": coherence.layers}
     if cfg.splice or cfg.models:
         from xcli.analysis.splice import SpliceConfig, spliced_loss
+        from xcli.analysis.splice_aligned import aligned_spliced_loss
 
-        report["splice"] = spliced_loss(model, stores, chunks, SpliceConfig(
+        measure = aligned_spliced_loss if any(s.alignment for s in stores.stores) else spliced_loss
+        report["splice"] = measure(model, stores, chunks, SpliceConfig(
             models=cfg.models, data=cfg.data, windows=cfg.windows, window_batch=cfg.window_batch,
             device=str(device), dtype=cfg.dtype))
     if truth is not None:

@@ -98,14 +98,7 @@ def store_windows(stores: StoreSet, chunks, limit: int) -> list[Window]:
         raise BadInput("the store has no token windows (tokens/sequence/position arrays); pass --data TEXT_FILE")
     sequence, position, tokens = store.group["sequence"], store.group["position"], store.group["tokens"]
     n, chunk_rows = stores.n_tokens, stores.chunk_rows
-    ranges = [stores.chunk_range(int(c)) for c in sorted(int(c) for c in chunks)]
-    offsets = np.cumsum([0] + [b - a for a, b in ranges])
-    count = min(limit, int(offsets[-1]))
-    picks = ((np.arange(count) + 0.5) * offsets[-1] / count).astype(np.int64)
-    rows = []
-    for pick in picks:  # the pick-th evaluated row, in store order
-        i = int(np.searchsorted(offsets, pick, "right")) - 1
-        rows.append(ranges[i][0] + int(pick - offsets[i]))
+    rows = spread_rows(stores, chunks, limit)
     evaluated = {int(c) for c in chunks}
     packing = store.meta.get("packing") or {}
     windows, seen = [], set()
@@ -132,6 +125,19 @@ def store_windows(stores: StoreSet, chunks, limit: int) -> list[Window]:
         score[pos] = np.isin(row_ids // chunk_rows, list(evaluated)) & (pos < length - 1)
         windows.append(Window(ids, splice, score))
     return windows
+
+
+def spread_rows(stores: StoreSet, chunks, limit: int) -> list[int]:
+    """Up to `limit` rows of the evaluated chunks, spread evenly over them, in store order."""
+    ranges = [stores.chunk_range(int(c)) for c in sorted(int(c) for c in chunks)]
+    offsets = np.cumsum([0] + [b - a for a, b in ranges])
+    count = min(limit, int(offsets[-1]))
+    picks = ((np.arange(count) + 0.5) * offsets[-1] / count).astype(np.int64)
+    rows = []
+    for pick in picks:  # the pick-th evaluated row, in store order
+        i = int(np.searchsorted(offsets, pick, "right")) - 1
+        rows.append(ranges[i][0] + int(pick - offsets[i]))
+    return rows
 
 
 def window_rows(sequence, row: int, seq: int, n: int, block: int = 1024) -> tuple[int, int]:
@@ -243,11 +249,12 @@ class SiteHooks:
         return new
 
     def run(self, ids: Tensor, attention: Tensor, replace: dict[str, Tensor] | None = None,
-            mask: Tensor | None = None) -> Tensor:
-        """Log-probabilities (B, T, V) in float32; records activations when `replace` is None."""
+            mask: Tensor | None = None) -> Tensor | None:
+        """Log-probabilities (B, T, V) in float32 (None for a model without a language-model head);
+        records activations when `replace` is None."""
         self.captured, self.replace, self.mask = {}, replace, mask
         try:
-            logits = self.model(input_ids=ids, attention_mask=attention).logits
+            logits = getattr(self.model(input_ids=ids, attention_mask=attention), "logits", None)
         finally:
             self.replace = self.mask = None
         if replace is None:
@@ -258,7 +265,7 @@ class SiteHooks:
                 if got.shape[-1] != s.d:
                     raise BadInput(f"source {s.name} has width {s.d} in the checkpoint but its site gives "
                                    f"{got.shape[-1]}; the checkpoint was not trained on this model")
-        return torch.log_softmax(logits.float(), dim=-1)
+        return None if logits is None else torch.log_softmax(logits.float(), dim=-1)
 
 
 # -- the measurement -----------------------------------------------------------------------------------
@@ -298,10 +305,10 @@ def model_specs(crosscoder, stores: StoreSet, given: tuple[str, ...]) -> list[tu
 def spliced_loss(crosscoder, stores: StoreSet, chunks, cfg: SpliceConfig) -> dict:
     """CE clean/spliced/ablated, CE score and KL score for each model with written sources."""
 
-    aligned = next((s for s in stores.stores if s.meta.get("alignment")), None)
-    if aligned is not None:  # each model would need its own windows, spliced only at the aligned rows
+    aligned = next((s for s in stores.stores if s.alignment), None)
+    if aligned is not None:  # models with different tokenizers: each runs its own tokens
         raise BadInput(f"store {str(aligned.path)!r} aligns models with different tokenizers (xc harvest --align); "
-                       f"the spliced-in loss is not measured on such stores: leave out --splice, --model and --data")
+                       f"its spliced-in loss is xcli.analysis.splice_aligned.aligned_spliced_loss")
     device = torch.device(cfg.device)
     dtype = fast_dtype(cfg.dtype, device)
     specs = model_specs(crosscoder, stores, cfg.models)
@@ -318,8 +325,7 @@ def spliced_loss(crosscoder, stores: StoreSet, chunks, cfg: SpliceConfig) -> dic
         raise BadInput("no position to score: every window is shorter than two spliced tokens")
     hooks = [SiteHooks(model, sources) for model, (_, sources) in zip(models, specs)]
     written = [[s.name for s in sources if s.name in crosscoder.write] for _, sources in specs]
-    sums = [dict.fromkeys(("tokens", "ce_clean", "ce_spliced", "ce_ablated", "kl_spliced", "kl_ablated"), 0.0)
-            for _ in specs]
+    sums = [new_sums() for _ in specs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.inference_mode(), ExitStack() as stack:
         for hook in hooks:
@@ -333,14 +339,37 @@ def spliced_loss(crosscoder, stores: StoreSet, chunks, cfg: SpliceConfig) -> dic
     for (spec, _), names, total in zip(specs, written, sums):
         if not names:
             continue
-        n = total["tokens"]
-        ce = {k: total[k] / n for k in ("ce_clean", "ce_spliced", "ce_ablated")}
-        kl = {k: total[k] / n for k in ("kl_spliced", "kl_ablated")}
-        out[spec.alias] = {
-            "path": spec.id, "sources": names, "windows": len(windows), "tokens": int(n), **ce,
+        out[spec.alias] = {"path": spec.id, "sources": names, "windows": len(windows), **scores(total)}
+    return out
+
+
+def scores(total: dict) -> dict:
+    """The reported means and scores of one model's sums (add_scores)."""
+    n = total["tokens"]
+    ce = {k: total[k] / n for k in ("ce_clean", "ce_spliced", "ce_ablated")}
+    kl = {k: total[k] / n for k in ("kl_spliced", "kl_ablated")}
+    return {"tokens": int(n), **ce, "ce_increase": ce["ce_spliced"] - ce["ce_clean"],
             "ce_score": ce_score(ce["ce_ablated"], ce["ce_spliced"], ce["ce_clean"]), **kl,
             "kl_score": kl_score(kl["kl_ablated"], kl["kl_spliced"])}
-    return out
+
+
+def new_sums() -> dict:
+    return dict.fromkeys(("tokens", "ce_clean", "ce_spliced", "ce_ablated", "kl_spliced", "kl_ablated"), 0.0)
+
+
+def add_scores(total: dict, ids: Tensor, score: Tensor, clean: Tensor, spliced: Tensor, ablated: Tensor) -> None:
+    """Add the predictions at the `score` positions (B, T) of windows `ids` (B, T) to `total`, from the
+    log-probabilities (B, T, V) of the clean, spliced and ablated runs."""
+    targets, scored = ids[:, 1:], score[:, :-1]
+    clean_s = clean[:, :-1][scored]  # (N, V)
+    t = targets[scored].unsqueeze(1)
+    total["tokens"] += int(scored.sum())
+    total["ce_clean"] += float(-clean_s.gather(1, t).double().sum())
+    p_clean = clean_s.exp()
+    for key, logp in (("spliced", spliced), ("ablated", ablated)):
+        other = logp[:, :-1][scored]
+        total[f"ce_{key}"] += float(-other.gather(1, t).double().sum())
+        total[f"kl_{key}"] += float((p_clean * (clean_s - other)).double().sum())
 
 
 def pad_windows(windows: list[Window], pad: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -363,19 +392,9 @@ def splice_batch(crosscoder, models, hooks: list[SiteHooks], written: list[list[
         captured.update({name: value[splice].float() for name, value in hook.captured.items()})
     x = {name: captured[name].to(crosscoder.b_enc.device) for name in crosscoder.read}
     recon = {name: value.to(device) for name, value in crosscoder.decode(crosscoder.encode(x)).items()}
-    targets = ids[:, 1:]
-    scored = score[:, :-1]
     for hook, names, logp_clean, total in zip(hooks, written, clean, sums):
         if not names:
             continue
         spliced = hook.run(ids, attention, {n: recon[n] for n in names}, splice)
         ablated = hook.run(ids, attention, {n: torch.zeros_like(recon[n]) for n in names}, splice)
-        clean_s = logp_clean[:, :-1][scored]  # (N, V)
-        t = targets[scored].unsqueeze(1)
-        total["tokens"] += int(scored.sum())
-        total["ce_clean"] += float(-clean_s.gather(1, t).double().sum())
-        p_clean = clean_s.exp()
-        for key, logp in (("spliced", spliced), ("ablated", ablated)):
-            other = logp[:, :-1][scored]
-            total[f"ce_{key}"] += float(-other.gather(1, t).double().sum())
-            total[f"kl_{key}"] += float((p_clean * (clean_s - other)).double().sum())
+        add_scores(total, ids, score, logp_clean, spliced, ablated)

@@ -35,6 +35,13 @@ def command(checkpoint, stores, **options):
     next-token distribution) and "kl_score" = (kl_ablated - kl_spliced) / kl_ablated, averaged
     over the predictions made at spliced, evaluated positions. The crosscoder encodes the clean
     activations of every model it reads. A score is null when its denominator is 0.
+    "ce_increase" = ce_spliced - ce_clean.
+
+    On an aligned store (xc harvest --align) each model runs its own tokenization of the text and
+    is spliced only at its positions of the aligned rows; each model also reports "positions"
+    (its tokens of the windows), "spliced" and "spliced_fraction". The windows are rebuilt from
+    the corpus the harvest recorded, or from --data. A model without a causal LM head (an
+    encoder) is only read: its entry has a "note" and no loss.
 
     CHECKPOINT may be '-' to read its path from stdin.
     """

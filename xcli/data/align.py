@@ -134,3 +134,13 @@ def document_windows(index: int, text: str, tokenized: list[tuple[np.ndarray, np
         windows.append(Window(index, len(text), True, [0] * models, [-1] * models, empty, empty,
                               np.zeros((models, 0), dtype=np.int64), np.zeros(0, dtype=bool), ids))
     return windows
+
+
+def model_window(window: Window, m: int, prefix, suffix) -> list[int]:
+    """Model m's token ids of `window` as it runs them: its packing's prefix, its tokens of the text, its suffix."""
+    return [*prefix, *window.ids[m][window.first[m]:window.last[m] + 1].tolist(), *suffix]
+
+
+def row_positions(window: Window, m: int, prefix_length: int) -> np.ndarray:
+    """The positions of the window's rows in model m's window (model_window)."""
+    return prefix_length + window.row_tokens[m] - window.first[m]

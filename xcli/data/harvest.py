@@ -202,6 +202,44 @@ def probe_sources(models, catchers, batch, device) -> list[st.Source]:
     return sources
 
 
+def write_batches(writer: st.StoreWriter, batches: Iterator, batch_rows: Callable, config: HarvestConfig,
+                  rows_called: str, seen: Callable | None = None) -> bool:
+    """The writer loop of a one-process harvest (Run.stream, AlignedRun.stream): rows an earlier run wrote
+    are recounted from the batches, not recomputed; the rest go to `writer` on a background thread, up to
+    --tokens. True when the batches ran out before the budget. `batch_rows(batch)` gives the batch's row
+    count and a function of (lo, hi) giving its rows' activations and row arrays; `seen(batch, stop)` is told
+    of every batch read, with the number of its rows within the budget."""
+    budget = config.tokens
+    done = skip = writer.n_tokens
+    background = BackgroundWriter(lambda acts, ids: writer.append(acts, **ids))
+    bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
+    try:
+        for batch in batches:
+            if budget is not None and done >= budget:
+                break
+            n, take = batch_rows(batch)
+            stop = n if budget is None else min(n, skip + budget - done)
+            if seen is not None:
+                seen(batch, stop)
+            if skip >= n:
+                skip -= n
+                continue
+            background.put(*take(skip, stop))
+            bar.update(stop - skip)
+            done += stop - skip
+            skip = 0
+        if skip:
+            raise BadInput(f"the corpus now yields fewer {rows_called} than {str(config.output)!r} already "
+                           f"holds; it must not change between runs")
+        background.finish()
+    except BaseException:
+        background.abort()
+        raise
+    finally:
+        bar.close()
+    return budget is None or done < budget
+
+
 @dataclass
 class Run:
     """A harvest ready to stream: models loaded, sites hooked, the first batch read, widths known.
@@ -243,38 +281,19 @@ class Run:
                 rows[name] = to_storage(acts[keep_t], self.store_dtype, name, loaded.dtype)
         return rows
 
+    def batch_rows(self, batch) -> tuple[int, Callable]:
+        """The batch's row count, and (lo, hi) -> the activations and row arrays of its rows [lo, hi)."""
+        keep = self.keep_mask(batch)
+
+        def take(lo: int, hi: int) -> tuple[dict, dict]:
+            ids = {k: v[lo:hi] for k, v in self.row_ids(batch, keep).items()}
+            return {name: _numpy(rows[lo:hi]) for name, rows in self.activations(batch, keep).items()}, ids
+
+        return int(keep.sum()), take
+
     def stream(self, writer: st.StoreWriter) -> bool:
         """Harvest into `writer` and close it; True when the corpus ran out before the budget."""
-        budget = self.config.tokens
-        done = skip = writer.n_tokens  # rows from an earlier run: recounted, not recomputed
-        background = BackgroundWriter(lambda acts, ids: writer.append(acts, **ids))
-        bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
-        try:
-            for batch in self.batches:
-                if budget is not None and done >= budget:
-                    break
-                keep = self.keep_mask(batch)
-                n = int(keep.sum())
-                if skip >= n:
-                    skip -= n
-                    continue
-                stop = n if budget is None else min(n, skip + budget - done)
-                ids = {k: v[skip:stop] for k, v in self.row_ids(batch, keep).items()}
-                acts = {name: _numpy(rows[skip:stop]) for name, rows in self.activations(batch, keep).items()}
-                background.put(acts, ids)
-                bar.update(stop - skip)
-                done += stop - skip
-                skip = 0
-            if skip:
-                raise BadInput(f"the corpus now yields fewer tokens than {str(self.config.output)!r} already "
-                               f"holds; it must not change between runs")
-            background.finish()
-        except BaseException:
-            background.abort()
-            raise
-        finally:
-            bar.close()
-        exhausted = budget is None or done < budget
+        exhausted = write_batches(writer, self.batches, self.batch_rows, self.config, "tokens")
         writer.close(complete=True, corpus_exhausted=exhausted)
         return exhausted
 
@@ -431,7 +450,7 @@ class AlignedRun:
     def inputs(self, m: int, windows: list[align.Window]) -> tuple[torch.Tensor, torch.Tensor]:
         """Model m's padded token ids and attention mask for `windows`."""
         packing = self.packings[m]
-        rows = [[*packing.prefix, *w.ids[m][w.first[m]:w.last[m] + 1].tolist(), *packing.suffix] for w in windows]
+        rows = [align.model_window(w, m, packing.prefix, packing.suffix) for w in windows]
         pad = self.models[m].tokenizer.pad_token_id
         ids = np.full((len(rows), max(map(len, rows))), 0 if pad is None else pad, dtype=np.int64)
         mask = np.zeros(ids.shape, dtype=bool)
@@ -440,7 +459,7 @@ class AlignedRun:
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def positions(self, m: int, window: align.Window) -> np.ndarray:
-        return len(self.packings[m].prefix) + window.row_tokens[m] - window.first[m]
+        return align.row_positions(window, m, len(self.packings[m].prefix))
 
     @staticmethod
     def _cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -493,38 +512,17 @@ class AlignedRun:
         length, last_end = self.open_document
         self.counts.characters = self.closed_characters + (length if exhausted else last_end)
 
+    def batch_rows(self, batch: AlignedBatch) -> tuple[int, Callable]:
+        """The batch's row count, and (lo, hi) -> the activations and row arrays of its rows [lo, hi)."""
+        def take(lo: int, hi: int) -> tuple[dict, dict]:
+            ids = {k: v[lo:hi] for k, v in self.row_ids(batch).items()}
+            return {name: _numpy(rows[lo:hi]) for name, rows in self.activations(batch).items()}, ids
+
+        return sum(w.n_rows for w in batch.windows), take
+
     def stream(self, writer: st.StoreWriter) -> bool:
         """Harvest into `writer` and close it; True when the corpus ran out before the budget."""
-        budget = self.config.tokens
-        done = skip = writer.n_tokens  # rows from an earlier run: aligned again, not recomputed
-        background = BackgroundWriter(lambda acts, ids: writer.append(acts, **ids))
-        bar = console.progress(total=budget, initial=done, unit="tok", unit_scale=True, desc="harvest")
-        try:
-            for batch in self.batches:
-                if budget is not None and done >= budget:
-                    break
-                n = sum(w.n_rows for w in batch.windows)
-                stop = n if budget is None else min(n, skip + budget - done)
-                self.count(batch, stop)
-                if skip >= n:
-                    skip -= n
-                    continue
-                ids = {k: v[skip:stop] for k, v in self.row_ids(batch).items()}
-                acts = {name: _numpy(rows[skip:stop]) for name, rows in self.activations(batch).items()}
-                background.put(acts, ids)
-                bar.update(stop - skip)
-                done += stop - skip
-                skip = 0
-            if skip:
-                raise BadInput(f"the corpus now yields fewer aligned rows than {str(self.config.output)!r} "
-                               f"already holds; it must not change between runs")
-            background.finish()
-        except BaseException:
-            background.abort()
-            raise
-        finally:
-            bar.close()
-        exhausted = budget is None or done < budget
+        exhausted = write_batches(writer, self.batches, self.batch_rows, self.config, "aligned rows", self.count)
         self.count_characters(exhausted)
         alignment = {**writer.meta["alignment"], **self.counts.to_json()}
         report = (f"aligned {alignment['aligned_fraction']:.2%} of the text read ({self.counts.aligned} of "

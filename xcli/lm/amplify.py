@@ -266,8 +266,13 @@ def amplify(cfg: AmplifyConfig) -> Iterator[dict]:
     before_spec = ModelSpec.parse(cfg.before, allow_alias=False)
     after_spec = ModelSpec.parse(cfg.after, allow_alias=False)
     tokenizer = load_tokenizer(after_spec)
-    check_same_tokenizer(load_tokenizer(before_spec), tokenizer, f"--before {cfg.before!r}",
-                         f"--after {cfg.after!r}")
+    try:
+        check_same_tokenizer(load_tokenizer(before_spec), tokenizer, f"--before {cfg.before!r}",
+                             f"--after {cfg.after!r}")
+    except BadInput as e:  # no sound map between two vocabularies' next-token logits (xc-amplify(1))
+        raise BadInput(f"{e}: amplification subtracts the two models' logits token by token; models with "
+                       f"different tokenizers (a crosscoder of xc harvest --align) can each be steered with "
+                       f"its own tokenizer instead (--model, --checkpoint, --latent)") from None
     before = load_causal_lm(before_spec, device, dtype)
     after = load_causal_lm(after_spec, device, dtype)
     yield from amplify_models(before, after, tokenizer, cfg)

@@ -172,6 +172,18 @@ def load_causal_lm(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval()
 
 
+def load_lm_or_encoder(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, bool]:
+    """A causal LM with its head, or any other model without one (an encoder such as BERT, whose
+    activations can still be read and edited), in eval mode; and whether it has a causal LM head."""
+    from transformers import AutoModel
+
+    folder, _ = resolve_folder(spec)
+    if has_causal_lm_head(read_config(folder)):
+        return load_causal_lm(spec, device, dtype), True
+    model = AutoModel.from_pretrained(folder, local_files_only=True, **_dtype_kwarg(dtype))
+    return model.to(device).eval(), False
+
+
 def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
     vocab_a, vocab_b = tok_a.get_vocab(), tok_b.get_vocab()
     if vocab_a != vocab_b:
