@@ -145,6 +145,8 @@ def test_command_line_exit_status_and_json_lines(chain, registry, tmp_path):
 def test_a_crosscoder_out_of_order_or_moved_is_refused(chain, registry, tmp_path):
     with pytest.raises(Exception, match="newest"):
         add_crosscoder(TrackAddConfig(str(registry), str(chain.crosscoders["v2v3_seed1"]), releases=("v3", "v2")))
+    with pytest.raises(BadInput, match="does not exist"):
+        add_crosscoder(TrackAddConfig(str(registry), str(tmp_path / "missing.safetensors")))
     with pytest.raises(BadInput, match="not in the registry"):
         name_feature(TrackNameConfig(str(registry), "x", release="v9", latent=1))
     with pytest.raises(BadInput, match="say which feature"):
