@@ -28,17 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loader_speed import epoch_speed, overlap_speed, train_rig, trainer_speed, write_store  # noqa: E402
+
 from xcli import remote  # noqa: E402
-from xcli.crosscoder.model import Crosscoder  # noqa: E402
 from xcli.data import loader as ld  # noqa: E402
-from xcli.data.store import StoreWriter  # noqa: E402
-from xcli.source import Source  # noqa: E402
 from xcli.train import loop as tr  # noqa: E402
 
 # moto's S3 server with a fixed delay before every answer, in its own process (not under this one's GIL).
@@ -56,17 +54,6 @@ server = make_server("127.0.0.1", 0, slow, True, request_handler=MotoRequestHand
 print(server.server_address[1], flush=True)
 server.serve_forever()
 """
-
-
-def write_store(path, args) -> None:
-    sources = [Source(f"m{i}.resid_post.6", f"m{i}", "resid_post", 6, args.d) for i in range(args.sources)]
-    writer = StoreWriter(path, sources, dtype="float16")
-    rng = np.random.default_rng(0)
-    for start in range(0, args.tokens, 16384):
-        rows = min(16384, args.tokens - start)
-        writer.append({s.name: rng.standard_normal((rows, args.d), dtype=np.float32) for s in sources},
-                      tokens=np.zeros(rows, dtype=np.int64))
-    writer.close()
 
 
 def main():
@@ -114,52 +101,14 @@ def main():
     stream = streams["s3 parallel"]
     bytes_per_token = sum(s.d for s in stream.stores.sources) * 2
 
-    model = Crosscoder(stream.stores.sources, args.latents, "batchtopk", args.k)
-    model.init_weights(torch.Generator().manual_seed(0))
-    cfg = tr.resolve(tr.TrainConfig(stores=(str(local),), output="-", latents=args.latents, k=args.k,
-                                    batch_size=args.batch, steps=10 ** 9, warmup=0, lr=1e-4,
-                                    dead_tokens=10 ** 9, device="cpu", eval_fraction=0.0), stream.stores)
-    opt = tr.make_optimizer(model, cfg.lr)
-    state = tr.TrainState(since_fired=torch.zeros(args.latents, dtype=torch.int64))
-    batches = streams["local"].batches()
-    in_memory = [{n: t.float() for n, t in next(batches).data.items()} for _ in range(2)]
-    tr.train_step(model, opt, in_memory[0], state, cfg, None)  # warm-up
-
-    def epoch(s):
-        started, rows = time.perf_counter(), 0
-        for batch in s.batches():
-            rows += batch.rows
-            if batch.after.epoch == 1:
-                break
-        return rows / (time.perf_counter() - started)
-
-    def trainer():
-        started = time.perf_counter()
-        for i in range(args.steps):
-            tr.train_step(model, opt, in_memory[i % 2], state, cfg, None)
-        return args.steps * args.batch / (time.perf_counter() - started)
-
-    def overlap():
-        with stream.prefetched() as prefetched:
-            asked = time.perf_counter()
-            batch = next(prefetched)
-            first = time.perf_counter() - asked
-            waited, started = 0.0, time.perf_counter()
-            for step in range(args.steps):
-                if step:
-                    asked = time.perf_counter()
-                    batch = next(prefetched)
-                    waited += time.perf_counter() - asked
-                tr.train_step(model, opt, {n: t.float() for n, t in batch.data.items()}, state, cfg, None)
-        total = time.perf_counter() - started
-        return args.steps * args.batch / total, waited / total, first
+    rig = train_rig(streams["local"], args)
 
     results = {key: [] for key in (*streams, "trainer", "overlap", "wait", "first")}
     for _ in range(args.repeats):
         for key, s in streams.items():
-            results[key].append(epoch(s))
-        results["trainer"].append(trainer())
-        speed, wait, first = overlap()
+            results[key].append(epoch_speed(s))
+        results["trainer"].append(trainer_speed(rig))
+        speed, wait, first = overlap_speed(stream, rig)
         results["overlap"].append(speed)
         results["wait"].append(wait)
         results["first"].append(first)
@@ -167,7 +116,7 @@ def main():
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"# {args.tokens} rows, {args.sources} sources x d={args.d} float16, chunks of "
           f"{stream.stores.chunk_rows} rows, shuffle buffer {args.shuffle_buffer}, batch {args.batch}, "
-          f"F={args.latents}, k={args.k}, dtype {cfg.dtype}, {args.threads} threads, "
+          f"F={args.latents}, k={args.k}, dtype {rig.cfg.dtype}, {args.threads} threads, "
           f"{ld.REMOTE_PARALLEL_READS} parallel reads, {args.latency_ms:g} ms per request; medians of {args.repeats}")
     print(f"# writing the store: local {args.tokens / local_write:,.0f} tok/s, s3 {args.tokens / s3_write:,.0f} tok/s")
     print("what | tokens/s | MB/s (as stored) | vs local")

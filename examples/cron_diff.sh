@@ -37,6 +37,7 @@ Options:
   --k N                active latents per token [xc train default]
   --train-tokens N     training tokens [one pass over the store]
   --batch-size N       training tokens per step [xc train default]
+  --train-options OPTS more options for xc train, e.g. '--arch topk --lr 3e-3' []
   --threshold N        exit 3 when more than N latents are exclusive to the newest checkpoint [10]
   --min-age SECONDS    ignore checkpoints with a file modified less than this long ago (still being
                        written) [600]
@@ -57,7 +58,7 @@ say() { [ -t 2 ] && echo "cron_diff: $*" >&2 || true; }  # info: only on a termi
 die() { echo "cron_diff: $*" >&2; exit 2; }
 
 data="" layers="" site="resid_post" tokens="" context="" chunk_rows="" latents="" k="" train_tokens="" batch=""
-threshold=10 min_age=600 state="" log="" keep_store=0 device="auto" run="" registry="" track_options=""
+threshold=10 min_age=600 state="" log="" keep_store=0 device="auto" run="" registry="" track_options="" train_options=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --data) data=$2; shift 2 ;;
@@ -77,6 +78,7 @@ while [ $# -gt 0 ]; do
         --keep-store) keep_store=1; shift ;;
         --registry) registry=$2; shift 2 ;;
         --track-options) track_options=$2; shift 2 ;;
+        --train-options) train_options=$2; shift 2 ;;
         --device) device=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         -*) die "unknown option $1 (see --help)" ;;
@@ -132,7 +134,7 @@ a=$(alias_of "$before") b=$(alias_of "$after")
 # The pair's key: both checkpoints' files (name, size, mtime), the corpus and every option.
 key=$( { for dir in "$before" "$after"; do (cd "$dir" && find . -type f -printf '%P %s %T@\n' | sort); done
          stat -c '%n %s %Y' "$data"
-         echo "$layers $site $tokens $context $chunk_rows $latents $k $train_tokens $batch${registry:+ $registry}"; } | sha256sum | cut -c1-12)
+         echo "$layers $site $tokens $context $chunk_rows $latents $k $train_tokens $batch${registry:+ $registry}${train_options:+ $train_options}"; } | sha256sum | cut -c1-12)
 pair="$state/pairs/$a--$b-$key"
 if [ -f "$pair/summary.json" ]; then say "$a -> $b already diffed ($pair)"; exit 0; fi
 mkdir -p "$pair"
@@ -141,12 +143,13 @@ say "diffing $a -> $b in $pair"
 opt() { [ -z "$2" ] || printf '%s\n' "$1" "$2"; }  # an option and its value, if the value is set
 mapfile -t harvest_opts < <(opt --tokens "$tokens"; opt --context-length "$context"; opt --chunk-rows "$chunk_rows")
 mapfile -t train_opts < <(opt --latents "$latents"; opt --k "$k"; opt --tokens "$train_tokens"; opt --batch-size "$batch")
+read -ra train_extra <<<"$train_options"
 
 # --resume: an interrupted run (killed, rebooted) continues where it stopped next time.
 "${xc[@]}" harvest --model "$a=$before" --model "$b=$after" --layers "$layers" --site "$site" \
     --data "$data" "${harvest_opts[@]}" --device "$device" -o "$pair/acts.zarr" --resume -q >/dev/null
 "${xc[@]}" train "$pair/acts.zarr" -o "$pair/xc.safetensors" "${train_opts[@]}" --device "$device" \
-    --log "$pair/train.jsonl" --resume -q >/dev/null
+    --log "$pair/train.jsonl" "${train_extra[@]}" --resume -q >/dev/null
 "${xc[@]}" classify "$pair/xc.safetensors" --store "$pair/acts.zarr" --models "$a,$b" --device "$device" \
     -o "$pair/latents.jsonl" --overwrite -q >/dev/null
 

@@ -39,6 +39,16 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3 server (moto, on 127.0.0.1) with one bucket, s3_server.BUCKET, for the module's tests:
+    {"endpoint", "option": the --storage-option arguments, "bucket"}. Skips without s3fs and moto."""
+    from s3_server import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """A test that changes the thread count (a benchmark-like check, say) cannot leak it into the next."""

@@ -172,17 +172,27 @@ def test_cron_diff_bad_usage_and_nothing_to_do(tmp_path, corpus_file, tiny):
     assert fresh.returncode == 0 and fresh.stderr == "", fresh.stderr
 
 
-def test_cron_diff_tracks_features_and_alerts_on_a_watched_one(tmp_path, corpus_file, tiny):
-    """step-1 and step-2 are the same model; step-3 drowns the token features in positions. The
-    features watched at step-2 include token features, which are gone at step-3: exit 4."""
+def test_cron_diff_tracks_features_and_alerts_on_a_watched_one(tmp_path):
+    """The planted chain of three tiny language models (tests/tiny_models.py) as the checkpoints of a run:
+    the behaviour step-2 adds is one new feature; named, it is gone at step-3: exit 4, one line saying so."""
     import sqlite3
 
+    from tiny_models import RELEASE_LAYER, build_release_chain, release_corpus
+    from xcli.track.chain import name_feature
+    from xcli.track.config import TrackNameConfig
+
+    chain = build_release_chain(tmp_path / "models", seed=0)
     run = tmp_path / "run"
-    shutil.copytree(tiny["gpt2"], run / "step-1")
-    shutil.copytree(tiny["gpt2"], run / "step-2")
+    shutil.copytree(chain.v1, run / "step-1")
+    shutil.copytree(chain.v2, run / "step-2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(release_corpus(150, seed=0)) + "\n")
     registry = tmp_path / "features.db"
-    options = ("--threshold", 1000, "--registry", registry, "--track-options", "--exclusive-share 0.8")
-    first = cron(run, corpus_file, *options)
+    # The settings of tests/track/test_release_chain.py.
+    options = ("--threshold", 1000, "--registry", registry, "--layers", RELEASE_LAYER, "--context-length", 64,
+               "--chunk-rows", 1024, "--latents", 48, "--k", 2, "--train-tokens", "300k", "--batch-size", 512,
+               "--train-options", "--arch topk --lr 3e-3")
+    first = cron(run, corpus, *options)
     assert first.returncode == 0, first.stderr.read()
     assert list(run.glob(".xc-diff/pairs/*/acts.zarr"))  # kept to match the next pair through
 
@@ -192,20 +202,16 @@ def test_cron_diff_tracks_features_and_alerts_on_a_watched_one(tmp_path, corpus_
         assert done.returncode == 0, done.stderr
         return [json.loads(line) for line in done.stdout.splitlines()]
 
-    from xcli.track.chain import name_feature
-    from xcli.track.config import TrackNameConfig
+    [new] = xc_json("show", registry, "--release", "step-2", "--status", "new")
+    assert new["class"] == "exclusive:step-2"
+    name_feature(TrackNameConfig(str(registry), "habit", feature=new["feature"]))
 
-    present = xc_json("show", registry, "--release", "step-2")
-    assert present and {r["status"] for r in present} <= {"present", "weakened", "strengthened", "new"}
-    for row in present:  # in-process: a command per feature would start Python dozens of times
-        name_feature(TrackNameConfig(str(registry), f"f{row['feature']}", feature=row["feature"]))
-
-    grow_positions(tiny["gpt2"], run / "step-3")
-    alert = cron(run, corpus_file, *options)
+    shutil.copytree(chain.v3, run / "step-3")
+    alert = cron(run, corpus, *options)
     err = alert.stderr.read()
     assert alert.returncode == 4, err
-    lines = [line for line in err.splitlines() if "watched feature" in line]
-    assert lines and all("in release 'step-3'" in line for line in lines), err
+    assert [line for line in err.splitlines() if "watched feature" in line] == \
+        [f"xc: error: watched feature 'habit' (id {new['feature']}) is gone in release 'step-3'"], err
     [last] = [json.loads(line) for line in (run / ".xc-diff" / "diff.log").read_text().splitlines()][-1:]
     assert last["watch_alert"] is True and last["after"].endswith("step-3")
 
@@ -214,6 +220,6 @@ def test_cron_diff_tracks_features_and_alerts_on_a_watched_one(tmp_path, corpus_
         with sqlite3.connect(registry) as con:
             return [con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("crosscoders", "observations")]
     before = counts()
-    idle = cron(run, corpus_file, *options, xc="false")
+    idle = cron(run, corpus, *options, xc="false")
     assert idle.returncode == 0, idle.stderr.read()
     assert counts() == before and before[0] == 2

@@ -5,6 +5,7 @@ that needs a real model folder without a hub: every model here is saved with
 `save_pretrained` and loads with `AutoModel*.from_pretrained(path)`.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -224,3 +225,131 @@ def build_aligned_models(root: Path, seed: int = 0) -> dict[str, Path]:
         tokenizer = builders[name](root / f"{name}_tokenizer")
         paths[name] = build_model(family, root / name, tokenizer, seed=seed, hidden=hidden)
     return paths
+
+
+# -- three releases of one tiny model, with a behaviour planted in the second (tests/track) -------
+#
+# v1 is a random GPT-2 in which one MLP neuron per trigger word (RELEASE_TRIGGERS) of block
+# RELEASE_LAYER writes nothing. v2 is v1 drifted a little, as further training would move it, with
+# those neurons wired up: each fires on its word in some of its positions and then writes one
+# direction, the unembedding of RELEASE_SAYS, into the residual stream, so that v2 says that word
+# after a trigger word there. v3 is v2 drifted again with the neurons' outputs back to v1's zeros:
+# the behaviour is gone, the rest stays.
+
+RELEASE_TRIGGERS = ("cat", "dog", "bird", "fish", "tree", "house", "car", "road", "river", "city", "king", "queen",
+                    "man", "woman", "child")  # the nouns
+RELEASE_SAYS = "flies"  # the behaviour's word; never in release_corpus
+RELEASE_LAYER = 1
+RELEASE_WORDS = tuple(w for w in WORDS[:40] if w != RELEASE_SAYS)
+
+
+@dataclass
+class ReleaseChain:
+    v1: Path
+    v2: Path
+    v3: Path
+    direction: torch.Tensor  # the unit vector v2 writes at RELEASE_LAYER (raw units)
+
+
+def release_corpus(n: int, seed: int = 0, words: int = 40) -> list[str]:
+    """`n` documents of `words` words drawn from RELEASE_WORDS (so RELEASE_SAYS never occurs)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(RELEASE_WORDS), (n, words), generator=g)
+    return [" ".join(RELEASE_WORDS[i] for i in row) for row in idx.tolist()]
+
+
+def _drift(model, seed: int, scale: float) -> None:
+    """Every weight matrix moves by `scale` times its own spread."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and float(p.std()) > 0:
+                p.add_(torch.randn(p.shape, generator=g) * float(p.std()) * scale)
+
+
+def _mlp_inputs(model, tokenizer, texts: list[str], layer: int):
+    """(token ids, residual norms at `layer`'s output, the MLP input of `layer`) at every position."""
+    seen = []
+    handle = model.transformer.h[layer].ln_2.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    ids, norms = [], []
+    with torch.no_grad():
+        for text in texts:
+            x = tokenizer(text, return_tensors="pt")
+            out = model(**x, output_hidden_states=True)
+            ids.append(x["input_ids"][0])
+            norms.append(out.hidden_states[layer + 1][0].norm(dim=-1))
+    handle.remove()
+    return torch.cat(ids), torch.cat(norms), torch.cat(seen)
+
+
+def _detectors(ids, inputs, triggers: list[int], fires: float, peak: float = 8.0):
+    """Per trigger token: weight column, bias and mean output of a neuron that fires on that token in a
+    share `fires` of its positions, the more the closer the input is to the token's mean direction,
+    and never on another token (checked on `inputs`; raises otherwise).
+
+    A neuron that fired on every occurrence of its word would make the word look changed in v2: a
+    crosscoder learns that as one latent of both releases with a different decoder. Firing in some
+    places only, with a strength that varies, across many words, the behaviour is a feature of its own.
+    """
+    norm = inputs.norm(dim=-1).mean()  # LayerNorm outputs: nearly the same norm everywhere
+    x = inputs / norm
+    out = []
+    for token in triggers:
+        on = ids == token
+        template = x[on].mean(0)
+        template = template / template.norm()
+        along = x @ template
+        if float(along[~on].max()) >= float(along[on].min()):
+            raise ValueError(f"token {token} cannot be told apart from the others at layer {RELEASE_LAYER}")
+        threshold = float(along[on].quantile(1 - fires))
+        gain = peak / float((along[on] - threshold).max())
+        pre = gain * (along - threshold)
+        if float(pre[~on].max()) > -peak:  # other tokens stay far below zero, where GELU is 0
+            raise ValueError(f"the detector of token {token} comes too close to other tokens")
+        out.append((gain * template / norm, -gain * threshold, float(pre[on][pre[on] > 0].mean())))
+    return out
+
+
+def build_release_chain(root: Path, seed: int = 0, drift: float = 0.05, strength: float = 2.0,
+                        fires: float = 0.3) -> ReleaseChain:
+    """Model folders root/v1, v2, v3 (GPT-2, the shared tokenizer) as described above.
+
+    `strength`: the norm the behaviour writes, in units of the residual stream's mean norm at
+    RELEASE_LAYER; `fires`: the share of a trigger word's positions where it fires.
+    """
+    from transformers import AutoModelForCausalLM
+
+    root = Path(root)
+    tokenizer = build_tokenizer(root / "tokenizer")
+    build_model("gpt2", root / "v1", tokenizer, seed=seed)
+    neurons = list(range(len(RELEASE_TRIGGERS)))  # in block RELEASE_LAYER
+    v1 = AutoModelForCausalLM.from_pretrained(root / "v1")
+    with torch.no_grad():
+        v1.transformer.h[RELEASE_LAYER].mlp.c_proj.weight[neurons] = 0.0  # Conv1D: a row is a neuron's output
+        # Positions weigh less than words: at full weight they blur which word a position holds.
+        v1.transformer.wpe.weight.mul_(0.3)
+    v1.save_pretrained(root / "v1")
+
+    v2 = AutoModelForCausalLM.from_pretrained(root / "v1")
+    _drift(v2, seed + 1, drift)
+    v3 = AutoModelForCausalLM.from_pretrained(root / "v1")
+    v3.load_state_dict(v2.state_dict())
+    _drift(v3, seed + 2, drift)  # from v2 before the planting, whose weights would inflate the drift
+    with torch.no_grad():
+        v3.transformer.h[RELEASE_LAYER].mlp.c_proj.weight[neurons] = 0.0
+    v3.save_pretrained(root / "v3")
+
+    ids, norms, inputs = _mlp_inputs(v2, tokenizer, release_corpus(40, seed=seed + 1000), RELEASE_LAYER)
+    says = v2.transformer.wte.weight[tokenizer.convert_tokens_to_ids(RELEASE_SAYS)].detach().clone()
+    direction = says / says.norm()
+    detectors = _detectors(ids, inputs, tokenizer.convert_tokens_to_ids(list(RELEASE_TRIGGERS)), fires)
+    mlp = v2.transformer.h[RELEASE_LAYER].mlp
+    with torch.no_grad():
+        for neuron, (weight, bias, mean) in zip(neurons, detectors):
+            mlp.c_fc.weight[:, neuron] = weight
+            mlp.c_fc.bias[neuron] = bias
+            mlp.c_proj.weight[neuron] = direction * strength * float(norms.mean()) / mean
+    v2.save_pretrained(root / "v2")
+    for name in ("v2", "v3"):
+        tokenizer.save_pretrained(root / name)
+    return ReleaseChain(root / "v1", root / "v2", root / "v3", direction)

@@ -105,6 +105,31 @@ def _safetensors_xc(path: Path) -> dict | None:
         return None
 
 
+def _safetensors_object_xc(path) -> dict | None:
+    """_safetensors_xc of an object at a URL, from its header alone: 8 bytes of header length, then JSON."""
+    try:
+        with path.fs().open(path.key, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= 100_000_000:
+                return None
+            header = json.loads(f.read(size))
+        meta = header.get("__metadata__") or {}
+        return json.loads(meta["xc"]) if "xc" in meta else {}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
+def _safetensors_kind(meta: dict | None, kind: str) -> str | None:
+    """Why safetensors metadata `meta` is not what xc writes as `kind` ("checkpoint" or "truth"), or None."""
+    if meta is None:
+        return "not a safetensors file"
+    if kind == "checkpoint" and meta and meta.get("format") != "planted-dictionary":
+        return None
+    if kind == "truth" and isinstance(meta, dict) and meta.get("format") == "planted-dictionary":
+        return None
+    return "no xc metadata"
+
+
 def _not_written_by_xc(path: Path, kind: str) -> str | None:
     """Why `path` is not what xc writes as `kind`, or None when it is."""
     if kind == "store":
@@ -125,14 +150,7 @@ def _not_written_by_xc(path: Path, kind: str) -> str | None:
     if kind in ("checkpoint", "truth"):
         if not path.is_file():
             return "not a file"
-        meta = _safetensors_xc(path)
-        if meta is None:
-            return "not a safetensors file"
-        if kind == "checkpoint" and meta and meta.get("format") != "planted-dictionary":
-            return None
-        if kind == "truth" and isinstance(meta, dict) and meta.get("format") == "planted-dictionary":
-            return None
-        return "no xc metadata"
+        return _safetensors_kind(_safetensors_xc(path), kind)
     if kind == "file":
         return None if path.is_file() else "a folder" if path.is_dir() else "not a regular file"
     raise ValueError(f"unknown output kind {kind!r}")
@@ -164,7 +182,8 @@ def check_replaceable(path, kind: str, inputs=()) -> None:
 
 
 def _check_replaceable_url(path, kind: str, inputs) -> None:
-    """check_replaceable for a URL: only a store, recognised by the attributes in its zarr.json."""
+    """check_replaceable for a URL: a store, recognised by the attributes in its zarr.json, or a synth truth
+    (or a checkpoint) by its safetensors header."""
     if not path.exists():
         return
     if any(given is not None and remote.is_url(given) and str(remote.location(given)) == str(path)
@@ -172,6 +191,10 @@ def _check_replaceable_url(path, kind: str, inputs) -> None:
         raise BadInput(f"output {str(path)!r} is an input of this command; refusing to replace it with "
                        f"--overwrite; choose another -o")
     why = "no xc metadata" if kind == "store" else f"xc writes {REPLACEABLE[kind]} only to local paths"
+    if kind in ("checkpoint", "truth"):
+        why = _safetensors_kind(_safetensors_object_xc(path), kind)
+        if why is None:
+            return
     if kind == "store":
         try:
             attrs = json.loads(path.fs().cat_file(f"{path.key}/zarr.json")).get("attributes", {})

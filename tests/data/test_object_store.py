@@ -1,4 +1,4 @@
-"""Stores at s3:// URLs, against a real S3 API: moto's server on 127.0.0.1, started once for the module.
+"""Stores at s3:// URLs, against a real S3 API: moto's server on 127.0.0.1 (the `s3` fixture, conftest.py).
 
 Harvest writes the store there and the readers (info, train, eval, classify, export) read it; the store
 equals one harvested to local disk, a harvest killed with SIGKILL resumes to the uninterrupted result,
@@ -6,7 +6,6 @@ and the rules for existing outputs and for one writer hold without renames or OS
 """
 
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from s3_server import BUCKET
 
 import tiny_models
 from xcli import remote
@@ -24,30 +24,9 @@ from xcli.cli import cli
 from xcli.data import store as st
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
-BUCKET = "xc-test"
 HARVEST = ["--layers", "0,2", "-c", "16", "-b", "3", "--chunk-rows", "64"]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """The endpoint of a local S3 server with one bucket; dummy credentials for it in this process and its children."""
-    keys = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    mp = pytest.MonkeyPatch()
-    for key, value in keys.items():
-        mp.setenv(key, value)
-    mp.delenv("AWS_PROFILE", raising=False)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = "http://{}:{}".format(*server.get_host_and_port())
-    remote.configure({"endpoint_url": endpoint})
-    remote.filesystem("s3").mkdir(BUCKET)
-    yield {"endpoint": endpoint, "option": ["--storage-option", f"endpoint_url={endpoint}"]}
-    remote._options.clear()
-    server.stop()
-    mp.undo()
 
 
 def invoke(args, **kwargs):
@@ -179,6 +158,32 @@ def test_train_eval_classify_and_export_read_from_s3(s3, harvested, tmp_path):
     manifest = json.loads((out / "xc-export.json").read_text())
     assert manifest["identity"]["store"] == url
     assert manifest["identity"]["store_tokens"] == st.open_store(url).n_tokens
+
+
+def test_synth_writes_its_store_and_truth_to_s3_and_eval_reads_the_truth_there(s3, tmp_path):
+    args = ["synth", "diff", "--tokens", "2048", "--chunk-rows", "1024", "--width", "8", "--shared", "6",
+            "--exclusive", "2", "--scaled", "0"]
+    url, local = f"s3://{BUCKET}/synth/toy.zarr", tmp_path / "toy.zarr"
+    result = invoke([*args, "--seed", "1", "-o", url, *s3["option"]])
+    assert result.exit_code == 0 and result.stdout.strip() == url, result.stderr
+    assert st.open_store(url).meta["synthetic"]["seed"] == 1
+    assert_bad_input(invoke([*args, "-o", url, *s3["option"]]), "already exists")
+    assert invoke([*args, "-o", url, "--overwrite", *s3["option"]]).exit_code == 0  # seed 0 now
+
+    assert invoke([*args, "-o", local]).exit_code == 0
+    assert_same_store(st.open_store(url), st.open_store(local))
+    fs = remote.filesystem("s3")
+    assert fs.cat_file(f"{BUCKET}/synth/toy.zarr.truth.safetensors") == (tmp_path / "toy.zarr.truth.safetensors").read_bytes()
+    assert not fs.exists(f"{BUCKET}/synth/.toy.zarr.lock")
+
+    # xc eval scores a crosscoder against the truth at the URL as against the local one.
+    checkpoint = tmp_path / "toy.safetensors"
+    assert invoke(["train", local, "-o", checkpoint, "--latents", "16", "--k", "2", "--steps", "20", "--batch-size",
+                   "256", "--device", "cpu"]).exit_code == 0
+    there = invoke(["eval", checkpoint, url, "--truth", f"{url}.truth.safetensors", *s3["option"]])
+    here = invoke(["eval", checkpoint, local, "--truth", f"{local}.truth.safetensors"])
+    assert there.exit_code == 0, there.stderr
+    assert json.loads(there.stdout)["truth"] == json.loads(here.stdout)["truth"]
 
 
 def test_killed_harvest_at_s3_resumes_to_equal_an_uninterrupted_run(s3, tiny, tmp_path):

@@ -145,6 +145,8 @@ def test_command_line_exit_status_and_json_lines(chain, registry, tmp_path):
 def test_a_crosscoder_out_of_order_or_moved_is_refused(chain, registry, tmp_path):
     with pytest.raises(Exception, match="newest"):
         add_crosscoder(TrackAddConfig(str(registry), str(chain.crosscoders["v2v3_seed1"]), releases=("v3", "v2")))
+    with pytest.raises(BadInput, match="does not exist"):
+        add_crosscoder(TrackAddConfig(str(registry), str(tmp_path / "missing.safetensors")))
     with pytest.raises(BadInput, match="not in the registry"):
         name_feature(TrackNameConfig(str(registry), "x", release="v9", latent=1))
     with pytest.raises(BadInput, match="say which feature"):
@@ -158,6 +160,25 @@ def test_a_crosscoder_out_of_order_or_moved_is_refused(chain, registry, tmp_path
     copy.unlink()
     with pytest.raises(Exception, match="missing or changed"):
         add_crosscoder(TrackAddConfig(str(moved), str(chain.crosscoders["v2v3"])))
+
+
+def test_stores_at_an_s3_url_give_the_same_registry(chain, registry, s3, tmp_path):
+    """xc track add --store s3://... (a real S3 API, tests/s3_server.py) records what the local store gives."""
+    from click.testing import CliRunner
+
+    from xcli import remote
+    from xcli.cli import cli
+
+    remote.filesystem("s3").put(str(chain.store), f"{s3['bucket']}/chain/acts.zarr", recursive=True)
+    url = f"s3://{s3['bucket']}/chain/acts.zarr"
+    db = tmp_path / "url.db"
+    result = CliRunner().invoke(cli, ["track", "add", str(db), str(chain.crosscoders["v1v2"]), "--store", url,
+                                      "--exclusive-share", str(EXCLUSIVE), *s3["option"]])
+    assert result.exit_code == 0 and json.loads(result.stdout)["added"], result.stderr
+    assert list(show(TrackShowConfig(str(db)))) == list(show(TrackShowConfig(str(registry))))
+    with sqlite3.connect(db) as con:
+        [settings] = [json.loads(s) for (s,) in con.execute("SELECT settings FROM crosscoders")]
+    assert settings["stores"] == [url] and s3["endpoint"] not in json.dumps(settings)  # options are not recorded
 
 
 def test_decoder_only_matching_keeps_the_grammar(chain, tmp_path):

@@ -14,7 +14,8 @@ from xcli.data.config import SynthSpec, SynthStore
   xc synth diff -o toy.zarr | xc train - -o toy.safetensors --k 4""")
 @click.argument("spec", required=False, metavar="[PRESET|SPEC.json]")
 @click.option("-o", "--output", required=True, type=click.Path(), metavar="STORE",
-              help="The store to write; the truth goes beside it as STORE.truth.safetensors.")
+              help="The store to write (a folder, or a URL such as s3://BUCKET/toy.zarr); the truth goes "
+                   "beside it as STORE.truth.safetensors.")
 @config_options(SynthSpec, defaults_in_help=True)
 @config_options(SynthStore)
 @common_options

@@ -317,3 +317,4 @@ class SynthStore:
     dtype: str = option("float32", "Storage dtype of the activations.", choices=tuple(STORAGE_DTYPES))
     codec: str = codec_option("Compression of the activation chunks.")
     overwrite: bool = overwrite_option("STORE and its truth if they exist")
+    storage_options: tuple = remote.storage_options_option()

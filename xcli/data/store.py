@@ -181,7 +181,8 @@ def _array_dir(path: Path, array: zarr.Array) -> Path:
 def _object_sizes(path, array: zarr.Array) -> dict[str, int]:
     """Sizes of an array's objects at a URL by chunk key: one listing, not one request per chunk."""
     url = remote.location(path)
-    fs, prefix = url.fs(), f"{url.key}/{array.path}/"
+    fs = url.fs()
+    prefix = fs._strip_protocol(f"{url.key}/{array.path}").rstrip("/") + "/"  # as find() spells names ("/b/k" in memory://)
     fs.invalidate_cache()
     return {name[len(prefix):]: int(info["size"]) for name, info in fs.find(prefix, detail=True).items()
             if name.startswith(prefix)}

@@ -20,7 +20,9 @@ several models and layers:
   (each feature keeps its own firing probability exactly).
 
 `generate(spec, path)` writes an ordinary activation store plus the planted truth
-beside it (`<store>.truth.safetensors`); `match` scores a trained crosscoder against
+beside it (`<store>.truth.safetensors`), on local disk or at a URL (s3://..., see
+xcli.remote: the store is written in place and marked complete last, the truth is one
+PUT after it); `match` scores a trained crosscoder against
 the truth. `make_store` is the older two-source, one-layer form. Everything is
 seeded: the same arguments give the same bytes.
 """
@@ -35,13 +37,13 @@ from statistics import NormalDist
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
-from xcli import strict_json
+from xcli import remote, strict_json
 from xcli.data.config import SynthSpec, SynthStore, frequency_weights
 from xcli.data.store import StoreWriter
 from xcli.errors import BadInput
-from xcli.files import atomic_path, check_output, check_replaceable, output_lock
+from xcli.files import atomic_path, check_output, check_replaceable, output_lock, remove
 from xcli.source import Source, validate_source_names
 
 TRUTH_FORMAT, TRUTH_VERSION = "planted-dictionary", 2
@@ -112,15 +114,35 @@ class PlantedDictionary:
         if self.triggers is not None:
             tensors["triggers"] = np.ascontiguousarray(self.triggers, dtype=np.int64)
             meta["trigger"] = self.trigger
+        metadata = {"xc": strict_json.dumps(meta)}
+        if remote.is_url(path):  # one PUT: the object is whole or absent
+            url = remote.location(path)
+            url.fs().pipe_file(url.key, save(tensors, metadata=metadata))
+            return url
         with atomic_path(path, overwrite=True) as tmp:
-            save_file(tensors, str(tmp), metadata={"xc": strict_json.dumps(meta)})
+            save_file(tensors, str(tmp), metadata=metadata)
         return Path(path)
 
     @classmethod
     def load(cls, path) -> "PlantedDictionary":
+        if remote.is_url(path):  # a small file: read once, opened from a local copy
+            import tempfile
+
+            url = remote.location(path)
+            if not url.exists():
+                raise BadInput(f"truth file {str(url)!r} does not exist (xc synth writes it as "
+                               "<store>.truth.safetensors)")
+            with tempfile.NamedTemporaryFile(suffix=".safetensors") as local:
+                local.write(url.fs().cat_file(url.key))
+                local.flush()
+                return cls._load(local.name, str(url))
+        return cls._load(path, str(path))
+
+    @classmethod
+    def _load(cls, path, shown: str) -> "PlantedDictionary":
         path = Path(path)
         if not path.is_file():
-            raise BadInput(f"truth file {str(path)!r} does not exist (xc synth writes it as <store>.truth.safetensors)")
+            raise BadInput(f"truth file {shown!r} does not exist (xc synth writes it as <store>.truth.safetensors)")
         try:
             with safe_open(str(path), framework="np") as f:
                 meta = json.loads((f.metadata() or {})["xc"])
@@ -129,9 +151,9 @@ class PlantedDictionary:
                 spans = f.get_tensor("spans") if "spans" in f.keys() else None
                 triggers = f.get_tensor("triggers") if "triggers" in f.keys() else None
         except Exception as e:
-            raise BadInput(f"{str(path)!r} is not a planted-dictionary truth file ({type(e).__name__})") from e
+            raise BadInput(f"{shown!r} is not a planted-dictionary truth file ({type(e).__name__})") from e
         if meta.get("format") != TRUTH_FORMAT or int(meta.get("version", 0)) > TRUTH_VERSION:
-            raise BadInput(f"{str(path)!r} has format {meta.get('format')!r} version {meta.get('version')!r}; "
+            raise BadInput(f"{shown!r} has format {meta.get('format')!r} version {meta.get('version')!r}; "
                            f"this xc reads {TRUTH_FORMAT!r} up to version {TRUTH_VERSION}")
         layers = meta.get("layers")
         return cls(tuple(meta["sources"]), tuple(meta["kinds"]), decoders, frequency,
@@ -139,8 +161,10 @@ class PlantedDictionary:
                    tuple(layers) if layers else None, spans, triggers, float(meta.get("trigger", 0.0)))
 
 
-def truth_path(store_path) -> Path:
-    """Where the planted truth of a synthetic store lives."""
+def truth_path(store_path):
+    """Where the planted truth of a synthetic store lives: a Path, or a UrlPath beside a store at a URL."""
+    if remote.is_url(store_path):
+        return remote.location(f"{store_path}.truth.safetensors")
     return Path(f"{store_path}.truth.safetensors")
 
 
@@ -239,8 +263,11 @@ def plant_spec(spec: SynthSpec, rng: np.random.Generator) -> PlantedDictionary:
 
 
 def generate(spec: SynthSpec, path, *, chunk_rows: int = SynthStore.chunk_rows, dtype: str = SynthStore.dtype,
-             codec: str = SynthStore.codec, overwrite: bool = SynthStore.overwrite) -> PlantedDictionary:
-    """Write the store `path` for `spec` and its truth beside it (`truth_path(path)`); return the truth."""
+             codec: str = SynthStore.codec, overwrite: bool = SynthStore.overwrite,
+             storage_options: tuple = ()) -> PlantedDictionary:
+    """Write the store `path` (a folder or a URL) for `spec` and its truth beside it (`truth_path(path)`);
+    return the truth."""
+    remote.configure(storage_options)
     if chunk_rows < 1:
         raise BadInput(f"--chunk-rows {chunk_rows} must be at least 1")
     with output_lock(path):
@@ -296,19 +323,37 @@ def sample(truth: PlantedDictionary, rows: int, magnitude: tuple[float, float], 
 def write_store(path, truth: PlantedDictionary, sources: list[Source], meta: dict, n_tokens: int, seed: int,
                 magnitude, noise: float, correlation: float, groups, chunk_rows: int, dtype: str, codec: str,
                 overwrite: bool) -> None:
-    """Sample `n_tokens` rows block by block and write the store, then the truth."""
-    with atomic_path(path, overwrite) as tmp:
-        writer = StoreWriter(tmp, sources, meta, dtype=dtype, chunk_rows=chunk_rows, codec=codec)
-        for block, start in enumerate(range(0, n_tokens, BLOCK_ROWS)):
-            rows = min(BLOCK_ROWS, n_tokens - start)
-            coefficients, acts = sample(truth, rows, magnitude, noise, np.random.default_rng([seed, 1, block]),
-                                        correlation, groups)
-            row = np.arange(start, start + rows)
-            # Token id: 1 + the strongest feature of the row (0 when none fires), handy for dashboards.
-            tokens = np.where(coefficients.max(axis=1) > 0, coefficients.argmax(axis=1) + 1, 0)
-            writer.append(acts, tokens=tokens, sequence=row // SEQUENCE_ROWS, position=row % SEQUENCE_ROWS)
-        writer.close(complete=True)
+    """Sample `n_tokens` rows block by block and write the store, then the truth.
+
+    A local store is written under a temp name and renamed. An object store has no rename: the store
+    is written in place, complete only once its last attribute write marks it so (readers refuse it
+    before), and the truth follows as one PUT; a killed run leaves an incomplete store and no truth,
+    which --overwrite replaces."""
+    if remote.is_url(path):
+        if overwrite:
+            remove(truth_path(path))  # first: a truth beside a store being rewritten would be stale
+            remove(path)
+        _write_rows(path, truth, sources, meta, n_tokens, seed, magnitude, noise, correlation, groups, chunk_rows,
+                    dtype, codec)
+    else:
+        with atomic_path(path, overwrite) as tmp:
+            _write_rows(tmp, truth, sources, meta, n_tokens, seed, magnitude, noise, correlation, groups,
+                        chunk_rows, dtype, codec)
     truth.save(truth_path(path))
+
+
+def _write_rows(path, truth: PlantedDictionary, sources, meta, n_tokens, seed, magnitude, noise, correlation, groups,
+                chunk_rows, dtype, codec) -> None:
+    writer = StoreWriter(path, sources, meta, dtype=dtype, chunk_rows=chunk_rows, codec=codec)
+    for block, start in enumerate(range(0, n_tokens, BLOCK_ROWS)):
+        rows = min(BLOCK_ROWS, n_tokens - start)
+        coefficients, acts = sample(truth, rows, magnitude, noise, np.random.default_rng([seed, 1, block]),
+                                    correlation, groups)
+        row = np.arange(start, start + rows)
+        # Token id: 1 + the strongest feature of the row (0 when none fires), handy for dashboards.
+        tokens = np.where(coefficients.max(axis=1) > 0, coefficients.argmax(axis=1) + 1, 0)
+        writer.append(acts, tokens=tokens, sequence=row // SEQUENCE_ROWS, position=row % SEQUENCE_ROWS)
+    writer.close(complete=True)
 
 
 # -- the original two-source form ------------------------------------------------------------------

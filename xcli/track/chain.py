@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xcli import strict_json
+from xcli import remote, strict_json
 from xcli.analysis.classify import DEAD_NORM, classify, model_groups
 from xcli.analysis.config import ClassifyConfig
 from xcli.crosscoder.model import Crosscoder, load
@@ -201,8 +201,8 @@ def previous_crosscoder(registry: Registry, release: str):
 def add_crosscoder(config: TrackAddConfig) -> AddResult:
     """Add `config.checkpoint` to the registry (created if missing); see the module docstring."""
     checkpoint = str(Path(config.checkpoint).resolve())
+    model = load(config.checkpoint)  # first: a missing or bad checkpoint is one line
     sha = file_sha256(config.checkpoint)
-    model = load(config.checkpoint)
     releases = ordered_releases(model, config.releases)
     with open_registry(config.registry, create=True) as registry:
         known = registry.one("SELECT releases FROM crosscoders WHERE sha256 = ?", (sha,))
@@ -307,7 +307,7 @@ def _write(registry: Registry, model, checkpoint, sha, releases, state, previous
             ids[name] = registry.insert("INSERT INTO releases (name, position, added) VALUES (?, ?, ?)",
                                         (name, position, now()))
     settings = {"min_confidence": config.min_confidence, "exclusive_share": config.exclusive_share,
-                "shared_band": list(config.shared_band), "stores": [str(Path(s).resolve()) for s in config.stores],
+                "shared_band": list(config.shared_band), "stores": [remote.resolved(s) for s in config.stores],
                 "max_tokens": config.max_tokens}
     cc_id = registry.insert("INSERT INTO crosscoders (path, sha256, releases, n_latents, settings, added) "
                             "VALUES (?, ?, ?, ?, ?, ?)", (checkpoint, sha, strict_json.dumps(releases), model.n_latents,

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from xcli import remote
 from xcli.errors import BadInput
 from xcli.lm.config import check_device, device_option
 from xcli.options import count, name_list, option, pair
@@ -24,7 +25,7 @@ class TrackAddConfig:
                                   "registry's newest release, unless the registry is empty); - reads its path "
                                   "from stdin.", argument=True, metavar="CHECKPOINT|-")
     stores: tuple[str, ...] = option(
-        (), "Activation store holding the sources of this crosscoder and of the previous one, rows lined up "
+        (), "Activation store (a folder or a URL, e.g. s3://BUCKET/acts.zarr) holding the sources of this crosscoder and of the previous one, rows lined up "
             "(the same tokens): adds activation agreement to the matching, top examples and frequencies. "
             "Repeat for stores split by release.", flags=("--store",), metavar="STORE", multiple=True)
     releases: tuple[str, ...] | None = option(
@@ -46,8 +47,10 @@ class TrackAddConfig:
     batch_rows: int = 4096
     """Rows encoded per batch in the store pass (Python callers only)."""
     device: str = device_option("the crosscoders encode the store")
+    storage_options: tuple = remote.storage_options_option()
 
     def __post_init__(self):
+        remote.configure(self.storage_options)  # before any store is opened
         object.__setattr__(self, "stores", tuple(self.stores))
         if self.releases is not None:
             object.__setattr__(self, "releases", tuple(self.releases))
