@@ -1,6 +1,7 @@
 """A local S3 API for the tests: moto's server on 127.0.0.1 with one bucket (the `s3` fixture of conftest.py)."""
 
 import logging
+import urllib.request
 from contextlib import contextmanager
 
 import pytest
@@ -26,6 +27,9 @@ def s3_server():
     server.start()
     endpoint = "http://{}:{}".format(*server.get_host_and_port())
     try:
+        # moto keeps its buckets per process, not per server: start from none (a worker of pytest-xdist may
+        # start a server again for another module).
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30)
         remote.configure({"endpoint_url": endpoint})
         remote.filesystem("s3").mkdir(BUCKET)
         yield {"endpoint": endpoint, "option": ["--storage-option", f"endpoint_url={endpoint}"], "bucket": BUCKET}
