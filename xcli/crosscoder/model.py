@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from xcli import console, strict_json
 from xcli.crosscoder import sparse
 from xcli.crosscoder.config import ARCHS
+from xcli.crosscoder.matryoshka import Prefixes, decode_groups
 from xcli.crosscoder.partition import Partition
 from xcli.distributed import SINGLE, Comm
 from xcli.errors import BadInput
@@ -67,6 +68,8 @@ class SparseOutput(NamedTuple):
     """The encoder weights used, per read source (d_s, F)."""
     decoder: list[Tensor]
     """The decoder weights used, per written source (F, d_s)."""
+    prefixes: list[list[Tensor]] | None = None
+    """Matryoshka: per nested prefix, per written source, its reconstruction without bias (B, d_s)."""
 
 
 class Crosscoder(nn.Module):
@@ -78,6 +81,8 @@ class Crosscoder(nn.Module):
     """Model parallel (xcli.crosscoder.source_parallel): the ranks that hold the other sources; this model holds some of them."""
     partition: Partition | None = None
     """Tied and dedicated latent blocks (xcli.crosscoder.partition), or None for a plain crosscoder."""
+    matryoshka: Prefixes | None = None
+    """Matryoshka crosscoders (xcli.crosscoder.matryoshka): the nested prefixes the training loss uses."""
 
     def __init__(self, sources: list[Source], n_latents: int, arch: str = "batchtopk", k: int | None = None,
                  read: list[str] | None = None, write: list[str] | None = None):
@@ -229,9 +234,14 @@ class Crosscoder(nn.Module):
             pre_at = pairs.gather(mm).float() + self.b_enc[pairs.cols]
         values = sparse.encoder_values(pairs, pre_at, xs, self.b_enc, enc, dtype)
         values = self.source_comm.sum_gradient(values)  # dv_n = Σ over all sources' decoders
-        decoded = sparse.decode(pairs, values, dec)
+        prefixes = None
+        if self.matryoshka is not None:  # each group decoded once; the whole dictionary is the last prefix
+            prefixes = decode_groups(pairs, values, dec, self.matryoshka)
+            decoded = prefixes[-1]
+        else:
+            decoded = sparse.decode(pairs, values, dec)
         recon = {name: y + b for name, y, b in zip(self.write, decoded, self.b_dec)}
-        return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec)
+        return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec, prefixes)
 
     def sparse_aux_reconstruction(self, out: SparseOutput, dead: Tensor, k_aux: int) -> dict[str, Tensor]:
         """AuxK on the sparse path: the decoded (no bias) top k_aux ReLU pre-activations among dead latents."""
@@ -319,7 +329,8 @@ class Crosscoder(nn.Module):
                 "selection_score": "f_i * sum_s ||W_dec,i^s||",
                 "decoder_norm_units": "normalised (input scaled so mean squared norm = d_s)",
             },
-        } | ({"partition": self.partition.to_json()} if self.partition else {})
+        } | ({"partition": self.partition.to_json()} if self.partition else {}) | (
+            {"matryoshka": self.matryoshka.to_json()} if self.matryoshka else {})
 
 
 def checkpoint_tensors(model: Crosscoder) -> dict[str, Tensor]:
@@ -419,7 +430,17 @@ def check_metadata(meta, where: str) -> list[Source]:
     check_provenance(meta, where)
     if meta.get("partition") is not None:
         Partition.from_json(meta["partition"], where).check(sources, meta["write"], n, where)
+    if "matryoshka" in meta:
+        check_matryoshka(meta, where)
     return sources
+
+
+def check_matryoshka(meta: dict, where: str) -> Prefixes:
+    """A Matryoshka crosscoder's record: nested prefixes of a batchtopk dictionary (man/xc-checkpoint.5)."""
+    if meta["arch"] != "batchtopk":
+        raise BadInput(f"{where}: a matryoshka record needs arch batchtopk (the selection it was trained with), "
+                       f"not {meta['arch']!r:.40}")
+    return Prefixes.from_json(meta["matryoshka"], meta["n_latents"], where)
 
 
 def check_provenance(meta: dict, where: str) -> None:
@@ -540,5 +561,7 @@ def load(path, device: str | torch.device = "cpu") -> Crosscoder:
     if meta.get("partition") is not None:
         model.partition = Partition.from_json(meta["partition"], where(path))
         model.partition.check_weights(model, where(path))
+    if "matryoshka" in meta:
+        model.matryoshka = check_matryoshka(meta, where(path))
     model.metadata = meta
     return model.eval().to(device)
