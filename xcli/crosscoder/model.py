@@ -10,6 +10,8 @@ Decoder norms (used for classification) are in normalised units.
 act is ReLU (with an L1 penalty weighted by the sum of per-source decoder norms),
 TopK per token, or BatchTopK (top k*B over the batch in training; a learned global
 threshold at inference, so that encoding one token never depends on its batch).
+A Matryoshka crosscoder (xcli/crosscoder/matryoshka.py) is a batchtopk one whose training
+loss also makes nested prefixes of the dictionary reconstruct the input (`Crosscoder.matryoshka`).
 Latents are ranked by f_i * sum_s ||W_dec,i^s||; the kept values are the unscaled f_i.
 
 The checkpoint (man/xc-checkpoint.5) is one safetensors file: tensors
