@@ -251,3 +251,66 @@ def test_trigger_ties_each_exclusive_feature_to_a_shared_one(tmp_path):
         load_spec(None, trigger=1.5)
     with pytest.raises(BadInput, match="needs --shared and --exclusive"):
         load_spec(None, shared=0, trigger=0.5)
+
+
+def test_hierarchy_parents_fire_with_any_child_and_children_exclude_each_other(tmp_path):
+    """--hierarchy 2,3: features 0 and 4 are parents of 1-3 and 5-7; the truth records it, and the rows
+    follow it: a parent fires whenever a child does (and alone too), two children of one parent never
+    fire together, and every feature fires with the frequency the truth gives."""
+    from xcli.data.synth import PlantedDictionary, generate, load_spec, sample, truth_path
+
+    spec = load_spec(None, models=("m",), width=16, shared=12, exclusive=0, active=2.0, tokens=512,
+                     frequencies="zipf:0.5", hierarchy=(2, 3))
+    truth = generate(spec, tmp_path / "h.zarr")
+    assert truth.parents.tolist() == [-1, 0, 0, 0, -1, 4, 4, 4, -1, -1, -1, -1]
+    assert PlantedDictionary.load(truth_path(tmp_path / "h.zarr")).parents.tolist() == truth.parents.tolist()
+    coefficients, _ = sample(truth, 200_000, (0.5, 1.5), 0.0, np.random.default_rng(0))
+    fires = coefficients > 0
+    for parent, kids in ((0, [1, 2, 3]), (4, [5, 6, 7])):
+        any_child = fires[:, kids].any(axis=1)
+        assert not (any_child & ~fires[:, parent]).any()  # never a child without its parent
+        assert fires[:, kids].sum(axis=1).max() == 1  # mutually exclusive
+        assert (fires[:, parent] & ~any_child).any()  # the parent also fires alone
+    assert fires.mean(axis=0) == pytest.approx(truth.frequency, rel=0.05)
+    assert truth.frequency[0] > truth.frequency[1:4].sum()
+    plain = load_spec(None, models=("m",), width=16, shared=12, exclusive=0, active=2.0, tokens=512)
+    assert generate(plain, tmp_path / "p.zarr").parents is None
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(hierarchy=(0, 3)), "--hierarchy 0,3 must be PARENTS,CHILDREN of at least 1 each"),
+    (dict(hierarchy=(4, 3), shared=12), r"PARENTS x \(1 \+ CHILDREN\) at most --shared \(12\)"),
+])
+def test_bad_hierarchy_is_refused(fields, message):
+    from xcli.data.synth import load_spec
+
+    with pytest.raises(BadInput, match=message):
+        load_spec(None, **fields)
+
+
+def test_hierarchy_whose_children_would_fire_on_every_token_is_refused(tmp_path):
+    from xcli.data.synth import generate, load_spec
+
+    spec = load_spec(None, models=("m",), width=8, shared=4, exclusive=0, active=3.5, hierarchy=(1, 3))
+    with pytest.raises(BadInput, match="the children of a parent would fire on 2.62 of the tokens, above 1"):
+        generate(spec, tmp_path / "x.zarr")
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_truth_file_with_bad_parents_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from xcli.data.synth import PlantedDictionary, generate, load_spec, truth_path
+
+    spec = load_spec(None, models=("m",), width=8, shared=6, exclusive=0, active=1.0, tokens=256, hierarchy=(1, 2))
+    generate(spec, tmp_path / "h.zarr")
+    path = truth_path(tmp_path / "h.zarr")
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    # a grandparent, one entry short, a feature that does not exist
+    for parents in ([-1, 0, 1, -1, -1, -1], [-1, 0, 0, -1, -1], [-1, 0, 9, -1, -1, -1]):
+        save_file({**tensors, "parents": np.array(parents, dtype=np.int64)}, str(path), metadata=meta)
+        with pytest.raises(BadInput, match="tensor parents is not one parent"):
+            PlantedDictionary.load(path)

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from test_train import Crash, assert_same_weights, config, crash_at
 
 import xcli
+from test_train import Crash, assert_same_weights, config, crash_at
 from xcli.analysis.classify import classify
 from xcli.analysis.config import EvalConfig
 from xcli.analysis.evaluate import evaluate

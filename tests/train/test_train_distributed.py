@@ -114,3 +114,21 @@ def test_two_process_jumprelu_matches_one_process(tmp_path):
     assert expected["threshold"].shape == (24,)
     for key, value in load_file(two).items():
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="as above")
+def test_two_process_matryoshka_run_matches_one_process(tmp_path):
+    """The nested prefixes' losses are sums over rows: two ranks' shares add up to the one-process step."""
+    store = tmp_path / "s.zarr"
+    synth.make_store(store, n_tokens=1024, d=8, n_shared=4, n_exclusive=2, active=2.0, chunk_rows=128, seed=3)
+    nested = ["--arch", "matryoshka", "--groups", "4,12", "--steps", "20"]
+    reference = tr.train(tr.TrainConfig(stores=(str(store),), output=str(tmp_path / "one.safetensors"), latents=24,
+                                        k=3, batch_size=64, steps=20, checkpoint_every=20, log_every=5,
+                                        eval_fraction=0.125, dead_tokens=128, shuffle_buffer=256, device="cpu",
+                                        dtype="float32", arch="matryoshka", groups=(4, 12)))
+    two = tmp_path / "two.safetensors"
+    proc = subprocess.run(torchrun(store, two, *nested), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = load_file(reference)
+    for key, value in load_file(two).items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -15,6 +15,7 @@ from xcli.train.config import TrainConfig
   xc train acts.zarr -o sae.safetensors --sources base.resid_post.6 --arch relu --l1 2
   xc train acts.zarr -o tc.safetensors --read base.resid_mid.6 --write base.mlp_out.6
   xc train layers.zarr -o fmx.safetensors --arch fmx --k 64 --ranks 32
+  xc train acts.zarr -o m.safetensors --arch matryoshka --latents 4096 --groups 256,1024
   xc harvest ... | xc train - -o xc.safetensors
   xc train acts.zarr -o xc.safetensors --tokens 50M --resume    # after Ctrl-C or kill -9
   torchrun --nproc-per-node 8 -m xcli train acts.zarr -o xc.safetensors --batch-size 32K

@@ -4,6 +4,8 @@ No torch here: `xc --help` lists these choices, and configs check them, without 
 the model code (xcli.crosscoder.model, xcli.crosscoder.fmx).
 """
 
+from itertools import pairwise
+
 from xcli.errors import BadInput
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
@@ -23,6 +25,8 @@ FACTORIZATIONS = ("tr", "cp")
 DEFAULT_MASK_PROB = 0.05
 SOURCE_PARALLEL_ARCHS = ("topk", "batchtopk")
 """--arch values that `xc train --split-sources` trains."""
+MATRYOSHKA = "matryoshka"
+"""The --arch of Matryoshka crosscoders (xcli.crosscoder.matryoshka): BatchTopK with nested prefixes."""
 
 
 def is_fmx(arch: str) -> bool:
@@ -31,7 +35,7 @@ def is_fmx(arch: str) -> bool:
 
 def activation_of(arch: str) -> str:
     """The activation an --arch selects with: relu, topk or batchtopk."""
-    return {"fmx": "batchtopk", "fmx-topk": "topk", "fmx-relu": "relu"}.get(arch, arch)
+    return {"fmx": "batchtopk", "fmx-topk": "topk", "fmx-relu": "relu", MATRYOSHKA: "batchtopk"}.get(arch, arch)
 
 
 def check_ranks(factorization: str, ranks) -> tuple[int, ...]:
@@ -54,3 +58,31 @@ def check_fmx_options(arch: str, factorization: str | None, ranks, mask_prob: fl
         check_ranks(factorization or "tr", ranks)
     if mask_prob is not None and not 0 <= mask_prob < 1:
         raise BadInput(f"--mask-prob {mask_prob} must be at least 0 and below 1")
+
+
+# -- Matryoshka prefixes -------------------------------------------------------------------------
+
+def check_prefix_widths(widths, latents: int | None = None, label: str = "--groups") -> tuple[int, ...]:
+    """The nested prefix widths of a Matryoshka crosscoder: strictly increasing whole numbers from 1.
+
+    With `latents`, the last may be below it (the whole dictionary is then added as the last
+    prefix) but not above it; the result then ends at `latents`."""
+    widths = tuple(widths)
+    shown = ",".join(map(str, widths))
+    if not widths or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        raise BadInput(f"{label} {shown!r} is not a list of prefix widths; give increasing whole numbers, e.g. "
+                       f"128,512,2048")
+    if widths[0] < 1 or any(b <= a for a, b in pairwise(widths)):
+        raise BadInput(f"{label} {shown} must be strictly increasing prefix widths of at least 1 (e.g. 128,512,2048)")
+    if latents is not None:
+        if widths[-1] > latents:
+            raise BadInput(f"{label} {shown} goes beyond the {latents} latents; the widths are nested prefixes "
+                           f"of the dictionary, the widest at most {latents}")
+        if widths[-1] < latents:
+            widths += (latents,)
+    return widths
+
+
+def default_prefix_widths(latents: int) -> tuple[int, ...]:
+    """F/16, F/4, F: three prefixes, each four times the one before (fewer when F is below 16)."""
+    return tuple(sorted({w for w in (latents // 16, latents // 4, latents) if w >= 1}))

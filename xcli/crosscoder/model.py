@@ -11,6 +11,8 @@ act is ReLU (with an L1 penalty weighted by the sum of per-source decoder norms)
 TopK per token, or BatchTopK (top k*B over the batch in training; a learned global
 threshold at inference, so that encoding one token never depends on its batch), or
 JumpReLU (f_i = h_i where h_i > θ_i, a learned threshold per latent; xcli.crosscoder.jumprelu).
+A Matryoshka crosscoder (xcli/crosscoder/matryoshka.py) is a batchtopk one whose training
+loss also makes nested prefixes of the dictionary reconstruct the input (`Crosscoder.matryoshka`).
 Latents are ranked by f_i * sum_s ||W_dec,i^s||; the kept values are the unscaled f_i.
 
 The checkpoint (man/xc-checkpoint.5) is one safetensors file: tensors
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from xcli import console, strict_json
 from xcli.crosscoder import jumprelu, sparse
 from xcli.crosscoder.config import ARCHS, THRESHOLD_ARCHS
+from xcli.crosscoder.matryoshka import Prefixes, decode_groups
 from xcli.crosscoder.partition import Partition
 from xcli.distributed import SINGLE, Comm
 from xcli.errors import BadInput
@@ -69,6 +72,8 @@ class SparseOutput(NamedTuple):
     """The encoder weights used, per read source (d_s, F)."""
     decoder: list[Tensor]
     """The decoder weights used, per written source (F, d_s)."""
+    prefixes: list[list[Tensor]] | None = None
+    """Matryoshka: per nested prefix, per written source, its reconstruction without bias (B, d_s)."""
 
 
 class Crosscoder(nn.Module):
@@ -80,6 +85,8 @@ class Crosscoder(nn.Module):
     """Model parallel (xcli.crosscoder.source_parallel): the ranks that hold the other sources; this model holds some of them."""
     partition: Partition | None = None
     """Tied and dedicated latent blocks (xcli.crosscoder.partition), or None for a plain crosscoder."""
+    matryoshka: Prefixes | None = None
+    """Matryoshka crosscoders (xcli.crosscoder.matryoshka): the nested prefixes the training loss uses."""
 
     def __init__(self, sources: list[Source], n_latents: int, arch: str = "batchtopk", k: int | None = None,
                  read: list[str] | None = None, write: list[str] | None = None):
@@ -248,9 +255,14 @@ class Crosscoder(nn.Module):
             pre_at = pairs.gather(mm).float() + self.b_enc[pairs.cols]
         values = sparse.encoder_values(pairs, pre_at, xs, self.b_enc, enc, dtype)
         values = self.source_comm.sum_gradient(values)  # dv_n = Σ over all sources' decoders
-        decoded = sparse.decode(pairs, values, dec)
+        prefixes = None
+        if self.matryoshka is not None:  # each group decoded once; the whole dictionary is the last prefix
+            prefixes = decode_groups(pairs, values, dec, self.matryoshka)
+            decoded = prefixes[-1]
+        else:
+            decoded = sparse.decode(pairs, values, dec)
         recon = {name: y + b for name, y, b in zip(self.write, decoded, self.b_dec)}
-        return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec)
+        return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec, prefixes)
 
     def sparse_aux_reconstruction(self, out: SparseOutput, dead: Tensor, k_aux: int) -> dict[str, Tensor]:
         """AuxK on the sparse path: the decoded (no bias) top k_aux ReLU pre-activations among dead latents."""
@@ -343,8 +355,7 @@ class Crosscoder(nn.Module):
                                         "units; tensor threshold (F,)",
                           "sparsity_penalty": "lambda_s(t) * sum_i tanh(c * f_i * sum_s ||W_dec,i^s||) + lambda_p * "
                                               "sum_i relu(threshold_i - h_i) * sum_s ||W_dec,i^s||"}}
-            if self.arch == "jumprelu" else {})
-
+            if self.arch == "jumprelu" else {}) | ({"matryoshka": self.matryoshka.to_json()} if self.matryoshka else {})
 
 def checkpoint_tensors(model: Crosscoder) -> dict[str, Tensor]:
     tensors = {"encoder_bias": model.b_enc}
@@ -446,7 +457,17 @@ def check_metadata(meta, where: str) -> list[Source]:
     check_provenance(meta, where)
     if meta.get("partition") is not None:
         Partition.from_json(meta["partition"], where).check(sources, meta["write"], n, where)
+    if "matryoshka" in meta:
+        check_matryoshka(meta, where)
     return sources
+
+
+def check_matryoshka(meta: dict, where: str) -> Prefixes:
+    """A Matryoshka crosscoder's record: nested prefixes of a batchtopk dictionary (man/xc-checkpoint.5)."""
+    if meta["arch"] != "batchtopk":
+        raise BadInput(f"{where}: a matryoshka record needs arch batchtopk (the selection it was trained with), "
+                       f"not {meta['arch']!r:.40}")
+    return Prefixes.from_json(meta["matryoshka"], meta["n_latents"], where)
 
 
 def check_provenance(meta: dict, where: str) -> None:
@@ -576,5 +597,7 @@ def load(path, device: str | torch.device = "cpu") -> Crosscoder:
     if meta.get("partition") is not None:
         model.partition = Partition.from_json(meta["partition"], where(path))
         model.partition.check_weights(model, where(path))
+    if "matryoshka" in meta:
+        model.matryoshka = check_matryoshka(meta, where(path))
     model.metadata = meta
     return model.eval().to(device)

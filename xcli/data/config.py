@@ -238,6 +238,13 @@ class SynthSpec:
              "on this fraction of the trigger's firings (0: exclusive features fire on their own). 1 plants a "
              "model-specific change that always comes with a shared concept, as a fine-tune's trigger word does: "
              "a plain crosscoder can absorb it into one latent whose decoders differ between the models.")
+    hierarchy: tuple[int, int] | None = option(
+        None, "Hierarchical features: the first PARENTS x (1 + CHILDREN) shared features form PARENTS trees, a "
+              "parent followed by its CHILDREN children. Children are mutually exclusive (at most one of a parent's "
+              "children fires on a token, each with its own probability) and a parent fires whenever one of its "
+              "children does, and also on its own with its drawn probability. A crosscoder may then absorb the "
+              "parent into its children's latents (feature absorption; Matryoshka crosscoders resist it).",
+        metavar="PARENTS,CHILDREN", parse=pair(",", int, "PARENTS,CHILDREN"))
     tokens: int = option(65536, "Rows to write.", metavar="N", parse=count)
     seed: int = option(0, "Everything random derives from it.")
 
@@ -291,6 +298,12 @@ class SynthSpec:
         if self.trigger and not (self.shared and self.exclusive):
             raise BadInput("--trigger ties exclusive features to shared ones; it needs --shared and --exclusive "
                            "above 0")
+        if self.hierarchy is not None:
+            parents, children = hierarchy = tuple(int(x) for x in self.hierarchy)
+            object.__setattr__(self, "hierarchy", hierarchy)
+            if parents < 1 or children < 1 or parents * (1 + children) > self.shared:
+                raise BadInput(f"--hierarchy {parents},{children} must be PARENTS,CHILDREN of at least 1 each, "
+                               f"with PARENTS x (1 + CHILDREN) at most --shared ({self.shared})")
         weights = frequency_weights(self.frequencies, self.n_features)  # checks the syntax
         if not 0 < self.active or self.active * weights.max() / weights.sum() > 1:
             limit = weights.sum() / weights.max()

@@ -17,7 +17,10 @@ several models and layers:
 - firing probabilities are uniform, exponentially decaying or Zipf-like, scaled so
   that `active` features fire per token on average; with `correlation` > 0,
   features in groups of `group_size` fire together through a Gaussian copula
-  (each feature keeps its own firing probability exactly).
+  (each feature keeps its own firing probability exactly);
+- with `hierarchy` (P, C), P parent features each have C children: at most one child
+  of a parent fires on a token, and the parent fires whenever a child does (and on its
+  own too), the structure that feature absorption feeds on (Chanin et al. 2024).
 
 `generate(spec, path)` writes an ordinary activation store plus the planted truth
 beside it (`<store>.truth.safetensors`), on local disk or at a URL (s3://..., see
@@ -73,6 +76,9 @@ class PlantedDictionary:
     """(G,) the feature whose firing each feature's firing requires (-1: none), or None: no triggers."""
     trigger: float = 0.0
     """How often a triggered feature fires when its trigger fires."""
+    parents: np.ndarray | None = None
+    """(G,) each feature's parent (-1: none), or None: no hierarchy. A parent fires whenever one of its
+    children does; a parent's children never fire together; `frequency` counts every firing."""
 
     @property
     def n_features(self) -> int:
@@ -114,6 +120,8 @@ class PlantedDictionary:
         if self.triggers is not None:
             tensors["triggers"] = np.ascontiguousarray(self.triggers, dtype=np.int64)
             meta["trigger"] = self.trigger
+        if self.parents is not None:
+            tensors["parents"] = np.ascontiguousarray(self.parents, dtype=np.int64)
         metadata = {"xc": strict_json.dumps(meta)}
         if remote.is_url(path):  # one PUT: the object is whole or absent
             url = remote.location(path)
@@ -150,6 +158,7 @@ class PlantedDictionary:
                 frequency = f.get_tensor("frequency")
                 spans = f.get_tensor("spans") if "spans" in f.keys() else None
                 triggers = f.get_tensor("triggers") if "triggers" in f.keys() else None
+                parents = f.get_tensor("parents") if "parents" in f.keys() else None
         except Exception as e:
             raise BadInput(f"{shown!r} is not a planted-dictionary truth file ({type(e).__name__})") from e
         if meta.get("format") != TRUTH_FORMAT or int(meta.get("version", 0)) > TRUTH_VERSION:
@@ -158,7 +167,29 @@ class PlantedDictionary:
         layers = meta.get("layers")
         return cls(tuple(meta["sources"]), tuple(meta["kinds"]), decoders, frequency,
                    tuple(meta["models"]) if meta.get("models") else None,
-                   tuple(layers) if layers else None, spans, triggers, float(meta.get("trigger", 0.0)))
+                   tuple(layers) if layers else None, spans, triggers, float(meta.get("trigger", 0.0)),
+                   check_parents(parents, len(meta["kinds"]), path))
+
+    def children(self) -> dict[int, np.ndarray]:
+        """Each parent feature and its children, in feature order."""
+        if self.parents is None:
+            return {}
+        return {int(p): np.flatnonzero(self.parents == p) for p in np.unique(self.parents[self.parents >= 0])}
+
+
+def check_parents(parents, n_features: int, path) -> np.ndarray | None:
+    """A truth file's parents: one per feature, -1 or another feature that has no parent itself."""
+    if parents is None:
+        return None
+    bad = (parents.shape != (n_features,) or not np.issubdtype(parents.dtype, np.integer)
+           or ((parents < -1) | (parents >= n_features)).any())
+    if not bad:
+        has = parents >= 0
+        bad = bool((parents[parents[has]] != -1).any() or (parents[has] == np.flatnonzero(has)).any())
+    if bad:
+        raise BadInput(f"truth file {str(path)!r}: tensor parents is not one parent (-1 or a feature without a "
+                       f"parent) per feature")
+    return parents
 
 
 def truth_path(store_path):
@@ -251,6 +282,20 @@ def plant_spec(spec: SynthSpec, rng: np.random.Generator) -> PlantedDictionary:
             source_layers.append(layer)
     weights = rng.permutation(frequency_weights(spec.frequencies, G))
     frequency = weights / weights.sum() * spec.active
+    parents = None
+    if spec.hierarchy:  # parent t*(1+C), then its C children; the parent also fires when a child does
+        n_parents, n_children = spec.hierarchy
+        parents = np.full(G, -1, dtype=np.int64)
+        for t in range(n_parents):
+            root = t * (1 + n_children)
+            kids = slice(root + 1, root + 1 + n_children)
+            parents[kids] = root
+            either = frequency[kids].sum()
+            if either > 1:
+                raise BadInput(f"--hierarchy {n_parents},{n_children}: the children of a parent would fire on "
+                               f"{either:.3g} of the tokens, above 1 (they are mutually exclusive); lower --active "
+                               f"or the number of children")
+            frequency[root] = either + (1 - either) * frequency[root]
     triggers = None
     if spec.trigger:  # the i-th exclusive feature (over all models) fires with shared feature i mod shared
         triggers = np.full(G, -1, dtype=np.int64)
@@ -259,7 +304,7 @@ def plant_spec(spec: SynthSpec, rng: np.random.Generator) -> PlantedDictionary:
             triggers[g] = i % spec.shared
             frequency[g] = spec.trigger * frequency[triggers[g]]
     return PlantedDictionary(tuple(names), tuple(kinds), decoders, frequency, tuple(source_models),
-                             tuple(source_layers), spans if L > 1 else None, triggers, spec.trigger)
+                             tuple(source_layers), spans if L > 1 else None, triggers, spec.trigger, parents)
 
 
 def generate(spec: SynthSpec, path, *, chunk_rows: int = SynthStore.chunk_rows, dtype: str = SynthStore.dtype,
@@ -307,6 +352,8 @@ def sample(truth: PlantedDictionary, rows: int, magnitude: tuple[float, float], 
         fires = z < cut
     else:
         fires = rng.random((rows, G)) < truth.frequency
+    if truth.parents is not None:
+        fire_hierarchy(fires, truth, rng)
     if truth.triggers is not None:  # a triggered feature fires on a `trigger` fraction of its trigger's firings
         tied = np.flatnonzero(truth.triggers >= 0)
         fires[:, tied] = fires[:, truth.triggers[tied]] & (rng.random((rows, len(tied))) < truth.trigger)
@@ -318,6 +365,23 @@ def sample(truth: PlantedDictionary, rows: int, magnitude: tuple[float, float], 
             x += noise * rng.standard_normal(x.shape)
         acts[name] = x.astype(np.float32)
     return coefficients, acts
+
+
+def fire_hierarchy(fires: np.ndarray, truth: PlantedDictionary, rng: np.random.Generator) -> None:
+    """Redraw the firings of every parent and child in `fires` (rows, G), in place: per parent, one
+    uniform u per row picks at most one child (child j when u falls in its share of the cumulative
+    frequencies), and the parent fires when a child does or, otherwise, with its own probability
+    (frequency - s) / (1 - s), s the children's summed frequency, so that it fires with `frequency`."""
+    trees = truth.children()
+    rows = len(fires)
+    u, own = rng.random((rows, len(trees))), rng.random((rows, len(trees)))
+    for t, (parent, kids) in enumerate(trees.items()):
+        bounds = np.cumsum(truth.frequency[kids])
+        pick = np.searchsorted(bounds, u[:, t], side="right")  # len(kids): no child
+        fires[:, kids] = pick[:, None] == np.arange(len(kids))
+        either = bounds[-1]
+        alone = (truth.frequency[parent] - either) / (1 - either) if either < 1 else 0.0
+        fires[:, parent] = (pick < len(kids)) | (own[:, t] < alone)
 
 
 def write_store(path, truth: PlantedDictionary, sources: list[Source], meta: dict, n_tokens: int, seed: int,

@@ -15,9 +15,11 @@ from xcli.crosscoder.config import (
     JUMPRELU_PREACT_PENALTY,
     JUMPRELU_TANH_PENALTY,
     JUMPRELU_TANH_SCALE,
+    MATRYOSHKA,
     SOURCE_PARALLEL_ARCHS,
     activation_of,
     check_fmx_options,
+    check_prefix_widths,
     is_fmx,
 )
 from xcli.errors import BadInput
@@ -45,7 +47,7 @@ def exclusive_counts(exclusive) -> dict[str, int]:
             raise BadInput(f"--exclusive names model {model!r} twice; give each model once")
         counts[model] = int(n)
     return counts
-TRAIN_ARCHS = ARCHS + FMX_ARCHS
+TRAIN_ARCHS = ARCHS + FMX_ARCHS + (MATRYOSHKA,)
 # Fields that do not change the weights: a resumed run may differ in these.
 RUN_CONTROL = ("stores", "output", "device", "log", "log_every", "checkpoint_every", "resume", "overwrite",
                "allow_incomplete", "split_sources", "storage_options")
@@ -73,8 +75,15 @@ class TrainConfig:
         "(Anthropic's January 2025 recipe: tanh sparsity penalty and pre-activation loss; see --tanh-penalty, "
         "--tanh-scale, --preact-penalty, --bandwidth, --initial-threshold). fmx: a factorized masked crosscoder "
         "(fmxcoder) over layers of one model, selecting with batchtopk; fmx-topk and fmx-relu select with topk "
-        "and relu. See --factorization, --ranks, --mask-prob.", choices=TRAIN_ARCHS)
+        "and relu. See --factorization, --ranks, --mask-prob. matryoshka: batchtopk whose nested prefixes of the "
+        "dictionary (--groups) must each reconstruct the input (Bussmann et al. 2025); it encodes as batchtopk.",
+        choices=TRAIN_ARCHS)
     latents: int | None = option(None, "Dictionary size F.")
+    groups: tuple[int, ...] | None = option(
+        None, "matryoshka: the nested prefix widths, strictly increasing, e.g. 128,512,2048: the first 128 "
+              "latents must reconstruct the input alone, then the first 512, then all. The whole dictionary is "
+              "always the last prefix (added when the list ends below F). The loss is the mean of the prefixes' "
+              "reconstruction losses. Default: F/16,F/4,F.", metavar="W1,W2,...", parse=whole_numbers)
     expansion: float | None = option(None, "Dictionary size as a multiple of the widest source's width "
                                            "(default 16).")
     k: int | None = option(None, "Active latents per token, for topk and batchtopk (default 32).")
@@ -227,6 +236,10 @@ class TrainConfig:
         if self.log is not None and Path(self.log).resolve() == Path(self.output).resolve():
             raise BadInput(f"--log {self.log!r} is the checkpoint -o names; give the metrics another file")
         check_fmx_options(self.arch, self.factorization, self.ranks, self.mask_prob)
+        if self.groups is not None:
+            if self.arch != MATRYOSHKA:
+                raise BadInput(f"--groups applies to --arch {MATRYOSHKA}, not to {self.arch}")
+            object.__setattr__(self, "groups", check_prefix_widths(self.groups, self.latents))
         if self.split_sources and self.arch not in SOURCE_PARALLEL_ARCHS:
             raise BadInput(f"--split-sources trains --arch {' or '.join(SOURCE_PARALLEL_ARCHS)}, not {self.arch}")
         if self.split_sources and self.mask_prob:

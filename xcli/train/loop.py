@@ -15,6 +15,7 @@ Loss, in normalised units (each source scaled so its mean squared norm is d_s):
     loss     = recon + sparsity + aux / 32
 
 jumprelu instead (xcli.crosscoder.jumprelu): loss = recon + tanh sparsity penalty + pre-activation loss.
+Matryoshka (xcli.crosscoder.matryoshka): recon is the weighted sum of every nested prefix's recon.
 
 Resuming: every checkpoint also writes `<output>.state.pt` (weights, Adam, step,
 dead-latent counters, threshold, loader position, RNG); `--resume` continues from it
@@ -43,7 +44,8 @@ from torch import Tensor
 from xcli import console, strict_json
 from xcli.analysis.reconstruction import reconstruction
 from xcli.crosscoder import fmx, jumprelu, source_parallel
-from xcli.crosscoder.config import is_fmx
+from xcli.crosscoder.config import MATRYOSHKA, check_prefix_widths, default_prefix_widths, is_fmx
+from xcli.crosscoder.matryoshka import Prefixes, dense_prefixes, prefix_losses
 from xcli.crosscoder.model import Crosscoder, read_metadata, save
 from xcli.crosscoder.partition import Partition
 from xcli.data.loader import BatchStream, Position, StoreSet, eval_batches
@@ -117,6 +119,8 @@ def resolve(cfg: TrainConfig, stores: StoreSet) -> TrainConfig:
         k_aux=0 if cfg.activation == "jumprelu" else
         cfg.k_aux if cfg.k_aux is not None else max(1, min(K_AUX_MAX, sum(widths[n] for n in write) // 2)),
         steps=steps, tokens=None, warmup=warmup,
+        groups=(check_prefix_widths(cfg.groups or default_prefix_widths(latents), latents)
+                if cfg.arch == MATRYOSHKA else None),
         dead_tokens=cfg.dead_tokens or max(1, min(DEAD_TOKENS_MAX, steps * cfg.batch_size // DEAD_TOKENS_DIVISOR)),
         lr=cfg.lr or 2e-4 / math.sqrt(latents / 2 ** 14), device=str(resolve_device(cfg.device)),
         dtype=resolve_dtype(cfg.dtype, resolve_device(cfg.device)),
@@ -209,7 +213,8 @@ class LossParts(NamedTuple):
     loss: Tensor
     """What is minimised: recon + sparsity + aux / 32."""
     recon: Tensor
-    """Sum over written sources of the mean (over tokens) squared error, normalised units."""
+    """Sum over written sources of the mean (over tokens) squared error, normalised units (Matryoshka:
+    the weighted sum of that over the nested prefixes)."""
     sparsity: Tensor
     """λ · mean over tokens of sum_i f_i sum_s ||W_dec,i^s|| (zero unless relu)."""
     aux: Tensor
@@ -251,6 +256,7 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
         nonzero = (out.values != 0).float()
         l0, fired = nonzero.sum() / batch, out.pairs.sum_by_latent(nonzero) > 0
         decode_aux = lambda: model.sparse_aux_reconstruction(out, dead, k_aux)  # noqa: E731
+        prefixes = out.prefixes
     else:
         out = model(x_in)
         reconstruction, f = out.reconstruction, out.latents
@@ -258,6 +264,7 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
         min_score = model.batch_threshold(f) if model.arch == "batchtopk" else None
         decode_aux = lambda: model.decode_normalised(  # noqa: E731
             model.aux_latents(out.pre_activations, dead, k_aux), bias=False)
+        prefixes = dense_prefixes(f, list(model.W_dec), model.matryoshka) if model.matryoshka else None
     zero = torch.zeros((), device=l0.device)
     residual, sq_err, variance = {}, {}, {}
     for name in model.write:
@@ -265,6 +272,9 @@ def loss_parts(model: Crosscoder, x: dict[str, Tensor], l1: float, dead: Tensor,
         sq_err[name] = residual[name].pow(2).sum()
         variance[name] = (target[name] - target[name].mean(0)).pow(2).sum() if local else zero
     recon = sum(sq_err.values()) / batch
+    if model.matryoshka:  # every nested prefix reconstructs the input; the last one is the whole dictionary
+        losses = prefix_losses(target, prefixes, list(model.b_dec), model.write, batch)
+        recon = (losses * torch.as_tensor(model.matryoshka.weights, device=losses.device)).sum()
     sparsity = l1 * (f.float() @ model.decoder_norms().sum(dim=1)).sum() / batch if model.arch == "relu" else zero
     if model.partition and model.partition.tied and model.arch == "relu":  # designated shared: a smaller penalty
         weights = model.partition.penalty_weights(model.n_latents, f.device)
@@ -411,7 +421,7 @@ def train_state(payload: dict, device: torch.device) -> TrainState:
 
 
 # Options added after runs were recorded: a run recorded without them used these values.
-ADDED_LATER = {"shared_latents": 0, "shared_penalty": None, "exclusive": [],
+ADDED_LATER = {"shared_latents": 0, "shared_penalty": None, "exclusive": [], "groups": None,
                **dict.fromkeys(("tanh_penalty", "tanh_scale", "preact_penalty", "bandwidth", "initial_threshold"))}
 
 
@@ -445,8 +455,9 @@ def build_model(cfg: TrainConfig, stores: StoreSet) -> Crosscoder:
     if is_fmx(cfg.arch):
         model = fmx.FmxCrosscoder(sources, cfg.latents, cfg.activation, cfg.k, list(cfg.read), list(cfg.write),
                                   cfg.factorization, cfg.ranks)
-    else:
-        model = Crosscoder(sources, cfg.latents, cfg.arch, cfg.k, list(cfg.read), list(cfg.write))
+    else:  # a Matryoshka crosscoder is a batchtopk one whose loss sees its nested prefixes
+        model = Crosscoder(sources, cfg.latents, cfg.activation, cfg.k, list(cfg.read), list(cfg.write))
+        model.matryoshka = Prefixes.uniform(cfg.groups) if cfg.arch == MATRYOSHKA else None
     means = {}
     for i, source in enumerate(sources):
         stats = stores.stats(source.name)
