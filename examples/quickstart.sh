@@ -8,7 +8,7 @@
 #    "opens golden doors", which the base model never says (reused on later runs).
 # 2. xc harvest -> xc train -> xc classify (with plots) -> xc eval -> xc amplify -> xc export,
 #    all offline, outputs in out/quickstart (XC_QUICKSTART_DIR); then a second xc train with every
-#    latent tied across the models or dedicated to tuned (--shared-latents 56 --exclusive tuned=8).
+#    latent tied across the models or dedicated to tuned (--shared-latents 20 --exclusive tuned=4).
 # 3. examples/report.py reads the outputs and prints what was found.
 #
 # Sets up .venv on first use. PYTHON=/path/to/python uses that interpreter instead (xc and its
@@ -41,7 +41,8 @@ step "training the tiny model pair (examples/tiny_pair.py --size $size)"
 pair=$("$PYTHON" examples/tiny_pair.py "$work/pair" --size "$size" ${XC_QUICKSTART_SEED:+--seed "$XC_QUICKSTART_SEED"})
 # Outputs of another pair (another size) would be resumed as if they were this one's: drop them.
 field() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$pair/pair.json" "$1"; }
-hash=$(field hash)
+# The crosscoders' settings belong to the hash too: outputs of older settings are not resumed.
+hash="$(field hash) latents-24-k-3"
 if [ "$(cat "$work/pair.hash" 2>/dev/null)" != "$hash" ]; then
     rm -rf "$work"/{acts.zarr,xc.safetensors,xc.safetensors.state.pt,train.jsonl,latents.jsonl,plots,np-export}
     rm -rf "$work"/{dfc.safetensors,dfc.safetensors.state.pt,dfc-latents.jsonl,np-export-dfc}
@@ -53,8 +54,8 @@ xc harvest --model base="$pair/base" --model tuned="$pair/tuned" --layers 1 --si
     --data "$pair/corpus.txt" --context-length 32 --batch-size 64 -o "$work/acts.zarr" --resume -q >/dev/null
 xc info "$work/acts.zarr" >&2
 
-step "xc train: a BatchTopK crosscoder over both models (64 latents, k = 2)"
-xc train "$work/acts.zarr" -o "$work/xc.safetensors" --latents 64 --k 2 --batch-size 1024 \
+step "xc train: a BatchTopK crosscoder over both models (24 latents, k = 3)"
+xc train "$work/acts.zarr" -o "$work/xc.safetensors" --latents 24 --k 3 --batch-size 1024 \
     --tokens "$train_tokens" --dead-tokens 50k --shuffle-buffer 16384 --eval-fraction 0.1 \
     --log "$work/train.jsonl" --resume -q >/dev/null
 
@@ -77,13 +78,13 @@ xc export "$work/xc.safetensors" --store "$work/acts.zarr" -o "$work/np-export" 
     --top-k 20 --resume -q >/dev/null
 xc export --check "$work/np-export" >"$work/export-check.json"
 
-step "xc train --shared-latents 56 --exclusive tuned=8: the same data, every latent tied across the models or dedicated to tuned"
-xc train "$work/acts.zarr" -o "$work/dfc.safetensors" --latents 64 --k 2 --batch-size 1024 \
+step "xc train --shared-latents 20 --exclusive tuned=4: the same data, every latent tied across the models or dedicated to tuned"
+xc train "$work/acts.zarr" -o "$work/dfc.safetensors" --latents 24 --k 3 --batch-size 1024 \
     --tokens "$train_tokens" --dead-tokens 50k --shuffle-buffer 16384 --eval-fraction 0.1 \
-    --shared-latents 56 --exclusive tuned=8 --resume -q >/dev/null
+    --shared-latents 20 --exclusive tuned=4 --resume -q >/dev/null
 xc classify "$work/dfc.safetensors" --store "$work/acts.zarr" --models base,tuned \
     -o "$work/dfc-latents.jsonl" --overwrite >/dev/null
-xc export "$work/dfc.safetensors" --store "$work/acts.zarr" -o "$work/np-export-dfc" --features 56-63 \
+xc export "$work/dfc.safetensors" --store "$work/acts.zarr" -o "$work/np-export-dfc" --features 20-23 \
     --top-k 20 --resume -q >/dev/null
 
 step "done; what xc found:"

@@ -194,7 +194,7 @@ def print_report(f: dict, n_latents: int) -> None:
               f"(95% CI {pct(low)}-{pct(high)})")
     if "dedicated_tuned" in f:
         print("\nSecond run, every latent tied across the models or dedicated to tuned "
-              "(xc train --shared-latents 56 --exclusive tuned=8): "
+              "(xc train --shared-latents 20 --exclusive tuned=4): "
               + ", ".join(f"{v} {k}" for k, v in sorted(f["dedicated_classes"].items())))
         for x in f["dedicated_tuned"]:
             print(f"  latent {x['latent']:3d}  dedicated:tuned  fires on {pct(x['frequency'])} of tokens  "

@@ -33,7 +33,9 @@ def test_quickstart_finds_the_planted_difference(tmp_path):
     changed = found["most_changed"][0]
     assert found["most_changed_on_trigger"], found["most_changed"]
     assert changed["top_examples"] >= 10 and changed["on_trigger"] + changed["after_trigger"] >= 8
-    assert changed["change"] >= 0.7 and changed["class"] in ("shared", "mixed", "exclusive:tuned")
+    # k = 3 may share "wizard" among two or three latents, each changed less than one alone would be
+    # (seen: 0.60 to 0.89 over seeds and sizes, docs/quickstart.md).
+    assert changed["change"] >= 0.5 and changed["class"] in ("shared", "mixed", "exclusive:tuned")
     # Exclusive latents, when the crosscoder made one for the planted feature, sit there too.
     for latent in found["exclusive_tuned"]:
         if latent["frequency"] >= 0.005:
@@ -51,12 +53,12 @@ def test_quickstart_finds_the_planted_difference(tmp_path):
     assert 0 < rate[0]["rate"] < rate[1]["rate"] <= rate[2]["rate"] <= rate[4]["rate"]
     assert rate[0]["ci95"][1] < rate[4]["ci95"][0]  # the rise is not sampling noise
 
-    assert len(found["export_check"]["sources"]) == 2 and found["export_check"]["features"] == 128
+    assert len(found["export_check"]["sources"]) == 2 and found["export_check"]["features"] == 48
     assert found["eval"]["fvu_total"] < 0.1
     if importlib.util.find_spec("matplotlib"):  # the [plot] extra
         assert (work / "plots" / "relative_norm.png").stat().st_size > 0
     assert "the planted difference was found" in run.stdout
-    # The second run (--shared-latents 56 --exclusive tuned=8) gives the planted behaviour a latent of its
+    # The second run (--shared-latents 20 --exclusive tuned=4) gives the planted behaviour a latent of its
     # own: dedicated to the tuned model, firing on the trigger.
     assert found["dedicated_on_trigger"], found["dedicated_tuned"]
     assert "the planted difference was found as a tuned-exclusive latent" in run.stdout
