@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import xcli
+from test_crosscoder import dense_reference
 from xcli.crosscoder import jumprelu
 from xcli.crosscoder import model as cc
 from xcli.errors import BadInput
@@ -38,13 +39,8 @@ def batch(n=7):
 
 
 def numpy_forward(m, x):
-    """The crosscoder written out as one concatenated SAE in numpy: (pre, f, reconstruction per source)."""
-    scales = m.input_scale.numpy()
-    xs = np.concatenate([x[s.name].numpy() * scales[i] for i, s in enumerate(SOURCES)], axis=1)
-    W_enc = np.concatenate([m.encoder_weight(s.name).detach().numpy() for s in SOURCES], axis=0)
-    W_dec = np.concatenate([m.decoder_weight(s.name).detach().numpy() for s in SOURCES], axis=1)
-    b_dec = np.concatenate([m.decoder_bias(s.name).detach().numpy() for s in SOURCES])
-    pre = xs @ W_enc + m.b_enc.detach().numpy()
+    """test_crosscoder's numpy crosscoder with a threshold per latent: (pre, f, reconstruction per source)."""
+    pre, W_dec, b_dec, scales = dense_reference(m, x)
     theta = np.exp(m.log_threshold.detach().numpy())
     f = np.where(pre > theta, pre, 0.0)
     recon = f @ W_dec + b_dec

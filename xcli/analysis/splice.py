@@ -186,15 +186,20 @@ def fill_gaps(ids: np.ndarray, packing: dict, seq: int) -> None:
                            f"pass --data TEXT_FILE")
 
 
-def text_windows(path: str, tokenizer, limit: int, context: int | None) -> list[Window]:
-    """One window per non-empty line of a text file (the tokenizer adds its special tokens),
-    cut to the models' context length."""
+def data_lines(path: str) -> list[str]:
+    """The non-empty lines of --data, a UTF-8 text file with one sequence per line."""
     if not Path(path).is_file():
         raise BadInput(f"--data {path!r} does not exist (give a text file with one sequence per line)")
     try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise BadInput(f"--data {path!r} is not UTF-8 text") from None
+
+
+def text_windows(path: str, tokenizer, limit: int, context: int | None) -> list[Window]:
+    """One window per non-empty line of a text file (the tokenizer adds its special tokens),
+    cut to the models' context length."""
+    lines = data_lines(path)
     special = set(tokenizer.all_special_ids)
     windows, cut = [], 0
     for line in lines[:limit]:

@@ -40,6 +40,7 @@ from xcli.analysis.splice import (
     SiteHooks,
     SpliceConfig,
     add_scores,
+    data_lines,
     model_specs,
     new_sums,
     scores,
@@ -141,12 +142,7 @@ def framing(store, specs: dict[str, ModelSpec]) -> Framing:
 
 def text_windows(path: str, frame: Framing, limit: int) -> list[TextWindow]:
     """The first `limit` windows with rows of a text file, one document per non-empty line; every row scored."""
-    if not Path(path).is_file():
-        raise BadInput(f"--data {path!r} does not exist (give a text file with one sequence per line)")
-    try:
-        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise BadInput(f"--data {path!r} is not UTF-8 text") from None
+    lines = data_lines(path)
     windows = []
     for index, line in enumerate(lines):
         for window in frame.document_windows(index, line):
