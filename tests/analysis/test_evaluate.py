@@ -444,3 +444,17 @@ def test_eval_reports_mean_coherence_for_a_cross_layer_crosscoder(tmp_path):
     assert report["coherence"]["layers"] == list(range(6))
     assert report["coherence"]["mean"] == pytest.approx(expected.mean(), rel=1e-9)
     assert 1.0 <= report["coherence"]["mean"] <= 6.0
+
+
+def test_a_data_file_that_is_missing_or_not_utf8_is_one_line(tmp_path):
+    from xcli.analysis.splice import data_lines
+
+    with pytest.raises(BadInput, match="does not exist"):
+        data_lines(str(tmp_path / "none.txt"))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    with pytest.raises(BadInput, match="is not UTF-8 text"):
+        data_lines(str(bad))
+    good = tmp_path / "good.txt"
+    good.write_text("one\n\n  \ntwo\n")
+    assert data_lines(str(good)) == ["one", "two"]
