@@ -41,8 +41,11 @@ step "training the tiny model pair (examples/tiny_pair.py --size $size)"
 pair=$("$PYTHON" examples/tiny_pair.py "$work/pair" --size "$size" ${XC_QUICKSTART_SEED:+--seed "$XC_QUICKSTART_SEED"})
 # Outputs of another pair (another size) would be resumed as if they were this one's: drop them.
 field() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$pair/pair.json" "$1"; }
-# The crosscoders' settings belong to the hash too: outputs of older settings are not resumed.
-hash="$(field hash) latents-24-k-3"
+# Both crosscoders' settings, declared once; they belong to the hash too, so that outputs trained
+# with other settings are dropped instead of resumed.
+crosscoder=(--latents 24 --k 3 --batch-size 1024 --tokens "$train_tokens" --dead-tokens 50k --shuffle-buffer 16384
+    --eval-fraction 0.1)
+hash="$(field hash) ${crosscoder[*]}"
 if [ "$(cat "$work/pair.hash" 2>/dev/null)" != "$hash" ]; then
     rm -rf "$work"/{acts.zarr,xc.safetensors,xc.safetensors.state.pt,train.jsonl,latents.jsonl,plots,np-export}
     rm -rf "$work"/{dfc.safetensors,dfc.safetensors.state.pt,dfc-latents.jsonl,np-export-dfc}
@@ -55,8 +58,7 @@ xc harvest --model base="$pair/base" --model tuned="$pair/tuned" --layers 1 --si
 xc info "$work/acts.zarr" >&2
 
 step "xc train: a BatchTopK crosscoder over both models (24 latents, k = 3)"
-xc train "$work/acts.zarr" -o "$work/xc.safetensors" --latents 24 --k 3 --batch-size 1024 \
-    --tokens "$train_tokens" --dead-tokens 50k --shuffle-buffer 16384 --eval-fraction 0.1 \
+xc train "$work/acts.zarr" -o "$work/xc.safetensors" "${crosscoder[@]}" \
     --log "$work/train.jsonl" --resume -q >/dev/null
 
 step "xc classify: shared and exclusive latents, Latent Scaling, plots"
@@ -79,8 +81,7 @@ xc export "$work/xc.safetensors" --store "$work/acts.zarr" -o "$work/np-export" 
 xc export --check "$work/np-export" >"$work/export-check.json"
 
 step "xc train --shared-latents 20 --exclusive tuned=4: the same data, every latent tied across the models or dedicated to tuned"
-xc train "$work/acts.zarr" -o "$work/dfc.safetensors" --latents 24 --k 3 --batch-size 1024 \
-    --tokens "$train_tokens" --dead-tokens 50k --shuffle-buffer 16384 --eval-fraction 0.1 \
+xc train "$work/acts.zarr" -o "$work/dfc.safetensors" "${crosscoder[@]}" \
     --shared-latents 20 --exclusive tuned=4 --resume -q >/dev/null
 xc classify "$work/dfc.safetensors" --store "$work/acts.zarr" --models base,tuned \
     -o "$work/dfc-latents.jsonl" --overwrite >/dev/null

@@ -280,3 +280,9 @@ def test_export_writes_the_post_ln_hook_name(tokenizers, tmp_path):
 def test_unicode_groups_are_distinct():
     words = [w for group in GROUPS for w in group.split()]
     assert len(words) == len(set(words)) and all(unicodedata.is_normalized("NFC", w) for w in words)
+
+
+def test_token_ids_outside_the_tokenizer_show_as_out_of_range():
+    # A store's token ids are untrusted: a negative id must not index from the end of the list.
+    strings = ["a", "b", "c"]
+    assert ex.token_texts(strings, [0, 2, 3, -1, 10**9]) == ["a", "c"] + [ex.OUT_OF_RANGE] * 3

@@ -102,6 +102,12 @@ def tokenizer_named(name: str):
         raise BadInput(f"tokenizer {name!r} could not be loaded offline: {e}; pass --tokenizer with a local folder") from None
 
 
+def token_texts(strings: list[str], ids: list[int]) -> list[str]:
+    """The strings of token ids; an id outside the tokenizer (a store is untrusted, and a model's
+    vocabulary may be wider than its tokenizer's) shows as OUT_OF_RANGE instead of indexing."""
+    return [strings[t] if 0 <= t < len(strings) else OUT_OF_RANGE for t in ids]
+
+
 def token_strings(tokenizer) -> list[str]:
     """Display string of every token id: the text the token adds when the tokenizer decodes it.
 
@@ -483,7 +489,7 @@ def activation_records(plan: Plan, stats: db.DashboardStats, examples: db.Exampl
                                         count / n_tokens]))
         records.append({
             "group": group, "rank": int(examples.rank[e]),
-            "tokens": [strings[t] if t < len(strings) else OUT_OF_RANGE for t in tokens[start:stop].tolist()],
+            "tokens": token_texts(strings, tokens[start:stop].tolist()),
             "values": values, "maxValue": high, "maxValueTokenIndex": values.index(high), "minValue": min(values),
             "binMin": bins[0], "binMax": bins[1], "binContains": bins[2],
             "qualifyingTokenIndex": row - start, "dataIndex": str(row),
@@ -505,11 +511,8 @@ def logit_lens(x: Slice, directions: torch.Tensor, strings: list[str], device) -
     pos_values, neg_values, centres = pos.values.cpu(), neg.values.cpu(), centres.cpu()
     pos_ids, neg_ids, heights = pos.indices.tolist(), neg.indices.tolist(), heights.tolist()
 
-    def names(ids):
-        return [strings[t] if t < len(strings) else OUT_OF_RANGE for t in ids]
-
-    return [{"pos_str": names(pos_ids[i]), "pos_values": round_sig(pos_values[i]),
-             "neg_str": names(neg_ids[i]), "neg_values": round_sig(neg_values[i]),
+    return [{"pos_str": token_texts(strings, pos_ids[i]), "pos_values": round_sig(pos_values[i]),
+             "neg_str": token_texts(strings, neg_ids[i]), "neg_values": round_sig(neg_values[i]),
              "logits_hist_data_bar_heights": heights[i], "logits_hist_data_bar_values": round_sig(centres[i])}
             for i in range(len(directions))]
 
