@@ -1,7 +1,8 @@
 """Training-step time of an fmxcoder against the acausal crosscoder of the same shape.
 
 Both run xc's real step (xcli.train.loop.train_step, BatchTopK on the sparse path, fused Adam) on
-one random batch over L layers of width d. Variants run interleaved, `--steps` steps each per
+one random batch over L layers of width d (`--dead`: with a share of the latents dead, so that
+AuxK acts). Variants run interleaved, `--steps` steps each per
 repeat, after a warm-up step; the figures are medians over repeats, and the ratio is taken within
 each repeat (the CPU is shared, so only same-run ratios mean anything).
 
@@ -46,7 +47,12 @@ def make_step(variant: str, sources: list[Source], args, x: dict[str, torch.Tens
                          dtype="float32", device="cpu")
     state = tr.TrainState(since_fired=torch.zeros(args.latents, dtype=torch.int64))
     opt = tr.make_optimizer(model, cfg.lr)
-    return model, lambda: tr.train_step(model, opt, x, state, cfg, None)
+    dead = torch.arange(args.latents) < round(args.dead * args.latents)
+
+    def step():
+        state.since_fired[dead] = cfg.dead_tokens  # the same latents count as dead at every step: AuxK acts
+        tr.train_step(model, opt, x, state, cfg, None)
+    return model, step
 
 
 def main():
@@ -59,6 +65,9 @@ def main():
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--ranks", type=lambda s: tuple(int(r) for r in s.split(",")), default=None,
                         help="tr ranks R1,R2,R3 (default: xc's, ceil(sqrt(L*d)) each)")
+    parser.add_argument("--dead", type=float, default=0.0,
+                        help="the share of latents that count as dead at every step (AuxK reconstructs the residual "
+                             "from them, k_aux = min(512, L*d/2)); default 0: no AuxK")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="acausal,fmx",
@@ -78,7 +87,8 @@ def main():
             print(f"# {v}: ranks {','.join(map(str, model.ranks))}, rank R = {model.enc.rank}, contracts "
                   f"{', '.join(contracted) or 'nothing'}")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-          f"{args.layers} layers x d={args.d}, F={args.latents}, k={args.k}, batch {args.batch}; "
+          f"{args.layers} layers x d={args.d}, F={args.latents}, k={args.k}, batch {args.batch}, "
+          f"{args.dead:.0%} dead; "
           f"{args.steps} steps x {args.repeats} interleaved repeats")
     for run in steps.values():  # warm-up (allocator, oneDNN primitives)
         run()
