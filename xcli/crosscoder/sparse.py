@@ -15,7 +15,9 @@ dense matmuls (Gao et al. 2024, appendix D.2; EleutherAI/sparsify). The O(N·D)
 products go through `embedding_bag` and `sampled_dot`: Triton kernels
 (xcli/kernels.py) for CUDA tensors when triton imports and XC_DISABLE_TRITON=1 is
 not set, PyTorch otherwise (the CPU path and the reference). Tests check both
-against the dense computation in `Crosscoder.forward`.
+against the dense computation in `Crosscoder.forward`. A decoder held as two factors
+(fmxcoders, xcli/crosscoder/fmx.py) decodes through `decode_low_rank`, whose backward sends
+the gradient to the factors without a dense dW_dec.
 """
 
 import os
@@ -290,9 +292,9 @@ class _DecodeLowRank(torch.autograd.Function):
 
     The backward reaches the factors without a dense (F, D) gradient of W: with g = dL/dx̂,
 
-        dv_n      = ⟨g[b_n] @ basis, latent[i_n]⟩
+        dv_n       = ⟨g[b_n] @ basis, latent[i_n]⟩
         dlatent[i] = Σ_{n: i_n = i} v_n · (g[b_n] @ basis)
-        dbasis    = g.T @ h,   h[b] = Σ_{n: b_n = b} v_n · latent[i_n]
+        dbasis     = g.T @ h,   h[b] = Σ_{n: b_n = b} v_n · latent[i_n]
 
     which costs 2·B·D·R; when fewer than B latents are used (AuxK's dead latents), the same through
     their rows of dW (2·u·D·R for u latents) instead."""
