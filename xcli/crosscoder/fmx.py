@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from xcli.crosscoder import sparse
 from xcli.crosscoder.config import DEFAULT_MASK_PROB, FACTORIZATIONS, check_ranks, is_fmx
 from xcli.crosscoder.model import Crosscoder, check_tensors, finite_tensor, load, read_metadata, where
 from xcli.errors import BadInput
@@ -77,16 +78,27 @@ class Factorized(nn.Module):
             shapes = (n_layers, r), (d, r), (n_latents, r)
         self.layer, self.activation, self.latent = (nn.Parameter(torch.zeros(s)) for s in shapes)
 
+    def basis(self) -> Tensor:
+        """(L·d, R) with W[l, a, :] = basis[l·d + a] @ latent_matrix().T: the rank-R map behind the tensor
+        (R = R3·R1 for tr, R for cp)."""
+        L, d = self.layer.shape[0], self.activation.shape[0]
+        if self.factorization == "tr":  # basis[l, a, r, p] = sum_q layer[l, p, q] activation[a, q, r]
+            return torch.einsum("lpq,aqr->larp", self.layer, self.activation).reshape(L * d, -1)
+        return (self.layer[:, None, :] * self.activation[None, :, :]).reshape(L * d, -1)
+
+    def latent_matrix(self) -> Tensor:
+        """(F, R): the latent factor as one row of coefficients on the basis per latent."""
+        return self.latent.reshape(self.latent.shape[0], -1)
+
     def tensor(self) -> Tensor:
-        """The full tensor W[l, a, i], shape (L, d, F)."""
+        """The full tensor W[l, a, i], shape (L, d, F): one matrix product of basis and latent factor."""
         L, d, F = self.layer.shape[0], self.activation.shape[0], self.latent.shape[0]
-        if self.factorization == "tr":
-            # basis[l, a, r, p] = sum_q layer[l, p, q] activation[a, q, r]; then
-            # W[l, a, i] = sum_{r, p} basis[l, a, r, p] latent[i, r, p]: one matrix product.
-            basis = torch.einsum("lpq,aqr->larp", self.layer, self.activation)
-            return (basis.reshape(L * d, -1) @ self.latent.reshape(F, -1).T).view(L, d, F)
-        basis = self.layer[:, None, :] * self.activation[None, :, :]  # (L, d, R)
-        return (basis.reshape(L * d, -1) @ self.latent.T).view(L, d, F)
+        return (self.basis() @ self.latent_matrix().T).view(L, d, F)
+
+    @property
+    def rank(self) -> int:
+        """R, the inner width of basis @ latent_matrix().T."""
+        return self.latent[0].numel()
 
     @torch.no_grad()
     def init_random(self, generator: torch.Generator | None, norm: float) -> None:
@@ -107,13 +119,17 @@ class FmxCrosscoder(Crosscoder):
     """A Crosscoder whose per-source W_enc / W_dec are computed from tensor factors.
 
     `W_enc` and `W_dec` are lists of effective (d, F) and (F, d) tensors, so every method of
-    Crosscoder works unchanged. They are computed once and cached until the factors change:
+    Crosscoder works unchanged. A training step on the sparse path (topk, batchtopk) need not form
+    them with grad: `sparse_weights` contracts the factors with the batch where that is cheaper. They are computed once and cached until the factors change:
     after a backward pass reaches them (the cache follows gradient accumulation, since fused
     Adam updates in place without bumping tensor versions), after an in-place edit, after a
     move to another device, or when grad mode changes.
     """
 
     factorized = True
+    contracted_parts: tuple[str, ...] | None = None
+    """Which of "enc", "dec" a training step contracts with the batch instead of materialising (tests and
+    benchmarks set it); None: whichever the cost model (`contracts`) finds cheaper."""
 
     def __init__(self, sources: list[Source], n_latents: int, arch: str = "batchtopk", k: int | None = None,
                  read: list[str] | None = None, write: list[str] | None = None, factorization: str = "tr",
@@ -151,6 +167,50 @@ class FmxCrosscoder(Crosscoder):
             tensors = list(w.unbind(0)) if part == "enc" else list(w.transpose(1, 2).contiguous().unbind(0))
             cached = self._cache[part] = (key, tensors)
         return cached[1]
+
+    # -- the training step (the sparse path, xcli.crosscoder.sparse) ------------------------------
+    def contracts(self, part: str, rows: int) -> bool:
+        """Whether a training step on B = `rows` tokens contracts `part`'s factors with the batch rather than
+        materialising W with grad. In multiply-adds, forward and backward, for D = L·d, F latents, rank R:
+
+            enc  materialised: 3·D·F·R + B·D·F        contracted: 2·B·D·R + B·R·F
+            dec  materialised: 3·D·F·R                contracted: D·F·R + 2·min(B, u)·D·R
+
+        (u: the latents selected in the batch; the contracted decoder still computes W once, without
+        grad, for the selection's norms), so the decoder is always contracted."""
+        if self.contracted_parts is not None:
+            return part in self.contracted_parts
+        if part == "dec":
+            return True
+        D, F, R = len(self.read) * self.d, self.n_latents, self.enc.rank
+        return 2 * rows * D * R + rows * R * F < 3 * D * F * R + rows * D * F
+
+    def sparse_weights(self, x: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Crosscoder.sparse_weights from the factors, in float32. A contracted encoder's input is
+        z = x @ basis (B, R) and its weight the latent factor; a contracted decoder is W computed without
+        grad, whose decode (`sparse_decode`) sends the gradient to the factors. Otherwise, and always
+        without grad (inference), the effective tensors (computed once and cached)."""
+        rows, grad = x[self.read[0]].shape[0], torch.is_grad_enabled()
+        with torch.autocast(self.b_enc.device.type, enabled=False):
+            if grad and self.contracts("enc", rows):
+                x_cat = torch.cat([x[name].float() * self.scale(name) for name in self.read], dim=1)
+                xs, enc = [x_cat @ self.enc.basis()], [self.enc.latent_matrix().T]
+            else:
+                enc = list(self.W_enc)
+                xs = [x[name].to(w.dtype) * self.scale(name) for name, w in zip(self.read, enc)]
+            if grad and self.contracts("dec", rows):
+                basis, latent = self.dec.basis(), self.dec.latent_matrix()
+                with torch.no_grad():
+                    dec = ContractedDecoder(latent @ basis.T, basis, latent, self.d)
+            else:
+                dec = list(self.W_dec)
+        return xs, enc, dec
+
+    def sparse_decode(self, pairs, values: Tensor, decoder: list[Tensor]) -> list[Tensor]:
+        if isinstance(decoder, ContractedDecoder):
+            return list(sparse.decode_low_rank(pairs, values, decoder.table, decoder.basis, decoder.latent)
+                        .split(self.d, dim=1))
+        return super().sparse_decode(pairs, values, decoder)
 
     @property
     def W_enc(self) -> list[Tensor]:
@@ -191,6 +251,15 @@ class FmxCrosscoder(Crosscoder):
             "encoder_layers": self.read, "decoder_layers": self.write, "formula": FORMULAS[self.factorization],
             "tensors": sorted(self.extra_tensors()),
         }}
+
+
+class ContractedDecoder(list):
+    """A training step's decoder weights per written source, (F, d) views of `table` = latent @ basis.T
+    (computed without grad), which also carries the factors its decode sends the gradient to."""
+
+    def __init__(self, table: Tensor, basis: Tensor, latent: Tensor, d: int):
+        super().__init__(table.split(d, dim=1))
+        self.table, self.basis, self.latent = table, basis, latent
 
 
 def check_layers(sources: list[Source], read: list[str]) -> int:

@@ -64,12 +64,12 @@ class SparseOutput(NamedTuple):
     encoder_out: Tensor
     """Σ_s x_s @ W_enc^s without the bias, (B, F), in the compute dtype, without grad."""
     inputs: list[Tensor]
-    """The read sources in normalised units (what the encoder multiplied)."""
+    """What the encoder multiplied: the read sources in normalised units (Crosscoder.sparse_weights)."""
     compute_dtype: torch.dtype
     min_score: Tensor | None
     """BatchTopK in training: the smallest kept selection score (what the threshold tracks)."""
     encoder: list[Tensor]
-    """The encoder weights used, per read source (d_s, F)."""
+    """The encoder weights used, per read source (d_s, F) (fmx: its latent factor, see sparse_weights)."""
     decoder: list[Tensor]
     """The decoder weights used, per written source (F, d_s)."""
     prefixes: list[list[Tensor]] | None = None
@@ -235,8 +235,7 @@ class Crosscoder(nn.Module):
             raise ValueError(f"forward_sparse is for topk and batchtopk; {self.arch} latents are computed densely")
         device = self.b_enc.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
-        enc, dec = list(self.W_enc), list(self.W_dec)  # once: computed from factors in xcli.crosscoder.fmx
-        xs = [x[name].to(w.dtype) * self.scale(name) for name, w in zip(self.read, enc)]
+        xs, enc, dec = self.sparse_weights(x)
         min_score = None
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             mm = sparse.encoder_matmul(xs, enc, dtype)  # (B, F)
@@ -260,9 +259,20 @@ class Crosscoder(nn.Module):
             prefixes = decode_groups(pairs, values, dec, self.matryoshka)
             decoded = prefixes[-1]
         else:
-            decoded = sparse.decode(pairs, values, dec)
+            decoded = self.sparse_decode(pairs, values, dec)
         recon = {name: y + b for name, y, b in zip(self.write, decoded, self.b_dec)}
         return SparseOutput(pairs, values, recon, mm, xs, dtype, min_score, enc, dec, prefixes)
+
+    def sparse_weights(self, x: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """What one sparse-path step multiplies: (inputs, encoder, decoder), where Σ_s inputs[s] @ encoder[s]
+        is the encoder output without bias and decoder holds each written source's (F, d_s) weights.
+        Here the scaled read sources and the weights; fmxcoders contract their factors instead."""
+        enc, dec = list(self.W_enc), list(self.W_dec)
+        return [x[name].to(w.dtype) * self.scale(name) for name, w in zip(self.read, enc)], enc, dec
+
+    def sparse_decode(self, pairs: sparse.Pairs, values: Tensor, decoder: list[Tensor]) -> list[Tensor]:
+        """The sparse path's reconstructions without bias, one (B, d_s) per written source."""
+        return sparse.decode(pairs, values, decoder)
 
     def sparse_aux_reconstruction(self, out: SparseOutput, dead: Tensor, k_aux: int) -> dict[str, Tensor]:
         """AuxK on the sparse path: the decoded (no bias) top k_aux ReLU pre-activations among dead latents."""
@@ -275,7 +285,7 @@ class Crosscoder(nn.Module):
             pre_at = pairs.gather(out.encoder_out).float() + self.b_enc[pairs.cols]
         values = sparse.encoder_values(pairs, pre_at, out.inputs, self.b_enc, out.encoder, out.compute_dtype)
         values = self.source_comm.sum_gradient(values)
-        return dict(zip(self.write, sparse.decode(pairs, values, out.decoder)))
+        return dict(zip(self.write, self.sparse_decode(pairs, values, out.decoder)))
 
     def normalise(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: v * self.scale(name) for name, v in x.items()}

@@ -15,7 +15,9 @@ dense matmuls (Gao et al. 2024, appendix D.2; EleutherAI/sparsify). The O(N·D)
 products go through `embedding_bag` and `sampled_dot`: Triton kernels
 (xcli/kernels.py) for CUDA tensors when triton imports and XC_DISABLE_TRITON=1 is
 not set, PyTorch otherwise (the CPU path and the reference). Tests check both
-against the dense computation in `Crosscoder.forward`.
+against the dense computation in `Crosscoder.forward`. A decoder held as two factors
+(fmxcoders, xcli/crosscoder/fmx.py) decodes through `decode_low_rank`, whose backward sends
+the gradient to the factors without a dense dW_dec.
 """
 
 import os
@@ -88,9 +90,14 @@ class Pairs:
     @cached_property
     def by_latent(self) -> tuple[Tensor, Tensor, Tensor]:
         """(order, rows in that order, offsets): the pairs sorted by latent, for the backward bags."""
-        cols, order = self.cols.sort(stable=True)  # (argsort(stable=True) is 1000x slower on CPU)
-        counts = torch.bincount(cols, minlength=self.n_latents)
+        _, order = self.cols.sort(stable=True)  # (argsort(stable=True) is 1000x slower on CPU)
+        counts = self.latent_counts
         return order, self.rows[order], counts.cumsum(0) - counts
+
+    @cached_property
+    def latent_counts(self) -> Tensor:
+        """(F,) how many pairs each latent has."""
+        return torch.bincount(self.cols, minlength=self.n_latents)
 
     @cached_property
     def pattern(self) -> Tensor:
@@ -203,12 +210,16 @@ def encoder_matmul(xs: list[Tensor], weights: list[Tensor], dtype: torch.dtype) 
 
 
 class _EncoderAt(torch.autograd.Function):
-    """f at the pairs = ReLU(pre at the pairs), with the encoder gradients formed at the pairs only."""
+    """f at the pairs = ReLU(pre at the pairs), with the encoder gradients formed at the pairs only.
+
+    The inputs get a gradient too when they require one (an fmxcoder's inputs are its batch
+    contracted with the encoder's basis, xcli/crosscoder/fmx.py): dx_s[b] = Σ_{n: b_n = b} dpre_n · W_s[:, i_n]."""
 
     @staticmethod
-    def forward(ctx, pairs: Pairs, pre_at: Tensor, compute_dtype: torch.dtype, xs: list[Tensor],
-                b_enc: Tensor, *weights: Tensor) -> Tensor:
-        ctx.pairs, ctx.xs, ctx.compute_dtype = pairs, xs, compute_dtype
+    def forward(ctx, pairs: Pairs, pre_at: Tensor, compute_dtype: torch.dtype, n_inputs: int,
+                b_enc: Tensor, *inputs_and_weights: Tensor) -> Tensor:
+        ctx.pairs, ctx.compute_dtype, ctx.n_inputs = pairs, compute_dtype, n_inputs
+        ctx.xs, ctx.weights = inputs_and_weights[:n_inputs], inputs_and_weights[n_inputs:]
         ctx.save_for_backward(pre_at > 0)
         return torch.relu(pre_at)
 
@@ -216,24 +227,28 @@ class _EncoderAt(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         (active,) = ctx.saved_tensors
-        pairs, xs = ctx.pairs, ctx.xs
+        pairs, xs, n = ctx.pairs, ctx.xs, ctx.n_inputs
         dpre = grad * active
         db_enc = pairs.sum_by_latent(dpre) if ctx.needs_input_grad[4] else None
+        dxs = [embedding_bag(pairs.cols, w.detach().T.contiguous(), pairs.row_offsets, dpre) if needed else None
+               for w, needed in zip(ctx.weights, ctx.needs_input_grad[5:5 + n])]
         if ENCODER_GRAD == "dense":
             dense = pairs.dense(dpre.to(ctx.compute_dtype))
-            dws = [(x.to(ctx.compute_dtype).T @ dense).float() for x in xs]
-        else:
-            dws = [pairs.bag_by_latent(x, dpre).T.contiguous() for x in xs]  # (d, F), the parameter's layout
-        dws = [dw if needed else None for dw, needed in zip(dws, ctx.needs_input_grad[5:])]
-        return None, None, None, None, db_enc, *dws
+            dws = [(x.detach().to(ctx.compute_dtype).T @ dense).float() for x in xs]
+        else:  # (d, F): the parameter's layout; a transposed view (fmx's latent factor) keeps its own
+            dws = [pairs.bag_by_latent(x.detach(), dpre).T for x in xs]
+            dws = [dw.contiguous() if w.is_contiguous() else dw for dw, w in zip(dws, ctx.weights)]
+        dws = [dw if needed else None for dw, needed in zip(dws, ctx.needs_input_grad[5 + n:])]
+        return None, None, None, None, db_enc, *dxs, *dws
 
 
 def encoder_values(pairs: Pairs, pre_at: Tensor, xs: list[Tensor], b_enc: Tensor, weights: list[Tensor],
                    compute_dtype: torch.dtype = torch.float32) -> Tensor:
-    """(N,) latent values ReLU(pre) at the pairs, differentiable in b_enc and the encoder weights.
+    """(N,) latent values ReLU(pre) at the pairs, differentiable in b_enc, the encoder weights and
+    the inputs that require a gradient.
 
     pre_at must be Σ_s xs[s] @ weights[s] + b_enc at the pairs (computed without grad)."""
-    return _EncoderAt.apply(pairs, pre_at.float(), compute_dtype, xs, b_enc, *weights)
+    return _EncoderAt.apply(pairs, pre_at.float(), compute_dtype, len(xs), b_enc, *xs, *weights)
 
 
 # -- the decoder ------------------------------------------------------------------------
@@ -269,3 +284,50 @@ def decode(pairs: Pairs, values: Tensor, weights: list[Tensor]) -> list[Tensor]:
     """Reconstructions (without bias), one (B, d_s) per decoder weight (F, d_s)."""
     with torch.autocast(values.device.type, enabled=False):
         return list(_Decode.apply(pairs, values.float(), *weights))
+
+
+class _DecodeLowRank(torch.autograd.Function):
+    """(B, D) = Σ over a token's pairs of v · W[latent] for a decoder W = latent @ basis.T of rank R,
+    given also as `table` (F, D), computed without grad (it serves the selection's norms anyway).
+
+    The backward reaches the factors without a dense (F, D) gradient of W: with g = dL/dx̂,
+
+        dv_n       = ⟨g[b_n] @ basis, latent[i_n]⟩
+        dlatent[i] = Σ_{n: i_n = i} v_n · (g[b_n] @ basis)
+        dbasis     = g.T @ h,   h[b] = Σ_{n: b_n = b} v_n · latent[i_n]
+
+    which costs 2·B·D·R; when fewer than B latents are used (AuxK's dead latents), the same through
+    their rows of dW (2·u·D·R for u latents) instead."""
+
+    @staticmethod
+    def forward(ctx, pairs: Pairs, values: Tensor, table: Tensor, basis: Tensor, latent: Tensor) -> Tensor:
+        ctx.pairs = pairs
+        ctx.save_for_backward(values, table, basis, latent)
+        return embedding_bag(pairs.cols, table, pairs.row_offsets, values)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        values, table, basis, latent = ctx.saved_tensors
+        pairs = ctx.pairs
+        g = g.to(basis.dtype).contiguous()
+        used = pairs.latent_counts.nonzero().squeeze(1)
+        if len(used) < pairs.n_rows:  # few latents: through their rows of dW = Σ_n v_n · g[b_n]
+            dw = pairs.bag_by_latent(g, values)[used]  # (u, D)
+            dlatent = latent.new_zeros(latent.shape).index_copy_(0, used, dw @ basis)
+            dbasis = dw.T @ latent[used]
+            dvalues = pairs.sampled_dot(g, table)
+        else:
+            dh = g @ basis  # (B, R)
+            dvalues = pairs.sampled_dot(dh, latent)
+            dlatent = pairs.bag_by_latent(dh, values)
+            dbasis = g.T @ embedding_bag(pairs.cols, latent, pairs.row_offsets, values)
+        return (None, dvalues if ctx.needs_input_grad[1] else None, None,
+                dbasis if ctx.needs_input_grad[3] else None, dlatent if ctx.needs_input_grad[4] else None)
+
+
+def decode_low_rank(pairs: Pairs, values: Tensor, table: Tensor, basis: Tensor, latent: Tensor) -> Tensor:
+    """The reconstruction (B, D) without bias from the decoder W = latent @ basis.T (F, D), which
+    `table` holds computed; differentiable in the values and the two factors (_DecodeLowRank)."""
+    with torch.autocast(values.device.type, enabled=False):
+        return _DecodeLowRank.apply(pairs, values.float(), table, basis, latent)
