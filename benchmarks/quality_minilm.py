@@ -12,7 +12,11 @@ METADATA and .md/.rst files of this Python's site-packages).
 Harvests --store-tokens rows of resid_post at layers 0-5 (once; the store is reused),
 then trains BatchTopK with xc's defaults except F = 4096, k = 32, batch 1024 and
 --tokens (issue 16's protocol), and prints one JSON line: held-out FVU per layer and in
-total, inference L0, dead fraction (held-out rows), tokens/s and seconds.
+total, inference L0, dead fraction and mean functional coherence (held-out rows), tokens/s and
+seconds.
+
+--arch fmx [--ranks R1,R2,R3] trains an fmxcoder instead (issue 16, part 4: fmx against the acausal
+crosscoder on a real model, at the same F, k and tokens).
 
 --jumprelu LAMBDA trains --arch jumprelu with --tanh-penalty LAMBDA first, then BatchTopK with k =
 the JumpReLU's held-out L0 (rounded), then converts that BatchTopK to JumpReLU (`xc convert`, on
@@ -36,8 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import parse_override  # noqa: E402
 from xcli import console  # noqa: E402
-from xcli.crosscoder.model import read_metadata  # noqa: E402
+from xcli.analysis.coherence import functional_coherence  # noqa: E402
+from xcli.crosscoder.model import load, read_metadata  # noqa: E402
 from xcli.data.harvest import HarvestConfig, harvest  # noqa: E402
+from xcli.data.loader import StoreSet  # noqa: E402
 from xcli.train import TrainConfig, train  # noqa: E402
 from xcli.train.convert import ConvertConfig, convert  # noqa: E402
 
@@ -75,6 +81,9 @@ def main():
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--xc", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainConfig field")
+    parser.add_argument("--arch", default="batchtopk", choices=("batchtopk", "fmx"),
+                        help="the acausal crosscoder, or an fmxcoder (tensor ring, BatchTopK)")
+    parser.add_argument("--ranks", help="fmx: R1,R2,R3 (default xc's: ceil(sqrt(L*d)) each)")
     parser.add_argument("--layers", default="0-5", help="layers to harvest and train on (xc harvest --layers)")
     parser.add_argument("--jumprelu", type=float, metavar="LAMBDA",
                         help="train JumpReLU with this --tanh-penalty, then BatchTopK at its L0, then convert")
@@ -100,8 +109,12 @@ def main():
         print(json.dumps({"harvested": str(store), "seconds": round(time.perf_counter() - started, 1)}), flush=True)
     overrides = dict(map(parse_override, args.xc))
     if args.jumprelu is None:
-        print(json.dumps(train_one(store, args.dir / f"minilm-xc-{args.tokens}.safetensors", args, overrides,
-                                   {"k": args.k})), flush=True)
+        arch = {"k": args.k} if args.arch == "batchtopk" else {
+            "k": args.k, "arch": "fmx", **({"ranks": tuple(map(int, args.ranks.split(",")))} if args.ranks else {})}
+        name = "xc" if args.arch == "batchtopk" else f"fmx{args.ranks or ''}"
+        out = args.dir / f"minilm{layers}-{name}-{args.tokens}.safetensors"
+        record = train_one(store, out, args, overrides, arch)
+        print(json.dumps({**record, "coherence": held_out_coherence(out, store)}), flush=True)
         return
     jr_out = args.dir / f"minilm{layers}-jumprelu-{args.jumprelu:g}-{args.tokens}.safetensors"
     jr = train_one(store, jr_out, args, overrides, {"arch": "jumprelu", "tanh_penalty": args.jumprelu})
@@ -116,6 +129,13 @@ def main():
                       "seconds": round(time.perf_counter() - started, 1)}), flush=True)
 
 
+def held_out_coherence(checkpoint: Path, store: Path, eval_fraction: float = 0.01) -> float:
+    """Mean functional coherence of the live latents on the rows `xc train` held out."""
+    model, stores = load(checkpoint), StoreSet([store])
+    _, held = stores.hold_out(eval_fraction)
+    return functional_coherence(model, (stores.read_chunk(c, model.read) for c in held)).mean()
+
+
 def train_one(store: Path, out: Path, args, overrides: dict, arch: dict) -> dict:
     """Train with xc's defaults (F = --latents, batch 1024, --tokens) and `arch`; the held-out record."""
     cfg = TrainConfig(stores=(str(store),), output=str(out), overwrite=True, latents=args.latents, **arch,
@@ -126,6 +146,7 @@ def train_one(store: Path, out: Path, args, overrides: dict, arch: dict) -> dict
     meta = read_metadata(out)
     held = meta["training"]
     return {"tokens": args.tokens, "latents": args.latents, "layers": args.layers, "arch": meta["arch"],
+            "ranks": (meta.get("fmx") or {}).get("ranks"),
             **arch, "overrides": overrides, "fvu_total": held["fvu_total"], "fvu": held["fvu"], "l0": held["l0"],
             "dead_fraction": held["dead_fraction"], "eval_tokens": held["eval_tokens"],
             "lr": meta["hyperparameters"]["lr"], "dead_tokens": meta["hyperparameters"]["dead_tokens"],
