@@ -28,6 +28,7 @@ quality-table markers unless --no-readme, --quick or --xc is given.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -179,8 +180,8 @@ def run(name: str, trainer: str, seed: int, work: Path, overrides: dict, tokens:
     else:
         model = xc_train(store, p, seed, work, overrides)
     seconds = time.perf_counter() - started
-    return {"set": name, "trainer": trainer, "seed": seed, "tokens": p.tokens, **score(model, store), "seconds": round(seconds, 1),
-            "tokens_per_s": round(p.tokens / seconds)}
+    return {"set": name, "trainer": trainer, "seed": seed, "tokens": p.tokens, **score(model, store),
+            "seconds": round(seconds, 1), "tokens_per_s": round(p.tokens / seconds)}
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -251,16 +252,30 @@ def main(argv=None) -> list[dict]:
     threads, quiet = torch.get_num_threads(), console.settings.quiet
     torch.set_num_threads(args.threads)
     console.settings.quiet = True
-    init, calibrate = Crosscoder.init_weights, Crosscoder.calibrate_threshold
     if args.old_recipe:
-        Crosscoder.init_weights = lambda self, generator=None, decoder_norm=None: init(self, generator, 0.1)
-        Crosscoder.calibrate_threshold = lambda self, batches, candidates=4: float(self.threshold)
-        args.xc = ["dead_tokens=10000000", *args.xc]
+        args.xc = [OLD_DEAD_WINDOW, *args.xc]
     try:
-        return study(args, sets_of(args))
+        with old_recipe(args.old_recipe):
+            return study(args, sets_of(args))
     finally:
         torch.set_num_threads(threads)
         console.settings.quiet = quiet
+
+
+OLD_DEAD_WINDOW = "dead_tokens=10000000"  # the --xc override that goes with old_recipe()
+
+
+@contextlib.contextmanager
+def old_recipe(active: bool = True):
+    """While active, xc initialises and calibrates as before issue 16: decoder rows of norm 0.1
+    per source, and the running average of batch minima as the BatchTopK threshold."""
+    init, calibrate = Crosscoder.init_weights, Crosscoder.calibrate_threshold
+    if active:
+        Crosscoder.init_weights = lambda self, generator=None, decoder_norm=None: init(self, generator, 0.1)
+        Crosscoder.calibrate_threshold = lambda self, batches, candidates=4: float(self.threshold)
+    try:
+        yield
+    finally:
         Crosscoder.init_weights, Crosscoder.calibrate_threshold = init, calibrate
 
 
@@ -290,7 +305,8 @@ def study(args, sets: list[str]) -> list[dict]:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     elapsed = time.perf_counter() - started
-    command = ("python benchmarks/quality.py" + ("" if sets == ["two-models", "layers", "wide"] else f" --sets {args.sets}")
+    every_set = sets == ["two-models", "layers", "wide"]
+    command = ("python benchmarks/quality.py" + ("" if every_set else f" --sets {args.sets}")
                + (f" --tokens {args.tokens}" if args.tokens else "")
                + (f" --trainers {args.trainers}" if args.trainers != "reference,xc" else "")
                + (f" --seeds {args.seeds}" if args.seeds != "0,1,2" else "")

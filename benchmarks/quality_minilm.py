@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import parse_override  # noqa: E402
+from benchmarks.quality import OLD_DEAD_WINDOW, old_recipe, parse_override  # noqa: E402
 from xcli import console  # noqa: E402
 from xcli.analysis.coherence import functional_coherence  # noqa: E402
 from xcli.crosscoder.model import load, read_metadata  # noqa: E402
@@ -87,6 +87,8 @@ def main():
     parser.add_argument("--layers", default="0-5", help="layers to harvest and train on (xc harvest --layers)")
     parser.add_argument("--jumprelu", type=float, metavar="LAMBDA",
                         help="train JumpReLU with this --tanh-penalty, then BatchTopK at its L0, then convert")
+    parser.add_argument("--old-recipe", action="store_true",
+                        help="xc as before issue 16 (benchmarks/quality.py --old-recipe)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/xc-quality-minilm"))
     args = parser.parse_args()
@@ -107,13 +109,14 @@ def main():
                               layers=args.layers, tokens=args.store_tokens, context_length=256, batch_size=16,
                               device="cpu", resume=True))
         print(json.dumps({"harvested": str(store), "seconds": round(time.perf_counter() - started, 1)}), flush=True)
-    overrides = dict(map(parse_override, args.xc))
+    overrides = dict(map(parse_override, [OLD_DEAD_WINDOW, *args.xc] if args.old_recipe else args.xc))
     if args.jumprelu is None:
         arch = {"k": args.k} if args.arch == "batchtopk" else {
             "k": args.k, "arch": "fmx", **({"ranks": tuple(map(int, args.ranks.split(",")))} if args.ranks else {})}
-        name = "xc" if args.arch == "batchtopk" else f"fmx{args.ranks or ''}"
+        name = ("xc" if args.arch == "batchtopk" else f"fmx{args.ranks or ''}") + ("-old" if args.old_recipe else "")
         out = args.dir / f"minilm{layers}-{name}-{args.tokens}.safetensors"
-        record = train_one(store, out, args, overrides, arch)
+        with old_recipe(args.old_recipe):
+            record = train_one(store, out, args, overrides, arch)
         print(json.dumps({**record, "coherence": held_out_coherence(out, store)}), flush=True)
         return
     jr_out = args.dir / f"minilm{layers}-jumprelu-{args.jumprelu:g}-{args.tokens}.safetensors"
