@@ -190,7 +190,7 @@ def spread(values: list[float]) -> str:
     if any(v is None for v in values):
         return "—"
     mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+    return f"{mean:.3g} ± {statistics.stdev(values):.2g}" if len(values) > 1 else f"{mean:.3g}"
 
 
 def table(rows: list[dict]) -> str:
