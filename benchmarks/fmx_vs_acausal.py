@@ -42,6 +42,7 @@ import torch
 
 import xcli
 from xcli.analysis.coherence import functional_coherence
+from xcli.crosscoder.fmx import FmxCrosscoder
 from xcli.data.store import StoreWriter
 from xcli.source import Source
 from xcli.train.loop import TrainConfig, train
@@ -150,7 +151,14 @@ def main():
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--workdir")
+    parser.add_argument("--fmx-unit-init", action="store_true",
+                        help="start fmx decoders at unit norm over the layers (as the acausal crosscoder) "
+                             "instead of 0.1 per layer")
     args = parser.parse_args()
+    if args.fmx_unit_init:
+        shipped = FmxCrosscoder.init_weights
+        FmxCrosscoder.init_weights = lambda self, generator=None, decoder_norm=None: shipped(
+            self, generator, len(self.write) ** -0.5)
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and the 2 shared cores stay usable
     work = Path(args.workdir or tempfile.mkdtemp(prefix="xc-fmx-bench-"))
     arms = args.arms.split(",")
