@@ -120,10 +120,11 @@ class FmxCrosscoder(Crosscoder):
 
     `W_enc` and `W_dec` are lists of effective (d, F) and (F, d) tensors, so every method of
     Crosscoder works unchanged. A training step on the sparse path (topk, batchtopk) need not form
-    them with grad: `sparse_weights` contracts the factors with the batch where that is cheaper. They are computed once and cached until the factors change:
-    after a backward pass reaches them (the cache follows gradient accumulation, since fused
-    Adam updates in place without bumping tensor versions), after an in-place edit, after a
-    move to another device, or when grad mode changes.
+    them with grad: `sparse_weights` contracts the factors with the batch where that is cheaper.
+    They are computed once and cached until the factors change: after a backward pass reaches
+    them (the cache follows gradient accumulation, since fused Adam updates in place without
+    bumping tensor versions), after an in-place edit, after a move to another device, or when
+    grad mode changes.
     """
 
     factorized = True
