@@ -15,8 +15,8 @@ then trains BatchTopK with xc's defaults except F = 4096, k = 32, batch 1024 and
 total, inference L0, dead fraction and mean functional coherence (held-out rows), tokens/s and
 seconds.
 
---arch fmx [--ranks R1,R2,R3] trains an fmxcoder instead (issue 16, part 4: fmx against the acausal
-crosscoder on a real model, at the same F, k and tokens).
+--arch fmx [--ranks R1,R2,R3] trains an fmxcoder instead: fmx against the acausal crosscoder on a
+real model, at the same F, k and tokens.
 
 --jumprelu LAMBDA trains --arch jumprelu with --tanh-penalty LAMBDA first, then BatchTopK with k =
 the JumpReLU's held-out L0 (rounded), then converts that BatchTopK to JumpReLU (`xc convert`, on
@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--jumprelu", type=float, metavar="LAMBDA",
                         help="train JumpReLU with this --tanh-penalty, then BatchTopK at its L0, then convert")
     parser.add_argument("--old-recipe", action="store_true",
-                        help="xc as before issue 16 (benchmarks/quality.py --old-recipe)")
+                        help="xc's recipe before the quality study (benchmarks/quality.py --old-recipe)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/xc-quality-minilm"))
     args = parser.parse_args()
