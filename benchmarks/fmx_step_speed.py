@@ -18,7 +18,6 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.train_speed import interleaved_times  # noqa: E402
 from xcli.crosscoder.fmx import FmxCrosscoder
 from xcli.crosscoder.model import Crosscoder
 from xcli.source import Source
@@ -90,15 +90,7 @@ def main():
           f"{args.layers} layers x d={args.d}, F={args.latents}, k={args.k}, batch {args.batch}, "
           f"{args.dead:.0%} dead; "
           f"{args.steps} steps x {args.repeats} interleaved repeats")
-    for run in steps.values():  # warm-up (allocator, oneDNN primitives)
-        run()
-    times = {v: [] for v in variants}
-    for _ in range(args.repeats):
-        for v, run in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                run()
-            times[v].append((time.perf_counter() - start) / args.steps)
+    times = interleaved_times(steps, args.repeats, args.steps)
     for v in variants:
         line = f"{v:18s} {statistics.median(times[v]) * 1e3:8.0f} ms/step"
         if v != "acausal" and "acausal" in times:

@@ -75,6 +75,21 @@ def make_xc(args, arch, d, dtype):
     return model, tr.make_optimizer(model, cfg.lr), cfg, state
 
 
+def interleaved_times(runners: dict, repeats: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each runner, one figure per repeat, after one warm-up call each. The
+    runners take turns within every repeat, so a ratio taken within a repeat sees the same load."""
+    for run in runners.values():  # warm-up (allocator, oneDNN primitives)
+        run()
+    times = {v: [] for v in runners}
+    for _ in range(repeats):
+        for v, run in runners.items():
+            started = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[v].append((time.perf_counter() - started) / steps)
+    return times
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -117,15 +132,7 @@ def main():
                     sparse.ENCODER_GRAD = e
                     tr.train_step(m, o, x_by_source, s, c, None)
                 runners[v] = run
-        for run in runners.values():  # warm-up (allocator, oneDNN primitives)
-            run()
-        times = {v: [] for v in variants}
-        for _ in range(args.repeats):
-            for v, run in runners.items():
-                started = time.perf_counter()
-                for _ in range(args.steps):
-                    run()
-                times[v].append((time.perf_counter() - started) / args.steps)
+        times = interleaved_times(runners, args.repeats, args.steps)
         base = times[variants[0]]
         print(f"\n{arch}: variant | median ms/step | tokens/s | speed-up vs {variants[0]} (median of per-repeat ratios)")
         for v in variants:
