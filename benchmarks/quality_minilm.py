@@ -98,6 +98,8 @@ def main():
         return
     if not (args.model and args.corpus):
         parser.error("give --model and --corpus (or --make-corpus FILE)")
+    if args.old_recipe and (args.jumprelu is not None or args.arch != "batchtopk"):
+        parser.error("--old-recipe is the BatchTopK recipe before the quality study; leave out --jumprelu and --arch")
     torch.set_num_threads(args.threads)
     console.settings.quiet = True
     args.dir.mkdir(parents=True, exist_ok=True)
