@@ -98,7 +98,7 @@ def run(name: str, arch: str, seed: int, work: Path, tokens: int | None) -> dict
     overrides = {"arch": arch, **({"groups": GROUPS[name]} if arch == "matryoshka" else {})}
     started = time.perf_counter()
     model = quality.xc_train(store, p, seed, work, overrides)
-    row = {"set": name, "arch": arch, "seed": seed, "tokens": p.tokens, **quality.score(model, store),
+    row = {"set": name, "arch": arch, "seed": seed, "tokens": p.tokens, **quality.score(model, store, p.spec),
            "seconds": round(time.perf_counter() - started, 1)}
     truth = PlantedDictionary.load(truth_path(store))
     if truth.parents is not None:

@@ -13,7 +13,8 @@ Harvests --store-tokens rows of resid_post at layers 0-5 (once; the store is reu
 then trains BatchTopK with xc's defaults except F = 4096, k = 32, batch 1024 and
 --tokens (issue 16's protocol), and prints one JSON line: held-out FVU per layer and in
 total, inference L0, dead fraction and mean functional coherence (held-out rows), tokens/s and
-seconds.
+seconds. xc calibrates its BatchTopK threshold on the held-out rows, where L0 is then k by
+construction; l0_unseen is the L0 on one half of them with the threshold calibrated on the other.
 
 --arch fmx [--ranks R1,R2,R3] trains an fmxcoder instead: fmx against the acausal crosscoder on a
 real model, at the same F, k and tokens.
@@ -33,6 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +121,8 @@ def main():
         out = args.dir / f"minilm{layers}-{name}-{args.tokens}.safetensors"
         with old_recipe(args.old_recipe):
             record = train_one(store, out, args, overrides, arch)
-        print(json.dumps({**record, "coherence": held_out_coherence(out, store)}), flush=True)
+        unseen = {"l0_unseen": unseen_l0(out, store)} if record["arch"] == "batchtopk" else {}
+        print(json.dumps({**record, **unseen, "coherence": held_out_coherence(out, store)}), flush=True)
         return
     jr_out = args.dir / f"minilm{layers}-jumprelu-{args.jumprelu:g}-{args.tokens}.safetensors"
     jr = train_one(store, jr_out, args, overrides, {"arch": "jumprelu", "tanh_penalty": args.jumprelu})
@@ -139,6 +142,24 @@ def held_out_coherence(checkpoint: Path, store: Path, eval_fraction: float = 0.0
     model, stores = load(checkpoint), StoreSet([store])
     _, held = stores.hold_out(eval_fraction)
     return functional_coherence(model, (stores.read_chunk(c, model.read) for c in held)).mean()
+
+
+def unseen_l0(checkpoint: Path, store: Path, eval_fraction: float = 0.01) -> float:
+    """Inference L0 with the threshold calibrated on other unseen rows. xc calibrates on the held-out
+    rows, so there L0 is k by construction; here one half of them calibrates a copy, the other half
+    is measured, and both ways are averaged."""
+    model, stores = load(checkpoint).eval(), StoreSet([store])
+    _, held = stores.hold_out(eval_fraction)
+    rows = {n: np.concatenate([stores.read_chunk(c, model.read)[n] for c in held]) for n in model.read}
+    half = len(rows[model.read[0]]) // 2
+    halves = [{n: torch.from_numpy(a[:half]) for n, a in rows.items()},
+              {n: torch.from_numpy(a[half:]) for n, a in rows.items()}]
+    l0 = []
+    with torch.no_grad():
+        for calibrate, measure in (halves, halves[::-1]):
+            model.calibrate_threshold([calibrate])
+            l0.append(float((model.encode(measure) > 0).sum(1).float().mean()))
+    return sum(l0) / 2
 
 
 def train_one(store: Path, out: Path, args, overrides: dict, arch: dict) -> dict:

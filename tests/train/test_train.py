@@ -606,7 +606,37 @@ def test_recovers_planted_shared_and_exclusive_features(tmp_path):
     assert (share_a < 0.1)[kinds == "exclusive:b"].all()
     training = m.metadata["training"]
     assert training["fvu_total"] < 0.05
-    assert abs(training["l0"] - 3) < 0.5  # the BatchTopK threshold gives about k latents per token at inference
+    # The BatchTopK threshold, calibrated on the held-out rows, gives about k latents per token on others.
+    stores = StoreSet([store])
+    train_chunks, _ = train_eval_chunks(stores.n_chunks, 0.05)
+    rows = [stores.read_chunk(c, ["a", "b"]) for c in train_chunks[:8]]
+    with torch.no_grad():
+        codes = m.encode({n: torch.from_numpy(np.concatenate([r[n] for r in rows])) for n in ("a", "b")})
+    assert abs(float((codes > 0).sum(1).float().mean()) - 3) < 0.5
+
+
+@pytest.mark.parametrize("eval_fraction", [0.125, 0.0])
+def test_batchtopk_threshold_is_calibrated_on_held_out_rows(small_store, tmp_path, eval_fraction):
+    """The saved threshold lies midway between the k·N-th and (k·N+1)-th largest selection scores over the
+    held-out rows, written out with numpy: rows the model never trained on, as at inference. With nothing
+    held out: the training rows."""
+    path = tr.train(config(small_store, tmp_path / "t.safetensors", steps=30, eval_fraction=eval_fraction))
+    m = xcli.load(path)
+    stores = StoreSet([small_store])
+    train_chunks, held = stores.hold_out(eval_fraction)
+    chunks = held if eval_fraction else train_chunks
+    rows = [stores.read_chunk(c, ["a", "b"]) for c in chunks]
+    x = {n: torch.from_numpy(np.concatenate([r[n] for r in rows])) for n in ("a", "b")}
+    _, pre, dec, _ = numpy_forward(m, x)
+    score = np.maximum(pre, 0) * sum(np.linalg.norm(dec[n], axis=1) for n in dec)
+    expected = np.sort(score.ravel())[-(m.k * len(score) + 1):][:2].mean()
+    assert float(m.threshold) == pytest.approx(expected, rel=1e-5)
+    if eval_fraction:  # held-out rows: not the rows the threshold of the first training chunks gives
+        train_x = {n: torch.from_numpy(stores.read_chunk(train_chunks[0], ["a", "b"])[n]) for n in ("a", "b")}
+        _, pre, dec, _ = numpy_forward(m, train_x)
+        score = np.maximum(pre, 0) * sum(np.linalg.norm(dec[n], axis=1) for n in dec)
+        assert float(m.threshold) != pytest.approx(np.sort(score.ravel())[-(m.k * len(score) + 1):][:2].mean(),
+                                                   rel=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_weights(small_store, tmp_path):

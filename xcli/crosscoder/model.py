@@ -319,7 +319,9 @@ class Crosscoder(nn.Module):
     @torch.no_grad()
     def calibrate_threshold(self, batches, candidates: int = 4) -> float:
         """Set the BatchTopK inference threshold so that k latents per token fire on average over
-        `batches` (dicts of raw activations): the (k·N+1)-th largest selection score of their N rows.
+        `batches` (dicts of raw activations): midway between the k·N-th and (k·N+1)-th largest
+        selection scores of their N rows, so that rounding (another batch size, a split over
+        sources) does not decide whether the boundary score fires on these rows.
         Split over sources, every rank calls it on its sources' columns of the same rows.
 
         The running average of batch minima that training keeps lags the weights (it averages
@@ -340,7 +342,7 @@ class Crosscoder(nn.Module):
             return float(self.threshold)
         values = torch.cat(kept)
         want = self.k * rows
-        t = values.topk(want + 1).values[-1] if values.numel() > want else values.new_zeros(())
+        t = values.topk(want + 1).values[-2:].mean() if values.numel() > want else values.new_zeros(())
         self.threshold.copy_(t.clamp_min(0))
         return float(self.threshold)
 

@@ -122,8 +122,10 @@ class TrainConfig:
         None, "A latent that has not fired for this many training tokens counts as dead (and AuxK trains it). "
               "Default: a tenth of the run's tokens, at most 10M.", metavar="N", parse=count)
     eval_fraction: float = option(0.01, "Fraction of the store's chunks held out to report FVU, L0 and dead "
-                                        "latents on (at least one chunk when above 0; 0: no evaluation). A store "
-                                        "too small to spare a chunk is held out in blocks of down to 64 rows.")
+                                        "latents on, and to calibrate the BatchTopK threshold on (at least one "
+                                        "chunk when above 0; 0: no evaluation, the threshold calibrated on "
+                                        "training rows). A store too small to spare a chunk is held out in "
+                                        "blocks of down to 64 rows.")
     shuffle_buffer: int = option(65536, "Rows shuffled together in memory (whole chunks); memory use grows with "
                                         "it, not with the store.", metavar="N", parse=count)
     seed: int = option(0, "Seed of the initialisation and the data order.")

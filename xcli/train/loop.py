@@ -63,7 +63,7 @@ UNSTUDIED_DECODER_NORM = 0.1  # the decoder norm before the unit-norm default (r
 K_AUX_MAX = 512              # Gao et al. (2024): k_aux = 512; more makes AuxK dominate a wide crosscoder's step
 DEAD_TOKENS_MAX = 10_000_000  # the dead-latent window of Gao et al. (2024), for long runs
 DEAD_TOKENS_DIVISOR = 10      # short runs: a tenth of the run, so that AuxK acts (issue 16)
-CALIBRATION_ROWS = 32768     # training rows on which each checkpoint calibrates the BatchTopK threshold
+CALIBRATION_ROWS = 32768     # held-out rows on which each checkpoint calibrates the BatchTopK threshold
 
 
 # -- resolving defaults against the stores ------------------------------------------------
@@ -489,12 +489,16 @@ def configure_jumprelu(model: Crosscoder, cfg: TrainConfig) -> None:
     model.bandwidth, model.tanh_scale, model.preact_penalty = cfg.bandwidth, cfg.tanh_scale, cfg.preact_penalty
 
 
-def calibration_batches(stores: StoreSet, names: list[str], train_chunks, batch_size: int, device: torch.device,
-                        rows: int = CALIBRATION_ROWS):
-    """The first training chunks, up to `rows` rows (whole chunks, at least one), on the device: where the
-    BatchTopK inference threshold is calibrated. Fixed rows, so a resumed run calibrates alike."""
+def calibration_batches(stores: StoreSet, names: list[str], train_chunks, eval_chunks, batch_size: int,
+                        device: torch.device, rows: int = CALIBRATION_ROWS):
+    """The first held-out chunks (the first training chunks when none are held out), up to `rows` rows
+    (whole chunks, at least one), on the device: where the BatchTopK inference threshold is calibrated.
+
+    Held-out rows, because inference meets rows the model did not train on: a run that repeats its
+    rows fires more latents on new rows (planted wide set, 61 epochs: L0 7.7-8.3 on training chunks,
+    10.6 on the held-out one, for k 8). Fixed rows, so a resumed run calibrates alike."""
     chunks, total = [], 0
-    for c in train_chunks:
+    for c in (eval_chunks if len(eval_chunks) else train_chunks):
         if total >= rows:
             break
         chunks.append(c)
@@ -726,7 +730,8 @@ def run(cfg: TrainConfig, stores: StoreSet, comm: Comm, on_log: Callable[[dict],
         previous_fvu = (state.last_eval or {}).get("fvu_total")
         last_saved = state.step
         if with_eval and cfg.activation == "batchtopk":  # every rank: split over sources it is a collective
-            model.calibrate_threshold(calibration_batches(stores, names, train_chunks, cfg.batch_size, device))
+            model.calibrate_threshold(calibration_batches(stores, names, train_chunks, eval_chunks, cfg.batch_size,
+                                                               device))
         optimizer_state = None
         if shard:
             if with_eval:
