@@ -615,6 +615,13 @@ def test_recovers_planted_shared_and_exclusive_features(tmp_path):
     assert abs(float((codes > 0).sum(1).float().mean()) - 3) < 0.5
 
 
+def numpy_threshold(m, x) -> float:
+    """Midway between the k·N-th and (k·N+1)-th largest selection scores of the N rows `x`, in numpy."""
+    _, pre, dec, _ = numpy_forward(m, x)
+    score = np.maximum(pre, 0) * sum(np.linalg.norm(dec[n], axis=1) for n in dec)
+    return np.sort(score.ravel())[-(m.k * len(score) + 1):][:2].mean()
+
+
 @pytest.mark.parametrize("eval_fraction", [0.125, 0.0])
 def test_batchtopk_threshold_is_calibrated_on_held_out_rows(small_store, tmp_path, eval_fraction):
     """The saved threshold lies midway between the k·N-th and (k·N+1)-th largest selection scores over the
@@ -627,16 +634,10 @@ def test_batchtopk_threshold_is_calibrated_on_held_out_rows(small_store, tmp_pat
     chunks = held if eval_fraction else train_chunks
     rows = [stores.read_chunk(c, ["a", "b"]) for c in chunks]
     x = {n: torch.from_numpy(np.concatenate([r[n] for r in rows])) for n in ("a", "b")}
-    _, pre, dec, _ = numpy_forward(m, x)
-    score = np.maximum(pre, 0) * sum(np.linalg.norm(dec[n], axis=1) for n in dec)
-    expected = np.sort(score.ravel())[-(m.k * len(score) + 1):][:2].mean()
-    assert float(m.threshold) == pytest.approx(expected, rel=1e-5)
+    assert float(m.threshold) == pytest.approx(numpy_threshold(m, x), rel=1e-5)
     if eval_fraction:  # held-out rows: not the rows the threshold of the first training chunks gives
         train_x = {n: torch.from_numpy(stores.read_chunk(train_chunks[0], ["a", "b"])[n]) for n in ("a", "b")}
-        _, pre, dec, _ = numpy_forward(m, train_x)
-        score = np.maximum(pre, 0) * sum(np.linalg.norm(dec[n], axis=1) for n in dec)
-        assert float(m.threshold) != pytest.approx(np.sort(score.ravel())[-(m.k * len(score) + 1):][:2].mean(),
-                                                   rel=1e-5)
+        assert float(m.threshold) != pytest.approx(numpy_threshold(m, train_x), rel=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_weights(small_store, tmp_path):
